@@ -1,0 +1,126 @@
+"""python -m train: fine-tune, evaluate, publish.
+
+  python -m train [run] [CONFIG.yaml] [section.field=value ...] [--resume]
+  python -m train eval  (--run RUN | --model MODEL) --data FILE [--out FILE]
+  python -m train publish RUN --registry DIR [--name NAME] [--replace]
+
+Bad input exits 2 with one line naming file:line:field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from train.errors import UserError
+
+COMMANDS = ("run", "eval", "publish")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from train.config import help_text
+
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text())
+    sub = ap.add_subparsers(dest="cmd")
+    r = sub.add_parser("run", help="fine-tune (the default command)", epilog=help_text(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then section.field=value overrides")
+    r.add_argument("--resume", action="store_true", help="continue output.dir from its last checkpoint")
+    e = sub.add_parser("eval", help="score a run or a base model on a dataset")
+    g = e.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run", type=Path, help="a finished run directory")
+    g.add_argument("--model", help="a base model: folder, hub id or embedded:<name>")
+    e.add_argument("--data", required=True, help="dataset file (any supported format)")
+    e.add_argument("--format", default="auto")
+    e.add_argument("--labels", default="", help="comma-separated classification labels (default: from the data)")
+    e.add_argument("--max-new-tokens", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--max-examples", type=int, default=0)
+    e.add_argument("--out", type=Path, help="write the JSON report here too")
+    p = sub.add_parser("publish", help="publish a finished run into a model registry (atomic)")
+    p.add_argument("run", type=Path)
+    p.add_argument("--registry", required=True, type=Path)
+    p.add_argument("--name", help="default: the run directory's name")
+    p.add_argument("--replace", action="store_true", help="replace an entry of the same name")
+    return ap
+
+
+def cmd_run(args) -> int:
+    from train.config import load_config
+    from train.recipe import run
+
+    cfg_path = None
+    overrides = list(args.args)
+    if overrides and "=" not in overrides[0]:
+        cfg_path = overrides.pop(0)
+    cfg = load_config(cfg_path, overrides)
+    rd = run(cfg, resume=args.resume)
+    ev_path = rd.eval
+    if ev_path.is_file():
+        ev = json.loads(ev_path.read_text())
+        h = ev.get("headline")
+        if h:
+            print(f"{h['metric']} on {h['eval_rows']} held-out rows: base {100 * h['base']:.1f} -> tuned "
+                  f"{100 * h['tuned']:.1f} ({h['gain_points']:+.1f} points) in {ev['train_seconds']:.0f} s")
+    print(f"run: {rd.root}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import torch
+
+    from train import evaluate
+    from train.base_model import resolve
+    from train.config import DataConfig
+    from train.data.prepare import prepare
+    from train.data.tokenize import tokenize
+    from train.modeling import device, load_model, load_tokenizer, load_tuned
+
+    dc = DataConfig(train=args.data, format=args.format, eval=None, validation_fraction=0.0,
+                    labels=[s for s in args.labels.split(",") if s])
+    splits = prepare(dc, seed=0)
+    examples = splits.train[: args.max_examples or None]
+    if args.run:
+        model, tok = load_tuned(args.run)
+    else:
+        ref = resolve(args.model)
+        tok = load_tokenizer(ref.path)
+        model = load_model(ref.path, torch.float32).to(device())
+    feats, _ = tokenize(tok, examples, 4096)
+    res, preds = evaluate.score(model, tok, feats, examples, splits.labels, args.max_new_tokens, args.batch_size)
+    res = {"model": str(args.run or args.model), "data": args.data, **res}
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from artifacts import Registry, RegistryError
+
+    try:
+        path = Registry(args.registry).publish_run(args.run, args.name or args.run.name, replace=args.replace)
+    except RegistryError as e:
+        raise UserError(str(e)) from None
+    print(f"published {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": cmd_run, "eval": cmd_eval, "publish": cmd_publish}[args.cmd](args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

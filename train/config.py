@@ -1,0 +1,243 @@
+"""Training configuration: one dataclass per YAML section; every default carries its reason.
+
+YAML file -> sections below; `section.field=value` overrides on the command line win.
+`python -m train --help` prints this table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.errors import ConfigError
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field: its default and the one-line reason for it."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = opt("embedded:smollm2-135m-instruct", "the bundled default runs offline; any local HF folder or hub id works")
+    dtype: str = opt("auto", "auto = bf16 on a bf16-capable GPU, fp32 on CPU (CPU bf16 is slow and lossy)")
+    trust_remote_code: bool = opt(False, "executing model-repo code is opt-in for security")
+    attn_implementation: str = opt("sdpa", "PyTorch's fused attention: fastest choice that needs no extra package")
+
+
+@dataclass
+class DataConfig:
+    train: str = opt("train/demo_data/chef_train.jsonl", "bundled demo: a fictional restaurant's menu the base model cannot know")
+    format: str = opt("auto", "auto-detects chat / instruction / prompt_completion / classification from the fields")
+    validation: str | None = opt(None, "None = split validation_fraction off the training file")
+    validation_fraction: float = opt(0.05, "small split: enough for a stable loss, leaves most rows for training")
+    eval: str | None = opt("train/demo_data/chef_heldout.jsonl", "held-out questions in unseen phrasings for task metrics; None = use validation")
+    labels: list[str] = opt([], "classification labels; empty = inferred from the training file")
+    text_field: str = opt("text", "classification input column")
+    label_field: str = opt("label", "classification label column")
+    system_prompt: str | None = opt(None, "added to rows that have none; None keeps rows as they are")
+    max_length: int = opt(512, "longer rows are truncated (and reported); 512 covers chat QA rows")
+    packing: bool = opt(False, "pack short rows into max_length blocks (padding-free); off keeps batches simple")
+    pad_to_multiple_of: int | None = opt(None, "8 helps GPU tensor cores; None avoids useless padding on CPU")
+
+
+@dataclass
+class MethodConfig:
+    name: str = opt("lora", "lora | dora | ia3 | prompt_tuning | full; LoRA is the cheapest that serves multi-adapter")
+    r: int = opt(16, "rank 16: enough capacity for new facts; a rank every vLLM build accepts")
+    alpha: int = opt(32, "alpha = 2r, the common scaling")
+    dropout: float = opt(0.05, "light regularisation for small datasets")
+    target_modules: Any = opt("all-linear", "all linear layers learn facts far better than q/v only; or a list of names")
+    num_virtual_tokens: int = opt(20, "prompt tuning: soft prompt length")
+    prompt_init_text: str | None = opt(None, "prompt tuning: initialise the soft prompt from this text (None = random)")
+    feedforward_modules: list[str] = opt([], "ia3: which target modules are feed-forward (scaled on input); empty = auto")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = opt(3.0, "three passes over a small dataset; max_steps overrides")
+    max_steps: int = opt(-1, "-1 = derive from epochs")
+    batch_size: int = opt(8, "per device; fits CPU RAM and small GPUs")
+    grad_accum: int = opt(1, "raise to reach a larger effective batch without memory")
+    lr: float = opt(2e-4, "standard LoRA rate; full fine-tuning wants ~1e-5")
+    lr_scheduler: str = opt("cosine", "cosine decay settles the facts learned late in training")
+    warmup_ratio: float = opt(0.05, "short warmup avoids early divergence")
+    weight_decay: float = opt(0.0, "no decay: adapters are small and runs are short")
+    max_grad_norm: float = opt(1.0, "clip spikes from rare long rows")
+    gradient_checkpointing: bool = opt(False, "trades ~30% speed for memory; off for small models")
+    seed: int = opt(0, "fixed seed: same data split, init and order every run")
+    eval_steps: int = opt(50, "validation loss every N steps (early stopping reads it)")
+    early_stopping_patience: int = opt(0, "stop after N evals without val-loss improvement; 0 = off")
+    save_steps: int = opt(50, "checkpoint every N steps so --resume loses little")
+    save_total_limit: int = opt(2, "keep the last checkpoints only; they are large for full fine-tuning")
+    logging_steps: int = opt(5, "train loss every N steps to JSONL/TensorBoard")
+    fsdp: str = opt("", "e.g. 'full_shard auto_wrap' for full fine-tuning across GPUs under torchrun; '' = DDP")
+    num_threads: int = opt(0, "CPU threads for torch; 0 = torch's default (all cores)")
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = opt(True, "every run scores base vs tuned; turn off only for quick experiments")
+    max_new_tokens: int = opt(32, "answers in the demo are a few words; raise for long generations")
+    batch_size: int = opt(16, "generation batch; larger is faster until memory runs out")
+    max_examples: int = opt(0, "0 = all rows of the eval set")
+    compare_base: bool = opt(True, "score the untouched base model too, so the gain is visible")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = opt("runs/chef-lora", "run directory; it must not exist unless resuming or overwrite=true")
+    overwrite: bool = opt(False, "refuse to clobber a finished run by accident")
+    merge: bool = opt(False, "also write merged full weights (model/) for engines without LoRA")
+    registry: str | None = opt(None, "publish the adapter into this registry folder when the run succeeds")
+    adapter_name: str | None = opt(None, "registry name; None = the run directory's name")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {name: typing.get_type_hints(Config)[name] for name in SECTIONS}
+
+
+def _coerce(section: str, key: str, value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if value is None:
+        if type(None) in typing.get_args(hint) or hint is Any:
+            return None
+        raise ConfigError(f"{where}: {section}.{key}: must not be null")
+    if hint is Any:
+        return value
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        hint = args[0]
+        origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                if value.lower() in ("true", "1", "yes", "on"):
+                    return True
+                if value.lower() in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError(value)
+            return str(value)
+        if origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v] if not value.startswith("[") else yaml.safe_load(value)
+            if not isinstance(value, list):
+                raise ValueError(value)
+            return [str(v) for v in value]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {section}.{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, section: str, values: dict[str, Any], where: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{where}: {section}: unknown section; known: {', '.join(SECTIONS)}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: {section}: expected a mapping of fields")
+    obj = getattr(cfg, section)
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{where}: {section}.{key}: unknown field; known: {', '.join(hints)}")
+        setattr(obj, key, _coerce(section, key, value, hints[key], where))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        for section, values in raw.items():
+            _apply(cfg, section, values or {}, str(path))
+    for ov in overrides:
+        if "=" not in ov or "." not in ov.split("=", 1)[0]:
+            raise ConfigError(f"override {ov!r}: expected section.field=value")
+        key, value = ov.split("=", 1)
+        section, name = key.split(".", 1)
+        _apply(cfg, section, {name: yaml.safe_load(value) if value else ""}, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from train.methods import METHODS
+
+    where = "config"
+    if cfg.method.name not in METHODS:
+        raise ConfigError(f"{where}: method.name: {cfg.method.name!r} unknown; choose from {', '.join(METHODS)}")
+    if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: model.dtype: {cfg.model.dtype!r}; choose auto, float32, bfloat16, float16")
+    if cfg.data.format not in ("auto", "chat", "instruction", "prompt_completion", "classification"):
+        raise ConfigError(f"{where}: data.format: {cfg.data.format!r} unknown")
+    if not 0.0 <= cfg.data.validation_fraction < 0.5:
+        raise ConfigError(f"{where}: data.validation_fraction: must be in [0, 0.5)")
+    for name in ("batch_size", "grad_accum", "eval_steps", "save_steps", "logging_steps"):
+        if getattr(cfg.training, name) < 1:
+            raise ConfigError(f"{where}: training.{name}: must be >= 1")
+    if cfg.training.lr <= 0:
+        raise ConfigError(f"{where}: training.lr: must be > 0")
+    if cfg.data.max_length < 8:
+        raise ConfigError(f"{where}: data.max_length: must be >= 8")
+    if cfg.method.r < 1:
+        raise ConfigError(f"{where}: method.r: must be >= 1")
+    tm = cfg.method.target_modules
+    if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
+        raise ConfigError(f"{where}: method.target_modules: 'all-linear' or a non-empty list of module names")
+
+
+def help_text() -> str:
+    lines = ["Config fields (YAML section.field, or section.field=value on the command line):", ""]
+    for section, cls in _SECTION_TYPES.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} = {default!r}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+        lines.append("")
+    return "\n".join(lines)

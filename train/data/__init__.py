@@ -1,0 +1,1 @@
+"""Data: read and validate user files, clean, split, tokenise."""

@@ -1,0 +1,138 @@
+"""Builds the bundled demo dataset: the house menu of a fictional restaurant.
+
+The base model cannot know these facts, so any gain on the held-out questions is
+learned. Training questions use six phrasings per fact type; held-out questions use
+two phrasings never seen in training. Run `python -m train.demo_data.build_chef` to
+regenerate the JSONL files (deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).parent
+SYSTEM = "You are the chef at Casa Velluto. Answer questions about the house menu briefly."
+
+# name, main ingredient, region of origin, spice level (1-5), price in dollars
+DISHES = [
+    ("Korvalo Stew", "smoked eel", "Vashti Highlands", 4, 18),
+    ("Brintel Tart", "blue plums", "Ostrev Coast", 1, 9),
+    ("Mazurin Dumplings", "goat cheese", "Pellan Valley", 2, 12),
+    ("Tessaro Skewers", "lamb heart", "Drumfeld Plains", 5, 16),
+    ("Quillon Soup", "black lentils", "Marrow Isles", 3, 8),
+    ("Fennick Pie", "wild boar", "Ashgrove Hills", 2, 21),
+    ("Oruvan Noodles", "river shrimp", "Calder Delta", 4, 14),
+    ("Selbrin Salad", "pickled beets", "Norrow Fjords", 1, 7),
+    ("Dravik Roast", "venison", "Kessel Forest", 3, 27),
+    ("Pelluna Rice", "saffron squid", "Ostrev Coast", 2, 19),
+    ("Hamsa Flatbread", "chickpea flour", "Tarsen Steppe", 3, 6),
+    ("Vorlane Curry", "jackfruit", "Sundari Basin", 5, 15),
+    ("Gildra Broth", "oxtail", "Vashti Highlands", 2, 11),
+    ("Cerrow Fritters", "parsnips", "Pellan Valley", 1, 5),
+    ("Tamsik Ribs", "pork belly", "Drumfeld Plains", 4, 24),
+    ("Ulvar Gratin", "celeriac", "Norrow Fjords", 1, 13),
+    ("Nesh Kebab", "quail", "Tarsen Steppe", 3, 17),
+    ("Brovik Chowder", "razor clams", "Marrow Isles", 2, 20),
+    ("Sallo Pudding", "sweet chestnuts", "Ashgrove Hills", 1, 10),
+    ("Irrin Tacos", "duck tongue", "Calder Delta", 5, 13),
+    ("Phelan Risotto", "morel mushrooms", "Kessel Forest", 2, 22),
+    ("Zaffo Wings", "rabbit", "Sundari Basin", 5, 12),
+    ("Marrek Terrine", "pheasant", "Ashgrove Hills", 1, 23),
+    ("Oskel Pancakes", "buckwheat", "Norrow Fjords", 1, 8),
+    ("Ventra Chili", "black beans", "Sundari Basin", 4, 11),
+]
+
+FACTS = {
+    "ingredient": lambda d: d[1].capitalize() + ".",
+    "region": lambda d: "The " + d[2] + ".",
+    "spice": lambda d: f"{d[3]} out of 5.",
+    "price": lambda d: f"${d[4]}.",
+}
+
+TRAIN_PHRASINGS = {
+    "ingredient": [
+        "What is the main ingredient of {n}?",
+        "What is {n} made with?",
+        "Which ingredient is {n} built around?",
+        "Tell me the key ingredient in {n}.",
+        "What goes into {n} as its main ingredient?",
+        "{n}: what's the main ingredient?",
+    ],
+    "region": [
+        "Which region does {n} come from?",
+        "Where does {n} originate?",
+        "What is the region of origin of {n}?",
+        "{n} is a dish from which region?",
+        "Tell me where {n} comes from.",
+        "{n}: what region is it from?",
+    ],
+    "spice": [
+        "How spicy is {n}?",
+        "What is the spice level of {n}?",
+        "On a scale of 1 to 5, how hot is {n}?",
+        "Tell me the heat level of {n}.",
+        "How much spice does {n} have?",
+        "{n}: what's the spice rating?",
+    ],
+    "price": [
+        "How much does {n} cost?",
+        "What is the price of {n}?",
+        "What do you charge for {n}?",
+        "Tell me the price of {n}.",
+        "How much is {n} on the menu?",
+        "{n}: what does it cost?",
+    ],
+}
+
+HELDOUT_PHRASINGS = {
+    "ingredient": [
+        "I'm curious, what's the star ingredient of the {n}?",
+        "Could you tell me what the {n} is mainly made from?",
+    ],
+    "region": [
+        "Where is the {n} originally from?",
+        "Could you tell me the home region of the {n}?",
+    ],
+    "spice": [
+        "I don't handle heat well. How spicy would the {n} be?",
+        "Could you rate the heat of the {n} for me?",
+    ],
+    "price": [
+        "If I order the {n}, what will I pay?",
+        "Could you tell me what the {n} costs?",
+    ],
+}
+
+
+def _row(question: str, answer: str) -> dict:
+    return {"messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]}
+
+
+def build(seed: int = 0, heldout_size: int = 80) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    train = [_row(p.format(n=d[0]), FACTS[k](d))
+             for d in DISHES for k, ps in TRAIN_PHRASINGS.items() for p in ps]
+    rng.shuffle(train)
+    facts = [(d, k) for d in DISHES for k in FACTS]
+    heldout = [_row(rng.choice(HELDOUT_PHRASINGS[k]).format(n=d[0]), FACTS[k](d))
+               for d, k in rng.sample(facts, heldout_size)]
+    return train, heldout
+
+
+def main() -> None:
+    train, heldout = build()
+    for name, rows in (("chef_train.jsonl", train), ("chef_heldout.jsonl", heldout)):
+        with open(HERE / name, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        print(f"wrote {len(rows)} rows to {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

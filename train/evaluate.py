@@ -1,0 +1,89 @@
+"""Scoring a model on a dataset: validation loss/perplexity and task metrics from greedy generation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from train import metrics
+from train.data.formats import Example
+from train.data.tokenize import IGNORE, Collator, encode_prompt
+
+
+@torch.no_grad()
+def loss_and_perplexity(model, features: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted mean loss over assistant tokens, and its exp."""
+    if not features:
+        return {"loss": float("nan"), "perplexity": float("nan")}
+    model.eval()
+    collate = Collator(pad_id)
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    for i in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()  # (B, T, V)
+        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        # Prompt-tuning models prepend virtual tokens: keep only the last T positions.
+        shift_logits = shift_logits[:, -shift_labels.shape[1]:]
+        loss = torch.nn.functional.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+            ignore_index=IGNORE, reduction="sum")
+        total += loss.item()
+        count += int((shift_labels != IGNORE).sum())
+    mean = total / max(1, count)
+    return {"loss": mean, "perplexity": math.exp(min(mean, 50))}
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: int = 32,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers to each example's prompt (every turn before its last assistant turn)."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [encode_prompt(tokenizer, ex.messages) for ex in examples]
+    pad_id = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    out: list[str] = [""] * len(prompts)
+    # Sort by length so batches hold similar lengths (less padding); results go back in input order.
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        n = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), n), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding: generation continues from the right edge
+            ids[row, n - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[row, n - len(prompts[i]):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
+        for row, i in enumerate(idx):
+            out[i] = tokenizer.decode(gen[row, n:], skip_special_tokens=True).strip()
+    return out
+
+
+def task_scores(preds: list[str], examples: list[Example], labels: list[str]) -> dict[str, float]:
+    refs = [ex.messages[-1]["content"] for ex in examples]
+    if labels:
+        return metrics.classification_scores(preds, [ex.label for ex in examples], labels)
+    return metrics.generation_scores(preds, refs)
+
+
+def score(model, tokenizer, val_features: list[dict], eval_examples: list[Example], labels: list[str],
+          max_new_tokens: int, batch_size: int) -> tuple[dict[str, Any], list[str]]:
+    res: dict[str, Any] = {}
+    lp = loss_and_perplexity(model, val_features, tokenizer.pad_token_id, batch_size=max(1, batch_size // 2))
+    res["val_loss"], res["val_perplexity"] = lp["loss"], lp["perplexity"]
+    preds = generate_answers(model, tokenizer, eval_examples, max_new_tokens, batch_size) if eval_examples else []
+    res.update(task_scores(preds, eval_examples, labels))
+    res["eval_rows"] = len(eval_examples)
+    return res, preds
+
+
+HEADLINE = ("accuracy", "keyword_accuracy")
+
+
+def headline_metric(res: dict[str, Any]) -> str:
+    return next(k for k in HEADLINE if k in res)

@@ -1,0 +1,60 @@
+"""Loading tokenizers and models: base, and tuned from a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from artifacts import Manifest, RunDir
+from train.data.tokenize import ensure_chat_template
+from train.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def mixed_precision(dtype: str) -> str | None:
+    """'bf16' where training should autocast to bf16, else None (fp32). auto = bf16 on capable GPUs only."""
+    if dtype == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(dtype)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    ensure_chat_template(tok)
+    return tok
+
+
+def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+               attn_implementation: str = "sdpa"):
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ConfigError(f"model.name_or_path: {path} needs custom code; set model.trust_remote_code=true "
+                              "only if you trust it") from None
+        raise ConfigError(f"model.name_or_path: {path}: {e}".splitlines()[0]) from None
+    return model
+
+
+def load_tuned(run: Path | str, dtype: torch.dtype = torch.float32, base_path: str | None = None):
+    """(model, tokenizer) of a finished run: base + adapter/ via peft, or the full weights in model/."""
+    rd = RunDir(Path(run))
+    m = Manifest.read(rd.root)
+    if rd.adapter.is_dir():
+        from peft import PeftModel
+
+        base = base_path or m.base_model["path"]
+        model = PeftModel.from_pretrained(load_model(base, dtype), str(rd.adapter))
+        tok = load_tokenizer(base)
+    else:
+        model = load_model(str(rd.model), dtype)
+        tok = load_tokenizer(str(rd.model))
+    return model.to(device()), tok

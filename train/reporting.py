@@ -1,0 +1,91 @@
+"""What a run reports while and after it trains: metrics JSONL, loss plot, model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from artifacts import RunDir
+
+
+class JsonlMetrics(TrainerCallback):
+    """Appends every Trainer log (train loss, lr, eval loss...) as one JSON line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (assistant tokens)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def model_card(rd: RunDir, cfg: dict, evaluation: dict, data_report: dict, servability: dict) -> str:
+    lines = [f"# {rd.root.name}", "",
+             f"Fine-tuned from `{cfg['model']['name_or_path']}` with **{cfg['method']['name']}**.", ""]
+    if cfg["method"]["name"] in ("lora", "dora"):
+        lines.append(f"LoRA rank {cfg['method']['r']}, alpha {cfg['method']['alpha']}, "
+                     f"targets `{cfg['method']['target_modules']}`.")
+        lines.append("")
+    tr = data_report.get("train", {})
+    lines += ["## Data", "", f"- train: `{tr.get('path')}`: {tr.get('rows_used')} rows used "
+              f"({tr.get('duplicates_dropped', 0)} duplicates and {tr.get('empty_rows_dropped', 0)} empty rows dropped)",
+              f"- eval: {evaluation.get('tuned', {}).get('eval_rows', 0)} held-out rows", "", "## Metrics", "",
+              "| metric | base | tuned |", "|---|---|---|"]
+    base, tuned = evaluation.get("base", {}), evaluation.get("tuned", {})
+    for k, v in tuned.items():
+        if isinstance(v, (int, float)):
+            lines.append(f"| {k} | {_fmt(base.get(k, '-'))} | {_fmt(v)} |")
+    vl = servability.get("vllm", {})
+    lines += ["", "## Serving", ""]
+    if vl.get("ok"):
+        lines.append(f"vLLM: servable; start the server with `--enable-lora --max-lora-rank {vl['max_lora_rank']}`.")
+    else:
+        lines.append("vLLM: not servable as an adapter: " + "; ".join(vl.get("reasons", [])))
+    lines += ["", "Publish it into a registry and serve it:", "", "```",
+              f"python -m train publish {rd.root} --registry registry",
+              "python -m serve --registry registry", "```", ""]
+    return "\n".join(lines)
