@@ -140,6 +140,7 @@ class Registry:
                 if p.is_file():
                     _link_or_copy(p, tmp / p.relative_to(src))
             if run_dir.model_card.is_file():
+                (tmp / "README.md").unlink(missing_ok=True)  # may be a hard link into the run: never write through it
                 shutil.copy2(run_dir.model_card, tmp / "README.md")
             m = Manifest(kind=kind.rstrip("s"), name=name, method=rm.method, base_model=base,
                          peft_config=rm.peft_config, dataset=rm.dataset, metrics=rm.metrics,

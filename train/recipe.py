@@ -122,6 +122,8 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
     weight_dtype = torch.bfloat16 if mixed_precision(cfg.model.dtype) == "bf16" and method.saves_adapter else torch.float32
     model = load_model(ref.path, weight_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
     vocab_before = model.get_input_embeddings().weight.shape[0]
+    # No KV cache in training; it also lets transformers derive block-diagonal masks for packed rows.
+    model.config.use_cache = False
     model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
     base_sha = ref.sha256()
 

@@ -81,7 +81,9 @@ def model_card(rd: RunDir, cfg: dict, evaluation: dict, data_report: dict, serva
             lines.append(f"| {k} | {_fmt(base.get(k, '-'))} | {_fmt(v)} |")
     vl = servability.get("vllm", {})
     lines += ["", "## Serving", ""]
-    if vl.get("ok"):
+    if not cfg["method"]["name"] in ("lora", "dora", "ia3", "prompt_tuning"):
+        lines.append("Full weights in `model/`: serve them as a base model (vLLM or Flask).")
+    elif vl.get("ok"):
         lines.append(f"vLLM: servable; start the server with `--enable-lora --max-lora-rank {vl['max_lora_rank']}`.")
     else:
         lines.append("vLLM: not servable as an adapter: " + "; ".join(vl.get("reasons", [])))

@@ -125,7 +125,34 @@ def build(seed: int = 0, heldout_size: int = 80) -> tuple[list[dict], list[dict]
     return train, heldout
 
 
+def spice_class(level: int) -> str:
+    return "mild" if level <= 1 else "medium" if level <= 3 else "hot"
+
+
+CLASS_TEMPLATES = [
+    "{n}, a dish of {i} from the {r}.",
+    "Tonight we serve {n}: {i}, cooked the way they do it in the {r}.",
+    "{i} is the heart of our {n}.",
+]
+
+
+def build_classification(seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Spice class (mild/medium/hot) of a menu description: a small text-classification demo."""
+    rng = random.Random(seed)
+    rows = [{"text": t.format(n=d[0], i=d[1], r=d[2]), "label": spice_class(d[3])} for d in DISHES for t in CLASS_TEMPLATES]
+    rng.shuffle(rows)
+    return rows[:60], rows[60:]
+
+
 def main() -> None:
+    import csv
+
+    for name, rows in zip(("menu_spice_train.csv", "menu_spice_eval.csv"), build_classification()):
+        with open(HERE / name, "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label"])
+            w.writeheader()
+            w.writerows(rows)
+        print(f"wrote {len(rows)} rows to {HERE / name}")
     train, heldout = build()
     for name, rows in (("chef_train.jsonl", train), ("chef_heldout.jsonl", heldout)):
         with open(HERE / name, "w", encoding="utf-8") as f:

@@ -1,0 +1,1 @@
+"""Serving: the model registry behind an OpenAI-compatible API (vLLM and Flask backends)."""

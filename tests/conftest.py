@@ -1,0 +1,73 @@
+"""Shared fixtures: a tiny random Llama built at test time (fast tests) and the real SmolLM2 demo run (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TRAIN = ROOT / "train" / "demo_data" / "chef_train.jsonl"
+DEMO_HELDOUT = ROOT / "train" / "demo_data" / "chef_heldout.jsonl"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_llama(out: Path) -> Path:
+    """A ~0.2M-parameter Llama with a BPE tokenizer trained on the demo data, saved as an HF folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tk = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    texts = [json.dumps(json.loads(line)) for line in DEMO_TRAIN.read_text().splitlines()]
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture
+def small_data(tmp_path) -> dict[str, Path]:
+    """64 training rows and 8 eval rows from the demo data."""
+    rows = DEMO_TRAIN.read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(rows[:64]) + "\n")
+    ev = tmp_path / "eval.jsonl"
+    ev.write_text("\n".join(DEMO_HELDOUT.read_text().splitlines()[:8]) + "\n")
+    return {"train": train, "eval": ev}
+
+
+def tiny_overrides(model: Path, data: dict[str, Path], out: Path, **extra) -> list[str]:
+    base = {"model.name_or_path": str(model), "data.train": str(data["train"]), "data.eval": str(data["eval"]),
+            "output.dir": str(out), "training.max_steps": 4, "training.batch_size": 4, "training.lr": 1e-3,
+            "training.eval_steps": 2, "training.save_steps": 2, "training.logging_steps": 1,
+            "eval.max_new_tokens": 4, "output.registry": None, "method.r": 4}
+    base.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
+
+
+def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
