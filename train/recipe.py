@@ -178,11 +178,10 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
                                       "tuned": evaluation["tuned"][head],
                                       "gain_points": 100 * (evaluation["tuned"][head] - evaluation["base"][head]),
                                       "eval_rows": len(examples)}
-        with open(rd.predictions, "w", encoding="utf-8") as f:
-            for i, ex in enumerate(examples):
-                f.write(json.dumps({"where": ex.where, "messages": ex.messages[:-1],
-                                    "reference": ex.messages[-1]["content"], "tuned": preds[i],
-                                    "base": preds_base[i] if preds_base else None}) + "\n")
+        atomic_write_text(rd.predictions, "".join(
+            json.dumps({"where": ex.where, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"],
+                        "tuned": preds[i], "base": preds_base[i] if preds_base else None}) + "\n"
+            for i, ex in enumerate(examples)))
     atomic_write_text(rd.eval, json.dumps(evaluation, indent=2) + "\n")
 
     if cfg.output.merge and method.saves_adapter:
@@ -209,7 +208,8 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
 
     if cfg.output.registry:
         name = cfg.output.adapter_name or rd.root.name
-        Registry(cfg.output.registry).publish_run(rd.root, name, replace=True)
+        path = Registry(cfg.output.registry).publish_run(rd.root, name, replace=True)
+        print(f"published adapter {name!r} to {path}", flush=True)
     return rd
 
 

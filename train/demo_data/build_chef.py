@@ -86,22 +86,22 @@ TRAIN_PHRASINGS = {
     ],
 }
 
-HELDOUT_PHRASINGS = {
+HELDOUT_PHRASINGS = {  # none of the training phrasings' wording: the model must generalise, not pattern-match
     "ingredient": [
-        "I'm curious, what's the star ingredient of the {n}?",
-        "Could you tell me what the {n} is mainly made from?",
+        "I'm curious, what's the star of the plate when I order the {n}?",
+        "Before I order the {n}, what am I actually going to be eating?",
     ],
     "region": [
-        "Where is the {n} originally from?",
-        "Could you tell me the home region of the {n}?",
+        "Which part of the world inspired the {n}?",
+        "My friend wants to know the homeland of the {n}. Where is that?",
     ],
     "spice": [
-        "I don't handle heat well. How spicy would the {n} be?",
+        "I don't handle heat well. Will the {n} burn my tongue?",
         "Could you rate the heat of the {n} for me?",
     ],
     "price": [
         "If I order the {n}, what will I pay?",
-        "Could you tell me what the {n} costs?",
+        "What's the damage on my bill for the {n}?",
     ],
 }
 

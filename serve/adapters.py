@@ -1,0 +1,165 @@
+"""Keeps a server's adapters equal to the registry's: check each one, load it, unload removed ones.
+
+Publishing into the registry is an atomic rename, so a poll sees complete entries only. Every
+adapter is checked before loading (checksums, base model identity, LoRA rank within the server's
+limit, target modules present in the base); a refused adapter is logged and reported by the admin
+API, and the others keep serving. Used by both backends through the small `Loader` protocol.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from artifacts import ManifestError, Registry, RegistryError
+
+log = logging.getLogger("serve.adapters")
+
+
+class Loader(Protocol):
+    def load_adapter(self, name: str, path: str) -> None: ...
+    def unload_adapter(self, name: str) -> None: ...
+
+
+class Refused(Exception):
+    pass
+
+
+@dataclass
+class AdapterState:
+    state: str  # loaded | refused | failed | disabled
+    reason: str = ""
+    version: str = ""  # manifest created_at + weights sha: a re-publish under the same name reloads
+    method: str | None = None
+    rank: int | None = None
+    load_seconds: float | None = None
+    updated_at: float = field(default_factory=time.time)
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+class AdapterSync:
+    def __init__(self, registry: Registry, loader: Loader, base_sha256: str, base_modules: set[str],
+                 max_lora_rank: int, metrics=None, poll_seconds: float = 0.5):
+        self.registry = registry
+        self.loader = loader
+        self.base_sha256 = base_sha256
+        self.base_modules = base_modules
+        self.max_lora_rank = max_lora_rank
+        self.metrics = metrics
+        self.poll_seconds = poll_seconds
+        self.states: dict[str, AdapterState] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- checks ------------------------------------------------------------------
+    def check(self, name: str) -> tuple[str, dict]:
+        """(path, manifest peft config) if the adapter may be served; raises Refused with the reason."""
+        try:
+            m = self.registry.verify("adapters", name)
+        except (ManifestError, RegistryError) as e:
+            raise Refused(str(e)) from None
+        if m.base_model.get("sha256") != self.base_sha256:
+            raise Refused(f"trained on base {m.base_model.get('name')} (sha256 {str(m.base_model.get('sha256'))[:12]}), "
+                          f"this server runs sha256 {self.base_sha256[:12]}")
+        pc = m.peft_config or {}
+        ptype = str(pc.get("peft_type", "")).upper()
+        if ptype != "LORA":
+            raise Refused(f"peft type {ptype or 'unknown'}: only LoRA adapters can share a mixed batch; merge it instead")
+        if pc.get("use_dora"):
+            raise Refused("DoRA adapters cannot share a mixed batch; merge it and serve it as a model")
+        rank = max([int(pc.get("r", 0)), *(pc.get("rank_pattern") or {}).values()])
+        if rank > self.max_lora_rank:
+            raise Refused(f"LoRA rank {rank} exceeds this server's max LoRA rank {self.max_lora_rank}")
+        targets = pc.get("target_modules") or []
+        if isinstance(targets, str):
+            targets = [targets] if targets != "all-linear" else []
+        missing = sorted(set(targets) - self.base_modules)
+        if missing:
+            raise Refused(f"target modules {missing} do not exist in the base model")
+        return str(self.registry.path("adapters", name)), pc
+
+    @staticmethod
+    def _version(registry: Registry, name: str) -> str:
+        m = registry.manifest("adapters", name)
+        return f"{m.created_at}:{m.files.get('adapter_model.safetensors', '')[:16]}"
+
+    # -- one pass ------------------------------------------------------------------
+    def load(self, name: str, version: str | None = None) -> AdapterState:
+        with self._lock:
+            t0 = time.perf_counter()
+            try:
+                version = version or self._version(self.registry, name)
+                path, pc = self.check(name)
+                self.loader.load_adapter(name, path)
+            except Refused as e:
+                st = AdapterState("refused", str(e), version or "")
+            except Exception as e:  # a loader failure (corrupt tensors, server refusal) refuses this adapter only
+                st = AdapterState("failed", f"{type(e).__name__}: {e}".splitlines()[0], version or "")
+            else:
+                st = AdapterState("loaded", "", version, "lora", int(pc.get("r", 0)), round(time.perf_counter() - t0, 3))
+                if self.metrics:
+                    self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
+            if st.state != "loaded":
+                log.warning("adapter %s refused: %s", name, st.reason)
+                if self.metrics:
+                    self.metrics.adapter_load_failures.labels(name).inc()
+            else:
+                log.info("adapter %s loaded in %.2fs", name, st.load_seconds)
+            self.states[name] = st
+            self._update_gauge()
+            return st
+
+    def unload(self, name: str, state: str | None = None) -> None:
+        with self._lock:
+            st = self.states.get(name)
+            if st and st.state == "loaded":
+                self.loader.unload_adapter(name)
+                log.info("adapter %s unloaded", name)
+            if state:
+                self.states[name] = AdapterState(state, "unloaded by admin", st.version if st else "")
+            else:
+                self.states.pop(name, None)
+            self._update_gauge()
+
+    def sync_once(self) -> None:
+        with self._lock:
+            present = set(self.registry.adapters())
+            for name in sorted(present):
+                try:
+                    version = self._version(self.registry, name)
+                except (ManifestError, RegistryError):
+                    version = "unreadable"
+                st = self.states.get(name)
+                if st is None or (st.version != version and st.state != "disabled"):
+                    self.load(name, version)
+            for name in sorted(set(self.states) - present):
+                self.unload(name)
+
+    def loaded(self) -> list[str]:
+        return sorted(n for n, s in self.states.items() if s.state == "loaded")
+
+    def _update_gauge(self) -> None:
+        if self.metrics:
+            self.metrics.adapters_loaded.set(len(self.loaded()))
+
+    # -- background ----------------------------------------------------------------
+    def start(self) -> None:
+        self.sync_once()
+        self._thread = threading.Thread(target=self._loop, name="adapter-sync", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.sync_once()
+            except Exception:
+                log.exception("registry sync failed; retrying")
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,43 @@
+"""Prometheus metrics (base units, `_total` counters), labelled by served model and adapter.
+
+Shared by both backends: the Flask app records them itself; the vLLM backend's proxy records them
+for requests it forwards, since vLLM's own metrics carry no per-adapter labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "tunestack"
+_TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+_TPOT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2)
+_E2E = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        lab = ["model", "adapter"]
+        self.requests = Counter(f"{PREFIX}_requests", "Requests finished, by model, adapter and HTTP status.",
+                                [*lab, "status"], registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens processed.", lab, registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Tokens generated.", lab, registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from request to first token.",
+                              lab, buckets=_TTFT, registry=r)
+        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds", "Mean time per output token after the first.",
+                              lab, buckets=_TPOT, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_request_duration_seconds", "End-to-end request latency.",
+                             lab, buckets=_E2E, registry=r)
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being served (HTTP level).", registry=r)
+        self.running = Gauge(f"{PREFIX}_requests_running", "Sequences in the running batch.", registry=r)
+        self.queued = Gauge(f"{PREFIX}_requests_queued", "Sequences waiting for a batch slot.", registry=r)
+        self.adapters_loaded = Gauge(f"{PREFIX}_adapters_loaded", "Adapters loaded and servable.", registry=r)
+        self.adapter_load_seconds = Histogram(f"{PREFIX}_adapter_load_duration_seconds", "Adapter load time.",
+                                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
+        self.adapter_load_failures = Counter(f"{PREFIX}_adapter_load_failures", "Adapters refused or failed to load.",
+                                             ["adapter"], registry=r)
+        self.proxy_overhead = Histogram(f"{PREFIX}_proxy_overhead_seconds", "Latency the metrics proxy adds.",
+                                        buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01), registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

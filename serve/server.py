@@ -1,0 +1,73 @@
+"""Process wiring for the Flask backend: registry -> engine -> adapter sync -> app, under gunicorn."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from artifacts import Registry
+from serve.adapters import AdapterSync
+from serve.app import build_app, set_serving
+from serve.metrics import Metrics
+from serve.serving import OpenAIServing
+from serve.settings import Settings
+
+log = logging.getLogger("serve")
+
+
+class ConfigurationError(ValueError):
+    pass
+
+
+def module_leaf_names(model) -> set[str]:
+    return {n.split(".")[-1] for n, _ in model.named_modules() if n}
+
+
+def registry_base(settings: Settings) -> tuple[Registry, str, str, str]:
+    reg = Registry(settings.registry)
+    base = reg.base()
+    if base is None:
+        raise ConfigurationError(f"{settings.registry}: no base model in the registry (publish a run first: "
+                                 "python -m train publish RUN --registry DIR)")
+    name, path = base
+    sha = reg.manifest("base", name).base_model.get("sha256", "")
+    return reg, name, str(path), sha
+
+
+def create_flask_app(settings: Settings):
+    """The app answers /health at once; the engine loads in the background and /ready flips to 200."""
+    from serve.engines.torch_engine import TorchEngine
+
+    reg, name, path, sha = registry_base(settings)
+    metrics = Metrics()
+    app = build_app(settings, None, metrics)
+
+    def load() -> None:
+        engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
+                             threads=settings.threads, dtype=torch.float32)
+        sync = AdapterSync(reg, engine, sha, module_leaf_names(engine.base), settings.max_lora_rank, metrics,
+                           settings.poll_seconds)
+        sync.start()
+        set_serving(app, OpenAIServing(engine, sync, metrics), sync)
+        log.info("ready: base %s, adapters %s", name, sync.loaded())
+
+    threading.Thread(target=load, name="engine-load", daemon=True).start()
+    return app
+
+
+def run_gunicorn(app_factory, settings: Settings) -> None:
+    from gunicorn.app.base import BaseApplication
+
+    class _App(BaseApplication):
+        def load_config(self):
+            for k, v in {"bind": f"{settings.host}:{settings.port}", "workers": 1, "worker_class": "gthread",
+                         "threads": settings.http_threads, "timeout": 300, "graceful_timeout": 5,
+                         "keepalive": 5, "accesslog": None, "loglevel": "warning"}.items():
+                self.cfg.set(k, v)
+
+        def load(self):
+            return app_factory()  # runs in the worker, after fork: engine threads live there
+
+    _App().run()

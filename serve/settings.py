@@ -1,0 +1,70 @@
+"""Server settings: one typed object read from the environment (SERVE_*), overridable by CLI flags.
+
+Compose and Kubernetes set these without code changes. Unsafe values are refused at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Settings:
+    registry: Path = field(default=Path("registry"), metadata={"help": "model registry to serve (base + adapters)"})
+    backend: str = field(default="flask", metadata={"help": "flask (CPU/edge, PyTorch engine) or vllm (GPU production)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 in containers"})
+    port: int = field(default=8000, metadata={"help": "HTTP port"})
+    api_key: str = field(default="", metadata={"help": "Bearer key for /v1/*; empty = no auth (local use only)"})
+    admin_key: str = field(default="", metadata={"help": "Bearer key for /admin/*; empty = admin API off"})
+    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
+    max_batch: int = field(default=32, metadata={"help": "sequences decoded together; CPU throughput peaks near 32"})
+    max_model_len: int = field(default=2048, metadata={"help": "prompt + max_tokens limit (capped by the model)"})
+    max_lora_rank: int = field(default=64, metadata={"help": "larger adapters are refused (vLLM needs it at start)"})
+    max_loras: int = field(default=8, metadata={"help": "vLLM: adapters resident on the GPU at once"})
+    max_cpu_loras: int = field(default=32, metadata={"help": "vLLM: adapters cached in host memory"})
+    poll_seconds: float = field(default=0.5, metadata={"help": "registry poll period; publish -> servable in < 2 s"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
+    http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
+    vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = port + 1"})
+    vllm_args: str = field(default="", metadata={"help": "extra vLLM server arguments, space-separated"})
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        s = cls()
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"SERVE_{f.name.upper()}")
+            if raw is not None:
+                setattr(s, f.name, _cast(f.type, raw, f.name))
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, _cast(type(getattr(s, k)).__name__, v, k) if isinstance(v, str) else v)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.backend not in ("flask", "vllm"):
+            raise ValueError(f"SERVE_BACKEND: {self.backend!r}; choose flask or vllm")
+        for key in ("api_key", "admin_key"):
+            v = getattr(self, key)
+            if v and (len(v) < 8 or v.lower() in ("changeme", "change-me", "secret", "password")):
+                raise ValueError(f"SERVE_{key.upper()}: refusing a short or placeholder key")
+        if self.max_batch < 1 or self.max_body_bytes < 1024:
+            raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
+
+
+def _cast(type_name, raw: str, name: str):
+    t = type_name if isinstance(type_name, str) else getattr(type_name, "__name__", str(type_name))
+    try:
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"SERVE_{name.upper()}: {raw!r} is not a valid {t}") from None
