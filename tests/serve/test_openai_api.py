@@ -1,0 +1,160 @@
+"""The official openai SDK against the Flask backend (real gunicorn server, real tiny model, real LoRAs)."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tests.serve.conftest import API_KEY
+
+BASE = "tiny-llama"
+CHAT = [{"role": "system", "content": "You are the chef at Casa Velluto."},
+        {"role": "user", "content": "What is Korvalo Stew made with?"}]
+
+
+def test_models_list_base_and_adapters_with_parent(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert set(models) == {BASE, "chef-a", "chef-b"}  # big-rank is refused by the rank check
+    assert models["chef-a"].parent == BASE and models["chef-b"].parent == BASE
+    assert getattr(models[BASE], "parent", None) is None
+
+
+@pytest.mark.parametrize("model", [BASE, "chef-a", "chef-b"])
+def test_completion_and_chat_non_streaming(client, model):
+    c = client.completions.create(model=model, prompt="The menu", max_tokens=8, temperature=0)
+    assert c.choices[0].finish_reason in ("length", "stop") and c.usage.completion_tokens <= 8
+    assert c.usage.prompt_tokens > 0 and c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens
+    r = client.chat.completions.create(model=model, messages=CHAT, max_tokens=8, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.model == model
+    assert r.usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("model", [BASE, "chef-a"])
+def test_streaming_equals_non_streaming(client, model):
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0)
+    chunks = list(client.chat.completions.create(model=model, messages=CHAT, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    ctext = "".join(c.choices[0].text for c in client.completions.create(
+        model=model, prompt="The menu", max_tokens=6, temperature=0, stream=True))
+    assert ctext == client.completions.create(model=model, prompt="The menu", max_tokens=6, temperature=0).choices[0].text
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream("POST", f"{server.url}/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": BASE, "prompt": "a", "max_tokens": 3, "stream": True}, timeout=30) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_adapters_change_the_output(client):
+    outs = {m: client.completions.create(model=m, prompt="What is the price of", max_tokens=8, temperature=0).choices[0].text
+            for m in (BASE, "chef-a", "chef-b")}
+    assert len(set(outs.values())) == 3, outs
+
+
+def test_n_seed_stop(client):
+    r = client.completions.create(model="chef-a", prompt="The", max_tokens=8, temperature=1.0, n=3, seed=7)
+    again = client.completions.create(model="chef-a", prompt="The", max_tokens=8, temperature=1.0, n=3, seed=7)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]
+    full = client.completions.create(model=BASE, prompt="The menu", max_tokens=12, temperature=0).choices[0].text
+    stop = full.strip().split()[1] if len(full.split()) > 1 else full.strip()[:2]
+    cut = client.completions.create(model=BASE, prompt="The menu", max_tokens=12, temperature=0, stop=[stop])
+    assert stop not in cut.choices[0].text and cut.choices[0].finish_reason == "stop"
+    assert full.startswith(cut.choices[0].text)
+
+
+def test_concurrent_mixed_adapters_equal_plain_peft_greedy(client, registry):
+    """Requests for base and two adapters, in flight together, give exactly plain peft's greedy output (fp32)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = ["The menu", "What is the price of Korvalo Stew?", "Spice level", "Where does", "Brintel Tart is",
+               "Tell me", "A dish", "Price?"]
+    jobs = [(m, p) for p in prompts for m in (BASE, "chef-a", "chef-b")]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        got = list(ex.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=10,
+                                                              temperature=0).choices[0].text, jobs))
+    base_dir = next((registry / "base").iterdir())
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      registry / "adapters/chef-a", adapter_name="chef-a").eval()
+    model.load_adapter(registry / "adapters/chef-b", adapter_name="chef-b")
+    for (m, p), text in zip(jobs, got):
+        ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            if m == BASE:
+                with model.disable_adapter():
+                    out = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id)
+            else:
+                model.set_adapter(m)
+                out = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+        assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text, (m, p)
+
+
+# -- errors come back as the SDK's typed exceptions ------------------------------------------------
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
+    assert e.value.body["code"] == "model_not_found"
+
+
+def test_wrong_or_missing_key_is_401(server):
+    from openai import OpenAI
+
+    bad = OpenAI(base_url=f"{server.url}/v1", api_key="wrong-key-000", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200 and httpx.get(f"{server.url}/ready").status_code == 200
+
+
+def test_context_overflow_is_400(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=BASE, prompt="word " * 50, max_tokens=250)
+    assert e.value.body["code"] == "context_length_exceeded"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": BASE, "prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+    ({"model": BASE, "prompt": "x", "temperature": 9}, "temperature"),
+    ({"model": BASE, "prompt": 42}, "prompt"),
+    ({"model": BASE, "messages": "hi"}, "messages"),
+    ({"prompt": "x"}, "model"),
+    ({"model": BASE, "prompt": "x", "stop": [1, 2]}, "stop"),
+    ({"model": BASE, "prompt": "x", "n": 0}, "n"),
+    ({"model": BASE, "prompt": "x", "stream": "yes"}, "stream"),
+])
+def test_wrong_types_are_400_naming_the_param(server, body, param):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    r = httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {API_KEY}"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"\xff\xfe", b"[1, 2]", b""])
+def test_invalid_json_is_400(server, raw):
+    r = httpx.post(f"{server.url}/v1/completions", content=raw, headers={"Authorization": f"Bearer {API_KEY}",
+                                                                          "Content-Type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_oversized_body_is_413(client, server):
+    with pytest.raises(openai.APIStatusError) as e:
+        client.completions.create(model=BASE, prompt="x" * 100_000, max_tokens=1)
+    assert e.value.status_code == 413
+
+
+def test_openapi_describes_the_api(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(spec["paths"])
