@@ -39,6 +39,7 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
     """`serving` may be None while the engine loads: /ready and /v1/* answer 503 until set_serving()."""
     app = Flask("tunestack")
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.url_map.merge_slashes = False  # "//etc/passwd" must reach the name check, not redirect
     state: dict[str, Any] = {"serving": serving, "sync": sync}
     app.extensions["tunestack"] = state
 

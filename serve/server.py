@@ -21,8 +21,10 @@ class ConfigurationError(ValueError):
     pass
 
 
-def module_leaf_names(model) -> set[str]:
-    return {n.split(".")[-1] for n, _ in model.named_modules() if n}
+def module_names(model) -> set[str]:
+    """Leaf and full dotted names: peft stores either form in target_modules."""
+    full = {n for n, _ in model.named_modules() if n}
+    return full | {n.split(".")[-1] for n in full}
 
 
 def registry_base(settings: Settings) -> tuple[Registry, str, str, str]:
@@ -47,7 +49,7 @@ def create_flask_app(settings: Settings):
     def load() -> None:
         engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
                              threads=settings.threads, dtype=torch.float32)
-        sync = AdapterSync(reg, engine, sha, module_leaf_names(engine.base), settings.max_lora_rank, metrics,
+        sync = AdapterSync(reg, engine, sha, module_names(engine.base), settings.max_lora_rank, metrics,
                            settings.poll_seconds)
         sync.start()
         set_serving(app, OpenAIServing(engine, sync, metrics), sync)

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from serve.engines.base import Engine, GenRequest
+from train.data.tokenize import ensure_chat_template
 
 log = logging.getLogger("serve.engine")
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -44,8 +45,7 @@ class TorchEngine(Engine):
             torch.set_num_threads(threads)
         self.model_name = model_name
         self.tok = AutoTokenizer.from_pretrained(base_path)
-        if self.tok.pad_token_id is None:
-            self.tok.pad_token = self.tok.eos_token
+        ensure_chat_template(self.tok)  # ChatML for models without a template, exactly as training used
         self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
         self.model = self.base  # becomes a PeftModel once an adapter is loaded
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
