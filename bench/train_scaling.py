@@ -75,13 +75,17 @@ def run(nproc: int, model: Path, data: Path, out: Path, method: str, steps: int,
     summary = next(r for r in logs if "train_runtime" in r)
     rep = json.loads((out / "data_report.json").read_text())
     tokens_per_block = rep["tokens"]["train"]["tokens"] / rep["packed_rows"]
-    tokens = steps * batch * nproc * tokens_per_block
+    # Steady state: from the first logged step after warm-up (CUDA init, allocator, NCCL setup) to the last.
+    timed = [r for r in logs if "loss" in r and r["step"] >= min(10, steps // 4)]
+    span_steps = timed[-1]["step"] - timed[0]["step"]
+    span_s = timed[-1]["time"] - timed[0]["time"]
+    tokens_per_s = span_steps * batch * nproc * tokens_per_block / span_s
     losses = [r["loss"] for r in logs if "loss" in r]
     man = json.loads((out / "manifest.json").read_text())
-    return {"gpus": nproc, "method": method, "tokens_per_s": tokens / summary["train_runtime"],
+    return {"gpus": nproc, "method": method, "tokens_per_s": tokens_per_s, "steady_steps": span_steps,
             "train_runtime_s": summary["train_runtime"], "wall_s": wall, "first_loss": losses[0],
             "last_loss": losses[-1], "manifest_files": len(man["files"]),
-            "peak_mem_note": "see nvidia-smi", "eval_headline": man["metrics"].get("headline")}
+            "eval_rows": (man["metrics"].get("headline") or {}).get("eval_rows")}
 
 
 def main() -> None:
@@ -89,7 +93,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--shape", default="qwen2-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--tokenizer", type=Path, required=True, help="an HF tokenizer folder")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=8, help="per GPU, blocks of 1024 tokens")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_scaling"))
     ap.add_argument("--out", type=Path)
@@ -102,13 +106,15 @@ def main() -> None:
     model = build_model(args.shape, args.tokenizer, args.work / "model")
     data = build_data(args.work / "data.jsonl", rows=12000)
     results = []
-    plan = [("lora", 1, []), ("lora", args.gpus, []), ("full", 1, []),
-            ("full", args.gpus, ["training.fsdp=full_shard auto_wrap"])]
-    for method, n, extra in plan:
-        r = run(n, model, data, args.work / f"{method}-{n}", method, args.steps, args.batch, extra)
+    plan = [("lora", 1, []), ("lora", 1, []), ("lora", args.gpus, []), ("full", 1, []),
+            ("full", args.gpus, ["training.fsdp=full_shard auto_wrap"])]  # first run warms caches; the 2nd is the baseline
+    for i, (method, n, extra) in enumerate(plan):
+        r = run(n, model, data, args.work / f"{i}-{method}-{n}", method, args.steps, args.batch, extra)
         results.append(r)
         print(json.dumps(r), flush=True)
+    results.pop(0)
     print(f"\n{args.shape}, {torch.cuda.get_device_name(0)}, batch {args.batch} x 1024 tokens per GPU, {args.steps} steps")
+    print("tokens/s: steady state (steps 10..end); the first 1-GPU run only warms caches and is dropped")
     print("| method | GPUs | tokens/s | vs 1 GPU | loss first -> last |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ class JsonlMetrics(TrainerCallback):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, **logs}) + "\n")
+            f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}) + "\n")
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
