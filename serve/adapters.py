@@ -115,6 +115,13 @@ class AdapterSync:
             self._update_gauge()
             return st
 
+    def mark_loaded(self, name: str) -> None:
+        """Record an adapter the server loaded at launch (vLLM --lora-modules)."""
+        with self._lock:
+            _, pc = self.check(name)
+            self.states[name] = AdapterState("loaded", "", self._version(self.registry, name), "lora", int(pc.get("r", 0)))
+            self._update_gauge()
+
     def unload(self, name: str, state: str | None = None) -> None:
         with self._lock:
             st = self.states.get(name)

@@ -99,7 +99,7 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
     def prom():
         s = state["serving"]
         if s is not None:
-            st = s.engine.stats()
+            st = s.engine.stats() if hasattr(s, "engine") else s.stats()
             metrics.running.set(st.get("running", 0))
             metrics.queued.set(st.get("waiting", 0))
         return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
@@ -114,10 +114,13 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
 
     @app.get("/v1/models")
     def models():
-        return _json(_serving().models())
+        out = _serving().models()
+        return out if isinstance(out, Response) else _json(out)
 
     def _generate(chat: bool):
         srv = _serving()
+        if hasattr(srv, "forward"):  # vLLM backend: the proxy relays and records metrics
+            return srv.forward(request.path, request.get_data(cache=False))
         t0 = time.perf_counter()
         metrics.in_flight.inc()
         req = gens = None

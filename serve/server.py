@@ -59,7 +59,7 @@ def create_flask_app(settings: Settings):
     return app
 
 
-def run_gunicorn(app_factory, settings: Settings) -> None:
+def run_gunicorn(app_factory, settings: Settings, on_exit=None) -> None:
     from gunicorn.app.base import BaseApplication
 
     class _App(BaseApplication):
@@ -68,6 +68,8 @@ def run_gunicorn(app_factory, settings: Settings) -> None:
                          "threads": settings.http_threads, "timeout": 300, "graceful_timeout": 5,
                          "keepalive": 5, "accesslog": None, "loglevel": "warning"}.items():
                 self.cfg.set(k, v)
+            if on_exit is not None:
+                self.cfg.set("on_exit", lambda server: on_exit())
 
         def load(self):
             return app_factory()  # runs in the worker, after fork: engine threads live there

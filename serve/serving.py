@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import queue
-import threading
 import time
 import uuid
 from typing import Any, Iterator
@@ -123,5 +122,3 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
-
-_lock = threading.Lock()

@@ -71,3 +71,14 @@ def tiny_overrides(model: Path, data: dict[str, Path], out: Path, **extra) -> li
 def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README demo (configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2."""
+    d = tmp_path_factory.mktemp("demo")
+    p = subprocess.run([sys.executable, "-m", "train", "configs/smollm2_lora_chef.yaml", f"output.dir={d / 'run'}",
+                        f"output.registry={d / 'registry'}"], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {"run": d / "run", "registry": d / "registry", "stdout": p.stdout}

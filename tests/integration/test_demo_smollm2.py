@@ -16,16 +16,6 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    p = subprocess.run([sys.executable, "-m", "train", "configs/smollm2_lora_chef.yaml", f"output.dir={d / 'run'}",
-                        f"output.registry={d / 'registry'}"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {"run": d / "run", "registry": d / "registry", "stdout": p.stdout}
-
-
 def test_demo_gain_on_heldout_phrasings(demo_run):
     ev = json.loads((demo_run["run"] / "eval.json").read_text())
     h = ev["headline"]
