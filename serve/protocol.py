@@ -63,8 +63,12 @@ def _common(body: Any, default_max_tokens: int) -> _Common:
     if so is not None and not isinstance(so, dict):
         raise bad_request("'stream_options' must be an object", "stream_options")
     include_usage = bool((so or {}).get("include_usage", False))
+    ignore_eos = body.get("ignore_eos", False)  # vLLM extension, not in the OpenAI spec
+    if not isinstance(ignore_eos, bool):
+        raise bad_request("'ignore_eos' must be a boolean", "ignore_eos")
     params = SamplingParams(max_tokens=max_tokens, temperature=_num(body, "temperature", 1.0, 0.0, 2.0),
-                            top_p=_num(body, "top_p", 1.0, 0.0, 1.0), stop=[s for s in stop if s], seed=seed)
+                            top_p=_num(body, "top_p", 1.0, 0.0, 1.0), stop=[s for s in stop if s], seed=seed,
+                            ignore_eos=ignore_eos)
     if params.top_p == 0.0:
         params.top_p = 1e-9  # "only the most likely token"
     return _Common(model, params, _num(body, "n", 1, 1, MAX_N, integer=True), stream, include_usage,

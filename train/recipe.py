@@ -58,6 +58,17 @@ def check_output(rd: RunDir, overwrite: bool, resume: bool) -> None:
 
 
 def _training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArguments:
+    args = _build_training_args(cfg, rd, has_val)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
+        # One process and several visible GPUs: the Trainer would fall back to nn.DataParallel, which is
+        # slow and silently multiplies the batch. Use one GPU; torchrun is the way to use them all.
+        print(f"note: {args.n_gpu} GPUs visible but one process: training on one GPU. For all of them: "
+              f"torchrun --nproc_per_node {args.n_gpu} -m train ...", flush=True)
+        args._n_gpu = 1
+    return args
+
+
+def _build_training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArguments:
     t = cfg.training
     precision = mixed_precision(cfg.model.dtype)
     early = t.early_stopping_patience > 0 and has_val

@@ -16,6 +16,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM extension: generate exactly max_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

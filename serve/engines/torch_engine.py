@@ -239,7 +239,7 @@ class TorchEngine(Engine):
             if req.first_token_at is None:
                 req.first_token_at = now
             reason = None
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not req.params.ignore_eos:
                 reason = "stop"
             else:
                 row.generated.append(tok)
