@@ -48,7 +48,7 @@ def create_flask_app(settings: Settings):
 
     def load() -> None:
         engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
-                             threads=settings.threads, dtype=torch.float32)
+                             threads=settings.threads, dtype=torch.float32, lora_impl=settings.lora_impl)
         sync = AdapterSync(reg, engine, sha, module_names(engine.base), settings.max_lora_rank, metrics,
                            settings.poll_seconds)
         sync.start()

@@ -26,6 +26,7 @@ class Settings:
     max_loras: int = field(default=8, metadata={"help": "vLLM: adapters resident on the GPU at once"})
     max_cpu_loras: int = field(default=32, metadata={"help": "vLLM: adapters cached in host memory"})
     poll_seconds: float = field(default=0.5, metadata={"help": "registry poll period; publish -> servable in < 2 s"})
+    lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
     vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = port + 1"})
@@ -52,6 +53,8 @@ class Settings:
             v = getattr(self, key)
             if v and (len(v) < 8 or v.lower() in ("changeme", "change-me", "secret", "password")):
                 raise ValueError(f"SERVE_{key.upper()}: refusing a short or placeholder key")
+        if self.lora_impl not in ("fused", "peft"):
+            raise ValueError(f"SERVE_LORA_IMPL: {self.lora_impl!r}; choose fused or peft")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 

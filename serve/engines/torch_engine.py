@@ -7,8 +7,9 @@
                                  │ drop finished/cancelled rows (index KV cache)
 
 All model work happens on one thread; HTTP threads only enqueue requests and read events.
-Requests for different adapters share every forward pass: peft's mixed-adapter batch
-inference (`adapter_names=`) routes each row through its own LoRA weights.
+Requests for different adapters share every forward pass: each row goes through its own LoRA
+weights, either by the fused multi-LoRA hooks (multi_lora.py, default) or by peft's mixed-adapter
+batch inference (`adapter_names=`, lora_impl="peft"), which the fused path is tested against.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from serve.engines.base import Engine, GenRequest
+from serve.engines.multi_lora import MultiLoRA
 from train.data.tokenize import ensure_chat_template
 
 log = logging.getLogger("serve.engine")
@@ -40,14 +42,16 @@ class _Row:
 
 class TorchEngine(Engine):
     def __init__(self, base_path: str, model_name: str, max_batch: int = 32, max_model_len: int = 2048,
-                 threads: int = 0, dtype: torch.dtype = torch.float32):
+                 threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused"):
         if threads:
             torch.set_num_threads(threads)
         self.model_name = model_name
         self.tok = AutoTokenizer.from_pretrained(base_path)
         ensure_chat_template(self.tok)  # ChatML for models without a template, exactly as training used
         self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
-        self.model = self.base  # becomes a PeftModel once an adapter is loaded
+        self.model = self.base  # lora_impl=peft: becomes a PeftModel once an adapter is loaded
+        self.lora_impl = lora_impl
+        self.lora = MultiLoRA(self.base) if lora_impl == "fused" else None
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
         self.max_model_len = min(max_model_len, cfg_len)
         self.max_batch = max_batch
@@ -98,6 +102,10 @@ class TorchEngine(Engine):
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
+        if self.lora is not None:
+            self.lora.load(name, path)  # replaces a same-named adapter atomically (validated before swapping)
+            self.adapters[name] = path
+            return
         if name in self.adapters:
             self._unload_adapter(name)
         if self.model is self.base:
@@ -108,6 +116,10 @@ class TorchEngine(Engine):
 
     def _unload_adapter(self, name: str) -> None:
         if name not in self.adapters:
+            return
+        if self.lora is not None:
+            self.lora.unload(name)
+            del self.adapters[name]
             return
         if len(self.adapters) == 1:
             self.model = self.model.unload()  # last adapter: back to the plain base model
@@ -170,7 +182,9 @@ class TorchEngine(Engine):
 
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
         kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "past_key_values": cache, "use_cache": True}
-        if self.model is not self.base:
+        if self.lora is not None:
+            self.lora.set_rows([None if a == BASE else a for a in adapters])
+        elif self.model is not self.base:
             kw["adapter_names"] = adapters
         with torch.inference_mode():
             out = self.model(**kw)
