@@ -181,7 +181,8 @@ class TorchEngine(Engine):
         return out
 
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "past_key_values": cache, "use_cache": True}
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "past_key_values": cache, "use_cache": True,
+              "logits_to_keep": 1}  # only the last position is sampled: skips the (T x vocab) head in prefill
         if self.lora is not None:
             self.lora.set_rows([None if a == BASE else a for a in adapters])
         elif self.model is not self.base:
