@@ -47,18 +47,25 @@ def test_playground_streams_and_switches_adapter(server, browser):
     key.clear()
     key.send_keys(API_KEY)
     browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+    temp = browser.find_element(By.ID, "temp")  # the tiny test model's greedy answer is whitespace: sample
+    temp.clear()
+    temp.send_keys("1")
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: len(Select(d.find_element(By.ID, "model")).options) >= 3)
     values = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "model")).options]
     assert {"tiny-llama", "chef-a"} <= set(values)
 
     for model in ("chef-a", "tiny-llama"):
+        browser.find_element(By.ID, "clear").click()  # a new conversation for each model
         before = _requests_for(server, model)
         Select(browser.find_element(By.ID, "model")).select_by_value(model)
         box = browser.find_element(By.ID, "prompt")
         box.send_keys("What is Korvalo Stew made with?")
         browser.find_element(By.ID, "send").click()
-        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f".assistant[data-model='{model}'][data-done='1']"))
+        try:
+            wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f".assistant[data-model='{model}'][data-done='1']"))
+        except Exception:
+            raise AssertionError("no finished answer; page log: " + browser.find_element(By.ID, "log").text) from None
         answer = browser.find_elements(By.CSS_SELECTOR, f".assistant[data-model='{model}']")[-1].text
         assert answer.startswith(model + ": ") and len(answer) > len(model) + 2, answer
         t0 = time.time()
