@@ -120,8 +120,10 @@ class _Upstream:
 class VLLMProxy:
     """Forwards OpenAI requests to vLLM, recording per-adapter metrics on the way."""
 
-    def __init__(self, base_url: str, served_name: str, sync: AdapterSync, metrics: Metrics):
+    def __init__(self, base_url: str, served_name: str, sync: AdapterSync, metrics: Metrics,
+                 max_model_len: int = 2048):
         self.base_url = base_url
+        self.max_model_len = max_model_len
         self.model_name = served_name
         self.sync = sync
         self.metrics = metrics
@@ -145,6 +147,7 @@ class VLLMProxy:
         model = body.get("model") if isinstance(body.get("model"), str) else ""
         adapter = "" if model == self.model_name else model
         lab = (model[:64], adapter[:64])
+        self._check_context(path, body)
         stream = body.get("stream") is True
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
         if stream and not wants_usage:
@@ -174,6 +177,31 @@ class VLLMProxy:
         self.metrics.proxy_overhead.observe(before)
         return Response(self._relay(up, lab, t0, wants_usage), mimetype="text/event-stream",
                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    def _check_context(self, path: str, body: dict) -> None:
+        """400 for prompt + max_tokens beyond the context, as the Flask backend does (vLLM would clamp).
+
+        Fast path without tokenising: UTF-8 bytes bound byte-level BPE token counts from above, so
+        a request that fits by that bound is forwarded untouched; only near-limit ones ask /tokenize.
+        """
+        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
+            return
+        text = body.get("prompt") if path.endswith("/completions") and "chat" not in path else body.get("messages")
+        bound = len(json.dumps(text, ensure_ascii=False).encode()) + 64  # + chat template tokens
+        if max_tokens + bound <= self.max_model_len:
+            return
+        key = "messages" if "chat" in path else "prompt"
+        r = self.up.request("POST", "/tokenize", json.dumps({"model": body.get("model"), key: text}).encode())
+        data = r.read()
+        if r.status != 200:
+            return  # let vLLM report what is wrong with the request itself
+        count = json.loads(data).get("count", 0)
+        if count + max_tokens > self.max_model_len:
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{count + max_tokens} tokens ({count} in the prompt, {max_tokens} in the completion).",
+                "max_tokens", "context_length_exceeded")
 
     def _relay(self, up: http.client.HTTPResponse, lab, t0: float, wants_usage: bool) -> Iterator[bytes]:
         first = None
@@ -296,7 +324,7 @@ def run_vllm(settings: Settings) -> int:
             for n in startup:  # already loaded by --lora-modules at launch
                 sync.mark_loaded(n)
             sync.start()
-            set_serving(app, VLLMProxy(vurl, name, sync, metrics), sync)
+            set_serving(app, VLLMProxy(vurl, name, sync, metrics, settings.max_model_len), sync)
             log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", name, rank, sync.loaded())
 
         threading.Thread(target=wait_and_sync, name="vllm-wait", daemon=True).start()

@@ -98,8 +98,13 @@ def test_errors_through_the_proxy(servers):
     bad = openai.OpenAI(base_url=f"{servers['vllm'].url}/v1", api_key="wrong-key-000", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError) as e:
         _client(servers["vllm"]).completions.create(model="chef", prompt="x " * 400, max_tokens=400)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):  # the prompt alone is beyond the context: vLLM's own 400
+        _client(servers["vllm"]).completions.create(model="chef", prompt="x " * 700, max_tokens=5)
+    with pytest.raises(openai.NotFoundError):
+        _client(servers["vllm"]).completions.create(model="no-such-adapter", prompt="x", max_tokens=2)
     r = httpx.post(f"{servers['vllm'].url}/v1/completions", content=b"{oops",
                    headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 400 and "error" in r.json()
