@@ -75,7 +75,14 @@ def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README demo (configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2."""
+    """The README demo (configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2.
+
+    TUNESTACK_REUSE_DEMO=DIR (a directory holding run/ and registry/ from an earlier session) skips the
+    10-minute run while iterating on serve tests; CI never sets it.
+    """
+    reuse = os.environ.get("TUNESTACK_REUSE_DEMO")
+    if reuse and (Path(reuse) / "run" / "manifest.json").is_file():
+        return {"run": Path(reuse) / "run", "registry": Path(reuse) / "registry", "stdout": "points (reused)"}
     d = tmp_path_factory.mktemp("demo")
     p = subprocess.run([sys.executable, "-m", "train", "configs/smollm2_lora_chef.yaml", f"output.dir={d / 'run'}",
                         f"output.registry={d / 'registry'}"], cwd=ROOT, capture_output=True, text=True,
