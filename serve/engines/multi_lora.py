@@ -93,7 +93,8 @@ class MultiLoRA:
                 b_parts.append(ab[1])
                 owner += [i] * ab[0].shape[0]
             owner_t = owners.setdefault(tuple(owner), torch.tensor(owner))
-            self._fused[module] = (torch.cat(a_parts, 0), torch.cat(b_parts, 1), owner_t)
+            # A_cat^T (d_in, sum r) and B_cat^T (sum r, d_out), contiguous for plain 2-D matmuls
+            self._fused[module] = (torch.cat(a_parts, 0).t().contiguous(), torch.cat(b_parts, 1).t().contiguous(), owner_t)
             self._hooks.append(self.linears[module].register_forward_hook(self._hook(module)))
 
     # -- per forward -------------------------------------------------------------
@@ -103,22 +104,27 @@ class MultiLoRA:
         self._row_idx = torch.tensor([index[a] if a else 0 for a in adapters])
         self._masks = {}
 
-    def _mask(self, owner: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        key = id(owner)
+    def _mask(self, owner: torch.Tensor, dtype: torch.dtype, t: int) -> torch.Tensor:
+        """(rows * T, sum r): 1 where a column belongs to the token's row adapter. Cached per step and layout."""
+        key = (id(owner), t)
         m = self._masks.get(key)
         if m is None:
-            m = (self._row_idx[:, None] == owner[None, :]).to(dtype)  # (rows, sum r)
+            m = (self._row_idx[:, None] == owner[None, :]).to(dtype)
+            if t > 1:
+                m = m.repeat_interleave(t, dim=0)
             self._masks[key] = m
         return m
 
     def _hook(self, module: str):
         def hook(mod, inputs, out):
             if self._row_idx is None:
-                return out
-            a_cat, b_cat, owner = self._fused[module]
+                return None
+            a_t, b_t, owner = self._fused[module]
             x = inputs[0]  # (rows, T, d_in)
-            xa = torch.matmul(x, a_cat.t()) * self._mask(owner, x.dtype)[:, None, :]  # (rows, T, sum r)
-            return out + torch.matmul(xa, b_cat.t())
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = torch.mm(x2, a_t).mul_(self._mask(owner, x.dtype, x.shape[1]))  # (rows*T, sum r)
+            out.view(-1, out.shape[-1]).addmm_(xa, b_t)  # in place: out is this Linear's fresh output
+            return None
         return hook
 
 

@@ -231,10 +231,10 @@ class TorchEngine(Engine):
             r.length += 1
         self._emit(self._rows, logits)
 
-    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+    def _sample(self, row: _Row, logits: torch.Tensor, greedy_tok: int) -> int:
         p = row.req.params
         if p.greedy:
-            return int(torch.argmax(logits))
+            return greedy_tok
         probs = torch.softmax(logits / p.temperature, dim=-1)
         if p.top_p < 1.0:
             sorted_p, idx = torch.sort(probs, descending=True)
@@ -245,12 +245,13 @@ class TorchEngine(Engine):
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
         finished = set()
         now = time.perf_counter()
+        greedy = logits.argmax(-1).tolist()  # one batched argmax; sampled rows are drawn per row below
         for i, row in enumerate(rows):
             req = row.req
             if req.cancelled.is_set():
                 finished.add(id(row))
                 continue
-            tok = self._sample(row, logits[i])
+            tok = self._sample(row, logits[i], greedy[i])
             if req.first_token_at is None:
                 req.first_token_at = now
             reason = None
