@@ -158,3 +158,30 @@ def test_oversized_body_is_413(client, server):
 def test_openapi_describes_the_api(server):
     spec = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions"} <= set(spec["paths"])
+
+
+@pytest.fixture(scope="module")
+def peft_server(registry):
+    """The same registry served with SERVE_LORA_IMPL=peft: peft's own mixed-adapter batch inference."""
+    from tests.serve.conftest import Server, free_port
+
+    s = Server(registry, {"SERVE_API_KEY": API_KEY, "SERVE_MAX_LORA_RANK": "16", "SERVE_THREADS": "1",
+                          "SERVE_MAX_MODEL_LEN": "256", "SERVE_LORA_IMPL": "peft"}, free_port())
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+def test_peft_mixed_batch_backend_gives_the_same_outputs(client, peft_server):
+    from openai import OpenAI
+
+    other = OpenAI(base_url=f"{peft_server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    jobs = [(m, p) for p in ("The menu", "Price?", "Where does") for m in (BASE, "chef-a", "chef-b")]
+    with cf.ThreadPoolExecutor(len(jobs)) as ex:
+        fused = list(ex.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=8,
+                                                                temperature=0).choices[0].text, jobs))
+        peft = list(ex.map(lambda j: other.completions.create(model=j[0], prompt=j[1], max_tokens=8,
+                                                              temperature=0).choices[0].text, jobs))
+    assert fused == peft
