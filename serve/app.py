@@ -123,13 +123,14 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
             return srv.forward(request.path, request.get_data(cache=False))
         t0 = time.perf_counter()
         metrics.in_flight.inc()
-        req = gens = None
+        body = None
         try:
-            req, gens = (srv.chat if chat else srv.completions)(_body())
+            body = _body()
+            req, gens = (srv.chat if chat else srv.completions)(body)
         except APIError as e:
             metrics.in_flight.dec()
-            model = req.model if req else (request.get_json(silent=True) or {}).get("model", "") if request.is_json else ""
-            metrics.requests.labels(str(model)[:64] if isinstance(model, str) else "", "", str(e.status)).inc()
+            model = body.get("model") if isinstance(body, dict) else None
+            metrics.requests.labels(model[:64] if isinstance(model, str) else "", "", str(e.status)).inc()
             raise
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())

@@ -32,14 +32,16 @@ def shared_registry(demo_run, tmp_path_factory):
 def servers(shared_registry):
     env = {"SERVE_API_KEY": API_KEY, "SERVE_MAX_MODEL_LEN": "512", "SERVE_THREADS": "1"}
     vllm = Server(shared_registry, {**env, "SERVE_BACKEND": "vllm"}, free_port())
+    replica = Server(shared_registry, {**env, "SERVE_BACKEND": "vllm"}, free_port())  # second replica, same volume
     flask = Server(shared_registry, env, free_port())
     try:
         flask.wait_ready(120)
         vllm.wait_ready(400)
-        yield {"vllm": vllm, "flask": flask}
+        replica.wait_ready(400)
+        yield {"vllm": vllm, "replica": replica, "flask": flask}
     finally:
-        vllm.stop()
-        flask.stop()
+        for s in (vllm, replica, flask):
+            s.stop()
 
 
 def _client(server):
@@ -76,22 +78,27 @@ def test_streaming_and_per_adapter_metrics(servers):
     assert gen and gen[0].value >= 1
 
 
-def test_hot_publish_reaches_vllm(servers, shared_registry, demo_run):
+def test_hot_publish_reaches_every_replica(servers, shared_registry, demo_run):
+    """Two vLLM replicas on one registry volume: a publish reaches both within 2 s, an unpublish too."""
     reg = Registry(shared_registry)
-    c = _client(servers["vllm"])
+    clients = [_client(servers["vllm"]), _client(servers["replica"])]
     reg.publish_run(demo_run["run"], "chef-hot")
     t0 = time.time()
-    while "chef-hot" not in {m.id for m in c.models.list().data}:
-        assert time.time() - t0 < 2.0, "published adapter not servable within 2 s"
-        time.sleep(0.05)
-    assert c.completions.create(model="chef-hot", prompt="Hello", max_tokens=2).choices
+    for c in clients:
+        while "chef-hot" not in {m.id for m in c.models.list().data}:
+            assert time.time() - t0 < 2.0, "published adapter not servable within 2 s"
+            time.sleep(0.05)
+    answers = [c.completions.create(model="chef-hot", prompt="Hello", max_tokens=4, temperature=0).choices[0].text
+               for c in clients]
+    assert answers[0] == answers[1]
     reg.unpublish("adapters", "chef-hot")
     t0 = time.time()
-    while "chef-hot" in {m.id for m in c.models.list().data}:
-        assert time.time() - t0 < 2.0
-        time.sleep(0.05)
-    with pytest.raises(openai.NotFoundError):
-        c.completions.create(model="chef-hot", prompt="Hello", max_tokens=2)
+    for c in clients:
+        while "chef-hot" in {m.id for m in c.models.list().data}:
+            assert time.time() - t0 < 2.0
+            time.sleep(0.05)
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="chef-hot", prompt="Hello", max_tokens=2)
 
 
 def test_errors_through_the_proxy(servers):
