@@ -33,7 +33,10 @@ class RunDir:
         return self.manifest.is_file()
 
     def last_checkpoint(self) -> Path | None:
+        """Newest *complete* checkpoint. The Trainer writes trainer_state.json after the weights, optimizer,
+        scheduler and RNG state, so a run killed mid-save leaves a newer folder without it: skipped."""
         if not self.checkpoints.is_dir():
             return None
-        cks = [p for p in self.checkpoints.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+        cks = [p for p in self.checkpoints.glob("checkpoint-*")
+               if p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()]
         return max(cks, key=lambda p: int(p.name.split("-")[-1]), default=None)

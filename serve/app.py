@@ -130,7 +130,10 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
         except APIError as e:
             metrics.in_flight.dec()
             model = body.get("model") if isinstance(body, dict) else None
-            metrics.requests.labels(model[:64] if isinstance(model, str) else "", "", str(e.status)).inc()
+            known = isinstance(model, str) and (model == srv.engine.model_name or
+                                                (srv.sync is not None and model in srv.sync.loaded()))
+            # Label only served names: arbitrary client strings must not grow the metric's label set.
+            metrics.requests.labels(model if known else "_unknown", "", str(e.status)).inc()
             raise
         rid = new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())

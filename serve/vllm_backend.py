@@ -145,8 +145,10 @@ class VLLMProxy:
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object")
         model = body.get("model") if isinstance(body.get("model"), str) else ""
-        adapter = "" if model == self.model_name else model
-        lab = (model[:64], adapter[:64])
+        if model != self.model_name and (self.sync is None or model not in self.sync.loaded()):
+            model = "_unknown"  # arbitrary client strings must not grow the metric's label set
+        adapter = "" if model in (self.model_name, "_unknown") else model
+        lab = (model, adapter)
         self._check_context(path, body)
         stream = body.get("stream") is True
         wants_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True

@@ -56,14 +56,17 @@ def test_merged_model_equals_base_plus_adapter(demo_run, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     base_path = Manifest.read(demo_run["run"]).base_model["path"]
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    # base+adapter evaluated in float64: the exact logits the fp32 merged model must reproduce.
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
-                                    str(demo_run["run"] / "adapter")).eval()
+                                    str(demo_run["run"] / "adapter")).to(torch.float64).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "How spicy is Korvalo Stew?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    with torch.no_grad():
-        diff = (merged(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item()
-    assert diff <= 1e-4, diff
+    for q in ("How spicy is Korvalo Stew?", "Could you tell me what the Brintel Tart costs?"):
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            diff = (merged(input_ids=ids).logits.double() - ref(input_ids=ids).logits).abs().max().item()
+        assert diff <= 1e-4, diff
+    assert merged.dtype == torch.float32
     assert not any(f.suffix in (".bin", ".pt", ".pth") for f in out.iterdir())
     again = subprocess.run([sys.executable, "-m", "export", "merge", str(demo_run["run"]), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

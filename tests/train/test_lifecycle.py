@@ -54,6 +54,10 @@ def test_resume_after_kill(tiny_model, small_data, tmp_path):
     assert ck is not None and not rd.is_finished() and not rd.adapter.exists()
     done_step = int(ck.name.split("-")[1])
     assert done_step < 600
+    partial = rd.checkpoints / f"checkpoint-{done_step + 5}"  # a save cut short by the kill: no trainer_state.json
+    partial.mkdir(exist_ok=True)
+    (partial / "adapter_model.safetensors").write_bytes(b"half")
+    assert rd.last_checkpoint() == ck
 
     p = run_train_cli(*args, "--resume")
     assert p.returncode == 0, p.stderr[-2000:]
