@@ -144,7 +144,7 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
                 texts = [""] * req.n
                 reasons = ["stop"] * req.n
                 completion = 0
-                for ev in srv.run(req, gens, chat):
+                for ev in srv.run(gens):
                     i, kind = ev[0], ev[1]
                     if kind == "text":
                         texts[i] += ev[2]
@@ -179,7 +179,7 @@ def build_app(settings: Settings, serving: OpenAIServing | None, metrics: Metric
                 if chat:
                     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None} for i in range(req.n)])
-                for ev in srv.run(req, gens, chat):
+                for ev in srv.run(gens):
                     i, kind = ev[0], ev[1]
                     if kind == "text":
                         yield chunk([{"index": i, "delta": {"content": ev[2]}, "logprobs": None, "finish_reason": None}

@@ -72,7 +72,7 @@ class OpenAIServing:
             raise bad_request(f"messages could not be formatted with the chat template: {e}", "messages") from None
         return req, self._prepare(req, ids)
 
-    def run(self, req, gens: list[GenRequest], chat: bool) -> Iterator[tuple]:
+    def run(self, gens: list[GenRequest]) -> Iterator[tuple]:
         """Submit and yield engine events until every choice is done. Closing the iterator cancels."""
         for g in gens:
             self.engine.submit(g)

@@ -47,14 +47,16 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
 def load_tuned(run: Path | str, dtype: torch.dtype = torch.float32, base_path: str | None = None):
     """(model, tokenizer) of a finished run: base + adapter/ via peft, or the full weights in model/."""
     rd = RunDir(Path(run))
-    m = Manifest.read(rd.root)
+    base = base_path or Manifest.read(rd.root).base_model["path"]
+    return load_run_weights(rd, base, dtype), load_tokenizer(base if rd.adapter.is_dir() else str(rd.model))
+
+
+def load_run_weights(rd: RunDir, base_path: str, dtype: torch.dtype = torch.float32):
+    """The tuned model exactly as saved in a run directory (its manifest need not exist yet)."""
     if rd.adapter.is_dir():
         from peft import PeftModel
 
-        base = base_path or m.base_model["path"]
-        model = PeftModel.from_pretrained(load_model(base, dtype), str(rd.adapter))
-        tok = load_tokenizer(base)
+        model = PeftModel.from_pretrained(load_model(base_path, dtype), str(rd.adapter))
     else:
         model = load_model(str(rd.model), dtype)
-        tok = load_tokenizer(str(rd.model))
-    return model.to(device()), tok
+    return model.to(device())

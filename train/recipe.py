@@ -27,7 +27,7 @@ from train.data.prepare import prepare
 from train.data.tokenize import Collator, pack, tokenize
 from train.errors import ConfigError
 from train.methods import get_method
-from train.modeling import DTYPES, load_model, load_tokenizer, load_tuned, mixed_precision
+from train.modeling import DTYPES, device, load_model, load_run_weights, load_tokenizer, mixed_precision
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -175,12 +175,12 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
     eval_dtype = DTYPES["bfloat16"] if mixed_precision(cfg.model.dtype) == "bf16" else torch.float32
     if cfg.eval.enabled:
         examples = splits.eval[: cfg.eval.max_examples or None]
-        tuned, _ = load_tuned_from(rd, method, ref.path, eval_dtype)
+        tuned = load_run_weights(rd, ref.path, eval_dtype)  # as saved on disk: also proves it loads
         evaluation["tuned"], preds = evaluate.score(tuned, tok, val_feats, examples, splits.labels,
                                                     cfg.eval.max_new_tokens, cfg.eval.batch_size)
         del tuned
         if cfg.eval.compare_base:
-            base = load_model(ref.path, eval_dtype, cfg.model.trust_remote_code).to(_device())
+            base = load_model(ref.path, eval_dtype, cfg.model.trust_remote_code).to(device())
             evaluation["base"], preds_base = evaluate.score(base, tok, val_feats, examples, splits.labels,
                                                             cfg.eval.max_new_tokens, cfg.eval.batch_size)
             del base
@@ -224,28 +224,8 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
     return rd
 
 
-def _device():
-    from train.modeling import device
-
-    return device()
-
-
 def _arch(path: str) -> str | None:
     cfg = Path(path) / "config.json"
     if cfg.is_file():
         return (json.loads(cfg.read_text()).get("architectures") or [None])[0]
     return None
-
-
-def load_tuned_from(rd: RunDir, method, base_path: str, dtype):
-    """The tuned model exactly as saved on disk (this also proves the saved artifact loads)."""
-    if method.saves_adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(load_model(base_path, dtype), str(rd.adapter))
-    else:
-        model = load_model(str(rd.model), dtype)
-    return model.to(_device()), None
-
-
-__all__ = ["run", "check_output", "load_tuned"]
