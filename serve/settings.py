@@ -29,7 +29,7 @@ class Settings:
     lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
-    vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = port + 1"})
+    vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)"})
     vllm_args: str = field(default="", metadata={"help": "extra vLLM server arguments, space-separated"})
 
     @classmethod

@@ -257,6 +257,12 @@ class VLLMProxy:
                 m.tpot.labels(*lab).observe((end - first) / (out - 1))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_vllm(settings: Settings) -> int:
     """Start vLLM (child) and the proxy (gunicorn, this process); stop vLLM when the proxy stops."""
     import torch
@@ -266,7 +272,7 @@ def run_vllm(settings: Settings) -> int:
 
     reg, name, path, sha = registry_base(settings)
     metrics = Metrics()
-    vport = settings.vllm_port or settings.port + 1
+    vport = settings.vllm_port or _free_port()
     vurl = f"http://127.0.0.1:{vport}"
     base_modules = _module_names_from_config(path)
     probe = AdapterSync(reg, VLLMLoader(vurl), sha, base_modules, settings.max_lora_rank, metrics, settings.poll_seconds)

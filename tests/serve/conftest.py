@@ -76,7 +76,10 @@ class Server:
     def stop(self) -> None:
         import signal
 
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:  # already gone (e.g. it failed to start): nothing to stop
+            return
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
