@@ -150,6 +150,31 @@ class Registry:
             m.write(tmp)
         return target
 
+    def publish_model(self, folder: Path | str, name: str, *, replace: bool = False) -> Path:
+        """Publish an exported model folder (merged, ONNX, int8, TensorRT) into models/<name>, atomically."""
+        folder = Path(folder)
+        validate_name(name)
+        try:
+            src = Manifest.read(folder)
+            src.verify_files(folder)
+        except ManifestError as e:
+            raise RegistryError(f"refusing to publish: {e}") from e
+        if src.kind != "model":
+            raise RegistryError(f"{folder}: manifest kind is {src.kind!r}, expected 'model' (an export)")
+        target = self.path("models", name)
+        if target.exists() and not replace:
+            raise RegistryError(f"models/{name} already exists in {self.root} (use replace to overwrite)")
+        with atomic_dir(target, replace=replace) as tmp:
+            for p in sorted(folder.rglob("*")):
+                rel = p.relative_to(folder)
+                if p.is_file() and rel.name != MANIFEST_NAME and not any(s.startswith(".") for s in rel.parts):
+                    _link_or_copy(p, tmp / rel)
+            src.name = name
+            src.extra = {**src.extra, "published_from": str(folder.resolve())}
+            src.files = {k: v for k, v in file_checksums(tmp).items() if k != MANIFEST_NAME}
+            src.write(tmp)
+        return target
+
     def unpublish(self, kind: str, name: str) -> None:
         """Remove an entry atomically (rename out of sight, then delete)."""
         p = self.path(kind, name)

@@ -1,4 +1,15 @@
-"""python -m export merge RUN [--out DIR] [--force]"""
+"""python -m export {merge,onnx,quantize,tensorrt,publish,all} ...
+
+    merge RUN                 adapter + base -> RUN/model (verified logits)
+    onnx SRC                  run / model folder -> ONNX decoder with KV cache (verified with onnxruntime)
+    quantize ONNX_DIR         fp32 ONNX -> int8, gated by a quality report on the run's data
+    tensorrt ONNX_DIR         TensorRT engine (needs tensorrt and an NVIDIA GPU)
+    publish DIR --registry R  an exported folder -> R/models/<name>, atomically
+    all RUN                   merge (if needed) + onnx + quantize (+ publish with --registry)
+
+Bad input exits 2 with one line naming the file and the reason, and writes nothing; a missing
+TensorRT/GPU exits 3.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +18,164 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m export", description="Export a run's weights.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("merge", help="merge a run's adapter into its base (verified logits)")
     m.add_argument("run", type=Path)
     m.add_argument("--out", type=Path, help="default: RUN/model")
-    m.add_argument("--base", help="base model folder; default: the one in the run's manifest")
-    m.add_argument("--force", action="store_true", help="replace an existing output")
-    args = ap.parse_args(argv)
+    m.add_argument("--base", help="base model folder; default: the one in the run's manifest (sha256 checked)")
+    o = sub.add_parser("onnx", help="ONNX decoder with KV cache, parity-checked with onnxruntime")
+    o.add_argument("src", type=Path, help="a run (with model/), a merged/full model folder, or a base model folder")
+    o.add_argument("--out", type=Path, help="default: RUN/onnx, or SRC-onnx beside a model folder")
+    q = sub.add_parser("quantize", help="int8 dynamic quantisation with a quality report vs fp32")
+    q.add_argument("onnx_dir", type=Path)
+    q.add_argument("--out", type=Path, help="default: ONNX_DIR-int8 beside it")
+    q.add_argument("--data", type=Path, help="chat JSONL for the report when the export has no run")
+    q.add_argument("--max-ppl-increase", type=float, default=0.05, help="relative perplexity rise allowed (0.05 = +5%%)")
+    q.add_argument("--max-metric-drop", type=float, default=5.0, help="task-metric points allowed to drop")
+    t = sub.add_parser("tensorrt", help="TensorRT engine from the ONNX export")
+    t.add_argument("onnx_dir", type=Path)
+    t.add_argument("--out", type=Path, help="default: ONNX_DIR-tensorrt beside it")
+    t.add_argument("--precision", default="fp16", help="fp16, bf16 or fp32")
+    for name, default in (("max-batch", 8), ("max-seq", 2048), ("opt-batch", 4), ("opt-seq", 256)):
+        t.add_argument(f"--{name}", type=int, default=default)
+    t.add_argument("--workspace-gib", type=float, default=4.0)
+    p = sub.add_parser("publish", help="put an exported folder into a registry's models/")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--registry", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--replace", action="store_true")
+    a = sub.add_parser("all", help="merge + onnx + quantize a run (and publish with --registry)")
+    a.add_argument("run", type=Path)
+    a.add_argument("--registry", type=Path, help="publish <name>-onnx and <name>-int8 into it")
+    a.add_argument("--name", help="registry name prefix; default: the run folder's name")
+    for sp in (m, o, q, t, a):
+        sp.add_argument("--force", action="store_true", help="replace existing outputs")
+    for sp in (o, q, a):
+        sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0 = all cores")
+    return ap
 
-    from artifacts import Manifest, ManifestError
-    from export.merge import MergeError, merge_run_adapter
+
+def _merge(run: Path, out: Path | None, base: str | None, force: bool) -> dict:
+    from export.merge import merge_run_adapter
+    from export.source import check_base, read_verified
+
+    if not run.exists():
+        raise _err(f"{run}: no such run")
+    man = read_verified(run)
+    if not (run / "adapter").is_dir():
+        raise _err(f"{run}: has no adapter/ to merge (method {man.method})")
+    base_path = check_base(man, base)
+    out = out or run / "model"
+    if out.exists() and not force:
+        raise _err(f"{out}: exists; pass --force to replace it")
+    return merge_run_adapter(run, str(base_path), out, replace=force)
+
+
+def _err(msg: str):
+    from export.errors import ExportError
+
+    return ExportError(msg)
+
+
+def _onnx_default(src: Path) -> Path:
+    return src / "onnx" if (src / "manifest.json").is_file() and (src / "config.yaml").is_file() else \
+        src.parent / f"{src.name}-onnx"
+
+
+def run(args: argparse.Namespace) -> None:
+    from export.onnx_export import export_onnx
+    from export.quantize import QualityLimits, quantize
+    from export.source import resolve_source
+
+    if args.cmd == "merge":
+        res = _merge(args.run, args.out, args.base, args.force)
+        print(f"merged into {res['path']} (max |logit diff| {res['max_abs_logit_diff']:.2e})")
+    elif args.cmd == "onnx":
+        res = export_onnx(resolve_source(args.src), args.out or _onnx_default(args.src), replace=args.force,
+                          threads=args.threads)
+        _print_onnx(res)
+    elif args.cmd == "quantize":
+        out = args.out or args.onnx_dir.parent / f"{args.onnx_dir.name}-int8"
+        res = quantize(args.onnx_dir, out, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
+                       data=args.data, replace=args.force, threads=args.threads)
+        _print_quality(res)
+    elif args.cmd == "tensorrt":
+        from export.tensorrt import BuildArgs, build_engine
+
+        b = BuildArgs(args.max_batch, args.max_seq, args.opt_batch, args.opt_seq, args.precision, args.workspace_gib)
+        res = build_engine(args.onnx_dir, args.out or args.onnx_dir.parent / f"{args.onnx_dir.name}-tensorrt", b,
+                           replace=args.force)
+        print(f"TensorRT engine: {res['path']}")
+    elif args.cmd == "publish":
+        from artifacts import Registry
+
+        print(f"published {Registry(args.registry).publish_model(args.folder, args.name, replace=args.replace)}")
+    elif args.cmd == "all":
+        run_dir = args.run
+        if not (run_dir / "model").is_dir():
+            res = _merge(run_dir, None, None, args.force)
+            print(f"merged into {res['path']} (max |logit diff| {res['max_abs_logit_diff']:.2e})")
+        onnx_dir = run_dir / "onnx"
+        _print_onnx(export_onnx(resolve_source(run_dir), onnx_dir, replace=args.force, threads=args.threads))
+        int8_dir = run_dir / "onnx-int8"
+        _print_quality(quantize(onnx_dir, int8_dir, replace=args.force, threads=args.threads))
+        if args.registry:
+            from artifacts import Registry
+
+            reg, name = Registry(args.registry), args.name or run_dir.name
+            for folder, suffix in ((onnx_dir, "onnx"), (int8_dir, "int8")):
+                print(f"published {reg.publish_model(folder, f'{name}-{suffix}', replace=True)}")
+
+
+def _print_onnx(res: dict) -> None:
+    p = res["parity"]
+    print(f"ONNX: {res['path']} (export {res['export_seconds']} s; parity: max |logit diff| "
+          f"{p['max_abs_logit_diff']:.2e} <= {p['logit_tolerance']:.0e}, {p['greedy_steps']} greedy steps equal)")
+
+
+def _print_quality(res: dict) -> None:
+    q = res["quality"]
+    head = q["metric"]
+    print(f"int8: {res['path']} (perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
+          f"{100 * q['perplexity_increase']:+.1f}%; {head} {100 * q['fp32'][head]:.1f} -> {100 * q['int8'][head]:.1f} "
+          f"on {q['fp32']['eval_rows']} rows)")
+
+
+def _quiet() -> None:
+    """Exporter chatter (unused torchvision ops, axis renames, progress bars) hides the one-line results."""
+    import logging
+    import warnings
+
+    import torch.onnx  # noqa: F401  (its loggers are configured on import: silence them after)
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet()
+    from artifacts import ManifestError, RegistryError
+    from export.errors import ExportError
+    from export.tensorrt import TensorRTUnavailable
 
     try:
-        man = Manifest.read(args.run)
-        man.verify_files(args.run)
-        if not (args.run / "adapter").is_dir():
-            raise MergeError(f"{args.run}: has no adapter/ to merge (method {man.method})")
-        out = args.out or args.run / "model"
-        if out.exists() and not args.force:
-            raise MergeError(f"{out}: exists; pass --force to replace it")
-        res = merge_run_adapter(args.run, args.base or man.base_model["path"], out, replace=args.force)
-    except (ManifestError, MergeError, FileExistsError) as e:
+        run(args)
+    except (ExportError, ManifestError, RegistryError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"merged into {res['path']} (max |logit diff| {res['max_abs_logit_diff']:.2e})")
+    except TensorRTUnavailable as e:
+        print(f"tensorrt: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -8,13 +8,14 @@ import torch
 
 from artifacts import Manifest, RunDir, atomic_dir
 from artifacts.checksums import file_checksums
+from export.errors import ExportError
 
 SAMPLE_PROMPTS = ["The chef said", "What is the main ingredient of the house stew?", "1 2 3 4",
                   "<|im_start|>user\nHow spicy is Korvalo Stew?<|im_end|>\n<|im_start|>assistant\n"]
 TOLERANCE = 1e-4  # fp32: merging reorders float sums, nothing more
 
 
-class MergeError(ValueError):
+class MergeError(ExportError):
     pass
 
 

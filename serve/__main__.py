@@ -64,9 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             from serve.vllm_backend import run_vllm
 
             return run_vllm(settings)
-        from serve.server import create_flask_app, registry_base, run_gunicorn
+        from serve.server import create_flask_app, registry_base, registry_onnx_model, run_gunicorn
 
-        registry_base(settings)  # fail fast (exit 2) before forking a worker
+        # fail fast (exit 2) before forking a worker
+        registry_onnx_model(settings) if settings.engine == "onnx" else registry_base(settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

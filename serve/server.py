@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
@@ -38,12 +39,32 @@ def registry_base(settings: Settings) -> tuple[Registry, str, str, str]:
     return reg, name, str(path), sha
 
 
+def registry_onnx_model(settings: Settings) -> tuple[str, Path]:
+    """The exported model (registry models/<name> with model.onnx) the onnx engine serves."""
+    reg = Registry(settings.registry)
+    onnx = [n for n in reg.names("models") if (reg.root / "models" / n / "model.onnx").is_file()]
+    if settings.model:
+        if settings.model not in onnx:
+            raise ConfigurationError(f"SERVE_MODEL: {settings.model!r} is not an ONNX model in {reg.root}/models "
+                                     f"(have: {', '.join(onnx) or 'none'})")
+        name = settings.model
+    elif len(onnx) == 1:
+        name = onnx[0]
+    else:
+        raise ConfigurationError(f"{reg.root}/models holds {len(onnx)} ONNX models ({', '.join(onnx) or 'none'}); "
+                                 "set SERVE_MODEL (export with: python -m export all RUN --registry DIR)")
+    reg.verify("models", name)  # checksums: a corrupt export is refused at start
+    return name, reg.root / "models" / name
+
+
 def create_flask_app(settings: Settings):
     """The app answers /health at once; the engine loads in the background and /ready flips to 200."""
     from serve.engines.torch_engine import TorchEngine
 
-    reg, name, path, sha = registry_base(settings)
     metrics = Metrics()
+    if settings.engine == "onnx":
+        return _onnx_app(settings, metrics)
+    reg, name, path, sha = registry_base(settings)
     app = build_app(settings, None, metrics)
 
     def load() -> None:
@@ -54,6 +75,22 @@ def create_flask_app(settings: Settings):
         sync.start()
         set_serving(app, OpenAIServing(engine, sync, metrics), sync)
         log.info("ready: base %s, adapters %s", name, sync.loaded())
+
+    threading.Thread(target=load, name="engine-load", daemon=True).start()
+    return app
+
+
+def _onnx_app(settings: Settings, metrics: Metrics):
+    from serve.engines.ort_engine import OrtEngine
+
+    name, path = registry_onnx_model(settings)
+    app = build_app(settings, None, metrics)
+
+    def load() -> None:
+        engine = OrtEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
+                           threads=settings.threads)
+        set_serving(app, OpenAIServing(engine, None, metrics), None)
+        log.info("ready: ONNX model %s (%s)", name, path)
 
     threading.Thread(target=load, name="engine-load", daemon=True).start()
     return app

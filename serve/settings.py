@@ -26,6 +26,8 @@ class Settings:
     max_loras: int = field(default=8, metadata={"help": "vLLM: adapters resident on the GPU at once"})
     max_cpu_loras: int = field(default=32, metadata={"help": "vLLM: adapters cached in host memory"})
     poll_seconds: float = field(default=0.5, metadata={"help": "registry poll period; publish -> servable in < 2 s"})
+    engine: str = field(default="torch", metadata={"help": "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)"})
+    model: str = field(default="", metadata={"help": "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there"})
     lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
@@ -53,6 +55,10 @@ class Settings:
             v = getattr(self, key)
             if v and (len(v) < 8 or v.lower() in ("changeme", "change-me", "secret", "password")):
                 raise ValueError(f"SERVE_{key.upper()}: refusing a short or placeholder key")
+        if self.engine not in ("torch", "onnx"):
+            raise ValueError(f"SERVE_ENGINE: {self.engine!r}; choose torch or onnx")
+        if self.engine == "onnx" and self.backend != "flask":
+            raise ValueError("SERVE_ENGINE=onnx runs on the flask backend (vLLM serves the PyTorch weights)")
         if self.lora_impl not in ("fused", "peft"):
             raise ValueError(f"SERVE_LORA_IMPL: {self.lora_impl!r}; choose fused or peft")
         if self.max_batch < 1 or self.max_body_bytes < 1024:

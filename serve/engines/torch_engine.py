@@ -1,12 +1,5 @@
-"""PyTorch + peft engine with continuous batching of mixed-adapter requests.
+"""PyTorch engine: continuous batching (batching.py) of mixed-adapter requests over one base model.
 
-    waiting queue ──admit──> prefill (left-padded batch, adapter_names per row)
-                                 │ merge KV cache (left-pad to common length)
-                                 v
-    running batch ──decode step (1 token per row, adapter_names per row)──> events per request
-                                 │ drop finished/cancelled rows (index KV cache)
-
-All model work happens on one thread; HTTP threads only enqueue requests and read events.
 Requests for different adapters share every forward pass: each row goes through its own LoRA
 weights, either by the fused multi-LoRA hooks (multi_lora.py, default) or by peft's mixed-adapter
 batch inference (`adapter_names=`, lora_impl="peft"), which the fused path is tested against.
@@ -14,89 +7,33 @@ batch inference (`adapter_names=`, lora_impl="peft"), which the fused path is te
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
-import time
-from dataclasses import dataclass, field
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from serve.engines.base import Engine, GenRequest
+from serve.engines.batching import BASE, BatchingEngine, as_list
 from serve.engines.multi_lora import MultiLoRA
-from train.data.tokenize import ensure_chat_template
-
-log = logging.getLogger("serve.engine")
-BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
-@dataclass
-class _Row:
-    req: GenRequest
-    generated: list[int] = field(default_factory=list)
-    length: int = 0  # real (unpadded) tokens in the cache for this row
-    emitted: int = 0  # characters of text already sent
-    gen: torch.Generator | None = None
-
-
-class TorchEngine(Engine):
+class TorchEngine(BatchingEngine):
     def __init__(self, base_path: str, model_name: str, max_batch: int = 32, max_model_len: int = 2048,
                  threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused"):
         if threads:
             torch.set_num_threads(threads)
-        self.model_name = model_name
-        self.tok = AutoTokenizer.from_pretrained(base_path)
-        ensure_chat_template(self.tok)  # ChatML for models without a template, exactly as training used
+        tok = AutoTokenizer.from_pretrained(base_path)
         self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
         self.model = self.base  # lora_impl=peft: becomes a PeftModel once an adapter is loaded
         self.lora_impl = lora_impl
         self.lora = MultiLoRA(self.base) if lora_impl == "fused" else None
-        cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
-        self.max_model_len = min(max_model_len, cfg_len)
-        self.max_batch = max_batch
-        self.eos_ids = {self.tok.eos_token_id} | set(_as_list(getattr(self.base.generation_config, "eos_token_id", None)))
         self.adapters: dict[str, str] = {}
-        self._waiting: queue.Queue[GenRequest] = queue.Queue()
-        self._commands: queue.Queue = queue.Queue()
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="torch-engine", daemon=True)
-        self._thread.start()
-
-    # -- thread-safe API -------------------------------------------------------
-    def submit(self, req: GenRequest) -> None:
-        self._waiting.put(req)
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
-
-    def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-        return list(out["input_ids"])
+        cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
+        eos = {tok.eos_token_id} | set(as_list(getattr(self.base.generation_config, "eos_token_id", None)))
+        self._start(tok, model_name, max_batch, min(max_model_len, cfg_len), eos)
 
     def load_adapter(self, name: str, path: str) -> None:
         self._call(self._load_adapter, name, path)
 
     def unload_adapter(self, name: str) -> None:
         self._call(self._unload_adapter, name)
-
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self._rows), "waiting": self._waiting.qsize()}
-
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _call(self, fn, *args):
-        done: queue.Queue = queue.Queue(maxsize=1)
-        self._commands.put((fn, args, done))
-        ok, value = done.get()
-        if not ok:
-            raise value
-        return value
 
     # -- engine thread -----------------------------------------------------------
     def _load_adapter(self, name: str, path: str) -> None:
@@ -127,61 +64,9 @@ class TorchEngine(Engine):
             self.model.delete_adapter(name)
         del self.adapters[name]
 
-    def _run_commands(self) -> None:
-        pending = []
-        while True:
-            try:
-                fn, args, done = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            # Never swap an adapter out from under a running row: wait until its rows finish.
-            if fn in (self._unload_adapter, self._load_adapter) and any(r.req.adapter == args[0] for r in self._rows):
-                pending.append((fn, args, done))
-                continue
-            try:
-                done.put((True, fn(*args)))
-            except Exception as e:  # reported to the caller (admin API / registry watcher), the loop goes on
-                done.put((False, e))
-        for item in pending:
-            self._commands.put(item)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self._run_commands()
-                admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
-                elif not admitted:
-                    try:
-                        self._waiting.put(self._waiting.get(timeout=0.02))
-                    except queue.Empty:
-                        pass
-            except Exception as e:  # a bug must not kill the server silently: fail the batch, keep serving
-                log.exception("engine step failed")
-                for r in self._rows:
-                    r.req.events.put((r.req.index, "error", f"engine error: {e}"))
-                self._rows, self._cache, self._mask = [], None, None
-
-    def _admit(self) -> list[GenRequest]:
-        out = []
-        while len(self._rows) + len(out) < self.max_batch:
-            try:
-                req = self._waiting.get_nowait()
-            except queue.Empty:
-                break
-            if req.cancelled.is_set():
-                continue
-            if req.adapter is not None and req.adapter not in self.adapters:
-                req.events.put((req.index, "error", f"adapter {req.adapter!r} is not loaded"))
-                continue
-            out.append(req)
-        return out
-
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
-        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "past_key_values": cache, "use_cache": True,
+        kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+              "past_key_values": cache if cache is not None else DynamicCache(), "use_cache": True,
               "logits_to_keep": 1}  # only the last position is sampled: skips the (T x vocab) head in prefill
         if self.lora is not None:
             self.lora.set_rows([None if a == BASE else a for a in adapters])
@@ -190,138 +75,3 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             out = self.model(**kw)
         return out.logits[:, -1, :].float(), out.past_key_values
-
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        n = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), n), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), n), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, n - len(r.prompt_ids):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, cache = self._forward(ids, mask, pos, DynamicCache(), [r.adapter or BASE for r in reqs])
-        rows = []
-        for r in reqs:
-            row = _Row(r, length=len(r.prompt_ids))
-            if r.params.seed is not None:
-                row.gen = torch.Generator().manual_seed(r.params.seed)
-            rows.append(row)
-        self._merge(rows, cache, mask)
-        self._emit(rows, logits)
-
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if self._cache is None:
-            self._rows, self._cache, self._mask = rows, cache, mask
-            return
-        ta, tn = self._mask.shape[1], mask.shape[1]
-        t = max(ta, tn)
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([_lpad(old.keys, t), _lpad(new.keys, t)], dim=0)
-            old.values = torch.cat([_lpad(old.values, t), _lpad(new.values, t)], dim=0)
-        self._mask = torch.cat([_lpad(self._mask, t, dim=1), _lpad(mask, t, dim=1)], dim=0)
-        self._rows += rows
-
-    def _decode(self) -> None:
-        ids = torch.tensor([[r.generated[-1]] for r in self._rows], dtype=torch.long)
-        mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long)], dim=1)
-        pos = torch.tensor([[r.length] for r in self._rows], dtype=torch.long)
-        logits, self._cache = self._forward(ids, mask, pos, self._cache, [r.req.adapter or BASE for r in self._rows])
-        self._mask = mask
-        for r in self._rows:
-            r.length += 1
-        self._emit(self._rows, logits)
-
-    def _sample(self, row: _Row, logits: torch.Tensor, greedy_tok: int) -> int:
-        p = row.req.params
-        if p.greedy:
-            return greedy_tok
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, idx = torch.sort(probs, descending=True)
-            keep = sorted_p.cumsum(-1) - sorted_p < p.top_p
-            probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-        return int(torch.multinomial(probs, 1, generator=row.gen))
-
-    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        finished = set()
-        now = time.perf_counter()
-        greedy = logits.argmax(-1).tolist()  # one batched argmax; sampled rows are drawn per row below
-        for i, row in enumerate(rows):
-            req = row.req
-            if req.cancelled.is_set():
-                finished.add(id(row))
-                continue
-            tok = self._sample(row, logits[i], greedy[i])
-            if req.first_token_at is None:
-                req.first_token_at = now
-            reason = None
-            if tok in self.eos_ids and not req.params.ignore_eos:
-                reason = "stop"
-            else:
-                row.generated.append(tok)
-            text = self.tok.decode([t for t in row.generated], skip_special_tokens=True)
-            cut = _find_stop(text, req.params.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            if reason is None and len(row.generated) >= req.params.max_tokens:
-                reason = "length"
-            if reason is None and row.length + 1 >= self.max_model_len:
-                reason = "length"
-            # Hold back a possible stop-string prefix and incomplete UTF-8 until they resolve.
-            safe = len(text) if reason else _safe_len(text, req.params.stop)
-            if safe > row.emitted:
-                req.events.put((req.index, "text", text[row.emitted:safe]))
-                row.emitted = safe
-            if reason:
-                req.events.put((req.index, "done", reason, len(row.generated)))
-                finished.add(id(row))
-        if finished:
-            self._drop(finished)
-
-    def _drop(self, finished: set[int]) -> None:
-        keep = [i for i, r in enumerate(self._rows) if id(r) not in finished]
-        if not keep:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        idx = torch.tensor(keep)
-        self._rows = [self._rows[i] for i in keep]
-        self._mask = self._mask[idx]
-        first = int((self._mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        self._mask = self._mask[:, first:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[idx, :, first:]
-            layer.values = layer.values[idx, :, first:]
-
-
-def _lpad(x: torch.Tensor, t: int, dim: int = 2) -> torch.Tensor:
-    """Left-pad along `dim` with zeros to length t (KV: (B, H, T, D) dim 2; mask: (B, T) dim 1)."""
-    missing = t - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _safe_len(text: str, stops: list[str]) -> int:
-    n = len(text)
-    if text.endswith("\ufffd"):
-        n -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text[:n].endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return n - hold
-
-
-def _as_list(x) -> list:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
