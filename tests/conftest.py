@@ -89,3 +89,26 @@ def demo_run(tmp_path_factory):
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
     return {"run": d / "run", "registry": d / "registry", "stdout": p.stdout}
+
+
+# -- export: one tiny LoRA run, merged and exported to ONNX and int8 once per session ---------------
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tmp_path_factory) -> Path:
+    from train.config import load_config
+    from train.recipe import run
+
+    work = tmp_path_factory.mktemp("export-run")
+    (work / "train.jsonl").write_text("\n".join(DEMO_TRAIN.read_text().splitlines()[:48]) + "\n")
+    (work / "eval.jsonl").write_text("\n".join(DEMO_HELDOUT.read_text().splitlines()[:6]) + "\n")
+    cfg = load_config(None, tiny_overrides(tiny_model, {"train": work / "train.jsonl", "eval": work / "eval.jsonl"},
+                                           work / "run", **{"training.lr": 5e-2, "eval.compare_base": False}))
+    return run(cfg).root
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_run) -> dict[str, Path]:
+    """merge + onnx + quantize through the CLI, as a user runs it."""
+    from export.__main__ import main
+
+    assert main(["all", str(tiny_run)]) == 0
+    return {"run": tiny_run, "model": tiny_run / "model", "onnx": tiny_run / "onnx", "int8": tiny_run / "onnx-int8"}
