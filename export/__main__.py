@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--data", type=Path, help="chat JSONL for the report when the export has no run")
     q.add_argument("--max-ppl-increase", type=float, default=0.05, help="relative perplexity rise allowed (0.05 = +5%%)")
     q.add_argument("--max-metric-drop", type=float, default=5.0, help="task-metric points allowed to drop")
+    q.add_argument("--outlier-ratio", type=float, default=50.0,
+                   help="keep fp32 the MatMuls whose input absmax exceeds this x the median (massive activations)")
     t = sub.add_parser("tensorrt", help="TensorRT engine from the ONNX export")
     t.add_argument("onnx_dir", type=Path)
     t.add_argument("--out", type=Path, help="default: ONNX_DIR-tensorrt beside it")
@@ -99,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.cmd == "quantize":
         out = args.out or args.onnx_dir.parent / f"{args.onnx_dir.name}-int8"
         res = quantize(args.onnx_dir, out, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
-                       data=args.data, replace=args.force, threads=args.threads)
+                       data=args.data, replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio)
         _print_quality(res)
     elif args.cmd == "tensorrt":
         from export.tensorrt import BuildArgs, build_engine
@@ -138,7 +140,8 @@ def _print_onnx(res: dict) -> None:
 def _print_quality(res: dict) -> None:
     q = res["quality"]
     head = q["metric"]
-    print(f"int8: {res['path']} (perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
+    kept = len(q.get("kept_fp32", []))
+    print(f"int8: {res['path']} ({kept} outlier MatMuls kept fp32; perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
           f"{100 * q['perplexity_increase']:+.1f}%; {head} {100 * q['fp32'][head]:.1f} -> {100 * q['int8'][head]:.1f} "
           f"on {q['fp32']['eval_rows']} rows)")
 

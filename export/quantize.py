@@ -1,6 +1,11 @@
-"""ONNX fp32 -> int8 (onnxruntime dynamic quantisation), gated by a quality report.
+"""ONNX fp32 -> int8 (onnxruntime dynamic quantisation), outlier-aware, gated by a quality report.
 
-Weights of every MatMul become int8 (per output channel); activations are quantised on the fly.
+Weights of the MatMuls become uint8 (per output channel; u8u8 avoids the int16 saturation of
+u8s8 kernels on CPUs without VNNI); activations are quantised on the fly, per tensor. A few
+layers see "massive activations" (SmolLM2: three down_proj inputs reach 400-600x the median
+absolute maximum), which a per-tensor activation scale cannot represent: those MatMuls stay fp32.
+They are found on calibration rows from the run's data (PyTorch hooks, input absmax above
+`outlier_ratio` x the median over all Linear layers) and listed in the manifest.
 The report scores fp32 and int8 with the training stage's own evaluation code on the run's data:
 perplexity on the validation split (assistant tokens) and the task metric (keyword accuracy /
 accuracy) from greedy answers on the eval split. If perplexity rises by more than
@@ -11,10 +16,13 @@ command fails and writes nothing.
 from __future__ import annotations
 
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from artifacts import Manifest, atomic_dir
 from artifacts.checksums import file_checksums
@@ -28,12 +36,57 @@ class QualityLimits:
     max_metric_drop: float = 5.0  # points of the headline task metric (4 rows of the 80-row demo eval set)
 
 
-def quantize_file(src: Path, dst: Path) -> None:
+OUTLIER_RATIO = 50.0  # SmolLM2's massive activations are 90-600x the median; ordinary layers stay below 20x
+
+
+def quantize_file(src: Path, dst: Path, exclude: list[str] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8, per_channel=True,
                      op_types_to_quantize=["MatMul"],  # Gather (embeddings) stays fp32: no speed-up, some loss
-                     extra_options={"MatMulConstBOnly": True})
+                     nodes_to_exclude=list(exclude), extra_options={"MatMulConstBOnly": True})
+
+
+@torch.no_grad()
+def activation_outliers(model_dir: Path, features: list[dict], ratio: float = OUTLIER_RATIO,
+                        rows: int = 16) -> tuple[list[str], list[tuple[str, int, int]]]:
+    """(Linear layers whose input absmax exceeds ratio x the median, every Linear in call order with its shape)."""
+    from train.modeling import load_model
+
+    model = load_model(str(model_dir)).eval()
+    amax: dict[str, float] = {}
+    order: list[tuple[str, int, int]] = []
+
+    def hook(name):
+        def fn(mod, inputs, out):
+            if name not in amax:
+                order.append((name, mod.in_features, mod.out_features))
+            amax[name] = max(amax.get(name, 0.0), float(inputs[0].abs().max()))
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for f in features[:rows]:
+        model(input_ids=torch.tensor([f["input_ids"]]))
+    for h in handles:
+        h.remove()
+    if not amax:
+        return [], order
+    median = statistics.median(amax.values())
+    return sorted(n for n, v in amax.items() if v > ratio * median), order
+
+
+def onnx_nodes_for(onnx_path: Path, order: list[tuple[str, int, int]], names: list[str]) -> list[str]:
+    """ONNX MatMul node names of the given Linear modules, matched by call order and verified by weight shape."""
+    import onnx
+
+    g = onnx.load(str(onnx_path), load_external_data=False).graph
+    init = {i.name: tuple(i.dims) for i in g.initializer}
+    const = [(n.name, init[n.input[1]]) for n in g.node if n.op_type == "MatMul" and n.input[1] in init]
+    linears = [(n, (i, o)) for n, i, o in order if n != "lm_head"]
+    if [s for _, s in const[:len(linears)]] != [s for _, s in linears]:
+        raise ExportError(f"{onnx_path}: cannot match the graph's MatMuls to the model's Linear layers "
+                          "(unexpected graph); refusing to guess which layers to keep in fp32")
+    return [const[i][0] for i, (n, _) in enumerate(linears) if n in names]
 
 
 def _eval_data(onnx_dir: Path, data: Path | None, tok):
@@ -62,13 +115,11 @@ def _eval_data(onnx_dir: Path, data: Path | None, tok):
     return val, examples, splits.labels, cfg.eval.max_new_tokens, cfg.eval.batch_size
 
 
-def quality(model_dir: Path, data_dir: Path, data: Path | None, threads: int = 0) -> dict:
-    """Perplexity and task metrics of one ONNX model on the run's data."""
+def quality(model_dir: Path, tok, dataset: tuple, threads: int = 0) -> dict:
+    """Perplexity and task metrics of one ONNX model on the run's data (as returned by _eval_data)."""
     from train import evaluate
-    from train.modeling import load_tokenizer
 
-    tok = load_tokenizer(str(model_dir))
-    val, examples, labels, max_new, batch = _eval_data(data_dir, data, tok)
+    val, examples, labels, max_new, batch = dataset
     model = OrtCausalLM(model_dir, threads=threads)
     res, _ = evaluate.score(model, tok, val, examples, labels, max_new, batch)
     res["headline_metric"] = evaluate.headline_metric(res)
@@ -89,17 +140,26 @@ def compare(fp32: dict, int8: dict, limits: QualityLimits) -> dict:
 
 
 def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits(), data: Path | None = None,
-             replace: bool = False, threads: int = 0) -> dict:
+             replace: bool = False, threads: int = 0, outlier_ratio: float = OUTLIER_RATIO) -> dict:
     if out.exists() and not replace:
         raise ExportError(f"{out}: exists; pass --force to replace it")
     src = Manifest.read(onnx_dir)
     if src.method != "onnx":
         raise ExportError(f"{onnx_dir}/manifest.json: method {src.method!r}; quantize takes an fp32 ONNX export")
+    from train.modeling import load_tokenizer
+
+    tok = load_tokenizer(str(onnx_dir))
+    dataset = _eval_data(onnx_dir, data, tok)
+    source_model = Path(src.extra.get("source", ""))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".int8-") as work:
         work = Path(work)
         t0 = time.time()
-        quantize_file(onnx_dir / ONNX_FILE, work / ONNX_FILE)
+        kept, exclude = [], []
+        if (source_model / "config.json").is_file():
+            kept, order = activation_outliers(source_model, dataset[0] or [], outlier_ratio)
+            exclude = onnx_nodes_for(onnx_dir / ONNX_FILE, order, kept)
+        quantize_file(onnx_dir / ONNX_FILE, work / ONNX_FILE, exclude)
         seconds = time.time() - t0
         for f in onnx_dir.iterdir():
             if f.is_file() and f.name not in (ONNX_FILE, "manifest.json") and not f.name.startswith(ONNX_FILE):
@@ -107,12 +167,15 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
         man = Manifest(kind="model", name=out.name, method="onnx-int8", base_model=src.base_model,
                        peft_config=src.peft_config, metrics=src.metrics,
                        extra={**src.extra, "source": str(onnx_dir.resolve()),
-                              "quantization": {"type": "dynamic", "weights": "int8 per-channel", "ops": ["MatMul"],
+                              "quantization": {"type": "dynamic", "weights": "uint8 per-channel",
+                                               "activations": "uint8 per-tensor, dynamic", "ops": ["MatMul"],
+                                               "kept_fp32": kept, "outlier_ratio": outlier_ratio,
                                                "seconds": round(seconds, 1)}})
         man.extra["onnx"] = {**src.extra["onnx"], "parity": None}  # parity was against the fp32 weights
         man.write(work)
-        report = compare(quality(onnx_dir, onnx_dir, data, threads), quality(work, onnx_dir, data, threads), limits)
+        report = compare(quality(onnx_dir, tok, dataset, threads), quality(work, tok, dataset, threads), limits)
         man.extra["quantization"]["quality"] = report
+        report["kept_fp32"] = kept
         if not report["ok"]:
             raise ExportError(f"{onnx_dir}: int8 quality below the limits ({'; '.join(report['reasons'])}); nothing written")
         with atomic_dir(out, replace=replace) as tmp:
