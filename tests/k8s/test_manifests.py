@@ -339,6 +339,14 @@ def test_images_are_pinned(overlay):
     assert images == {f"ghcr.io/tunestack/tunestack-{serve}:0.1.0", "ghcr.io/tunestack/tunestack-train:0.1.0"}
 
 
+def test_entrypoint_is_kept(overlay):
+    """`command` would replace the image's ENTRYPOINT (tini): Python as PID 1 ignores SIGTERM. Only args are set."""
+    _, docs = overlay
+    for _, t in templates(docs):
+        for c in containers(t):
+            assert "command" not in c and c["args"], c["name"]
+
+
 def test_security_context(overlay):
     _, docs = overlay
     for w, t in templates(docs):  # serve and train alike
@@ -374,7 +382,7 @@ def test_serve_backend_matches_overlay(overlay):
     assert config["SERVE_BACKEND"] == ("vllm" if name in GPU_OVERLAYS else "flask")
     assert config["SERVE_ENGINE"] in ("torch", "onnx")
     assert not any(k in config for k in ("SERVE_API_KEY", "SERVE_ADMIN_KEY")), "keys belong in the Secret"
-    assert c["command"][:3] == ["python", "-m", "serve"] and "0.0.0.0" in c["command"]
+    assert c["args"][:3] == ["python", "-m", "serve"] and "0.0.0.0" in c["args"]
     assert "replicas" not in dep["spec"], "KEDA owns the replica count; a value here resets it on every apply"
 
 
@@ -391,10 +399,10 @@ def test_registry_volume_is_shared(overlay):
 
     vol, m, c = registry_mount(serve_deployment(docs)["spec"]["template"])
     assert m.get("readOnly") is True and vol["persistentVolumeClaim"].get("readOnly") is True, "serve mounts it ro"
-    assert c["command"][c["command"].index("--registry") + 1] == m["mountPath"]
+    assert c["args"][c["args"].index("--registry") + 1] == m["mountPath"]
     vol, m, c = registry_mount(train_job(docs)["spec"]["template"])
     assert not m.get("readOnly") and not vol["persistentVolumeClaim"].get("readOnly"), "train publishes: rw"
-    assert f"output.registry={m['mountPath']}" in c["command"]
+    assert f"output.registry={m['mountPath']}" in c["args"]
     assert {"name": "TUNESTACK_CACHE", "value": "/data/cache"} in c["env"]
 
 
@@ -448,7 +456,7 @@ def test_multinode_training_wiring(overlay):
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     [c] = pod["containers"]
     if name != "gpu-multinode":
-        assert spec.get("completionMode", "NonIndexed") == "NonIndexed" and c["command"][:3] == ["python", "-m", "train"]
+        assert spec.get("completionMode", "NonIndexed") == "NonIndexed" and c["args"][:3] == ["python", "-m", "train"]
         return
     env = {e["name"]: e for e in c["env"]}
     nnodes, nproc = int(env["NNODES"]["value"]), int(env["NPROC_PER_NODE"]["value"])
@@ -458,7 +466,7 @@ def test_multinode_training_wiring(overlay):
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     svc = one(docs, "Service", pod["subdomain"])
     assert svc["spec"]["clusterIP"] == "None" and selects(svc["spec"]["selector"], job["spec"]["template"]["metadata"]["labels"])
-    cmd = c["command"]
+    cmd = c["args"]
     assert cmd[0] == "torchrun" and "--rdzv-backend=static" in cmd and cmd[cmd.index("-m") + 1] == "train"
     for flag in ("--nnodes=$(NNODES)", "--nproc-per-node=$(NPROC_PER_NODE)", "--node-rank=$(NODE_RANK)",
                  f"--master-addr={job['metadata']['name']}-0.{pod['subdomain']}", "--master-port=29500"):
