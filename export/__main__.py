@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (q, a):
         sp.add_argument("--max-ppl-increase", type=float, default=0.05, help="relative perplexity rise allowed (0.05 = +5%%)")
         sp.add_argument("--max-metric-drop", type=float, default=5.0, help="task-metric points allowed to drop")
+        sp.add_argument("--method", default="block", help="block: int8 blocks of 32 (MatMulNBits, default); "
+                        "dynamic: quantize_dynamic with per-tensor activations")
         sp.add_argument("--outlier-ratio", type=float, default=50.0,
                         help="keep fp32 the MatMuls whose input absmax exceeds this x the median (massive activations)")
     for sp in (m, o, q, t, a):
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace) -> None:
     elif args.cmd == "quantize":
         out = args.out or args.onnx_dir.parent / f"{args.onnx_dir.name}-int8"
         res = quantize(args.onnx_dir, out, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
-                       data=args.data, replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio)
+                       data=args.data, replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio, method=args.method)
         _print_quality(res)
     elif args.cmd == "tensorrt":
         from export.tensorrt import BuildArgs, build_engine
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> None:
         _print_onnx(export_onnx(resolve_source(run_dir), onnx_dir, replace=args.force, threads=args.threads))
         int8_dir = run_dir / "onnx-int8"
         _print_quality(quantize(onnx_dir, int8_dir, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
-                                replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio))
+                                replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio, method=args.method))
         if args.registry:
             from artifacts import Registry
 

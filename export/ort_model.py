@@ -49,15 +49,27 @@ class OrtCausalLM:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.heads, 0, self.head_dim), np.float32) for _ in self.past_names]
 
-    def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-            past: list[np.ndarray] | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(logits (B, S, V), present key/values in past_inputs order)."""
+    def run(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: list | None) -> tuple[np.ndarray, list]:
+        """(logits (B, S, V), present key/values in past_inputs order, as OrtValues).
+
+        past: None (prefill), numpy arrays, or the OrtValues a previous call returned. The cache
+        stays in onnxruntime's buffers between decode steps (IO binding): no copy out and back in.
+        """
         past = self.empty_past(ids.shape[0]) if past is None else past
-        feed = {"input_ids": ids.astype(np.int64, copy=False), "attention_mask": mask.astype(np.int64, copy=False),
-                "position_ids": pos.astype(np.int64, copy=False)}
-        feed.update({n: np.ascontiguousarray(p) for n, p in zip(self.past_names, past)})
-        out = self.session.run(None, feed)
-        return out[0], out[1:]
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(mask, dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.ascontiguousarray(pos, dtype=np.int64))
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
+            else:
+                io.bind_ortvalue_input(name, value)
+        for name in self.io["outputs"]:
+            io.bind_output(name, "cpu")
+        self.session.run_with_iobinding(io)
+        out = io.get_outputs()
+        return out[0].numpy(), list(out[1:])
 
     # -- the model interface train/evaluate.py uses -----------------------------
     def eval(self) -> "OrtCausalLM":

@@ -20,14 +20,28 @@ from serve.engines.batching import BatchingEngine, as_list
 
 
 class _Cache:
-    """The ORT present key/values, shaped like DynamicCache.layers for the scheduler's merge/drop."""
+    """The ORT present key/values, shaped like DynamicCache.layers for the scheduler's merge/drop.
 
-    def __init__(self, arrays: list[np.ndarray]):
-        self.layers = [SimpleNamespace(keys=torch.from_numpy(arrays[i]), values=torch.from_numpy(arrays[i + 1]))
-                       for i in range(0, len(arrays), 2)]
+    Decode steps pass onnxruntime's own output buffers straight back in; torch tensors are made
+    only when the scheduler touches `.layers` (a row joins or leaves the batch).
+    """
 
-    def arrays(self) -> list[np.ndarray]:
-        return [t.numpy() for layer in self.layers for t in (layer.keys, layer.values)]
+    def __init__(self, values: list):
+        self._values = values
+        self._layers = None
+
+    @property
+    def layers(self):
+        if self._layers is None:
+            t = [torch.from_numpy(v if isinstance(v, np.ndarray) else v.numpy()) for v in self._values]
+            self._layers = [SimpleNamespace(keys=t[i], values=t[i + 1]) for i in range(0, len(t), 2)]
+            self._values = None
+        return self._layers
+
+    def inputs(self) -> list:
+        if self._values is not None:
+            return self._values
+        return [x.numpy() for layer in self._layers for x in (layer.keys, layer.values)]
 
 
 class OrtEngine(BatchingEngine):
@@ -55,6 +69,6 @@ class OrtEngine(BatchingEngine):
         return None
 
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
-        past = cache.arrays() if cache is not None else None
+        past = cache.inputs() if cache is not None else None
         logits, present = self.ort.run(ids.numpy(), mask.numpy(), pos.numpy(), past)
         return torch.from_numpy(np.ascontiguousarray(logits[:, -1, :])), _Cache(present)

@@ -73,9 +73,12 @@ def stack(dockerd):
     _sh(*compose, "build", env=env)
     timings["image builds"] = time.time() - t
     t = time.time()
-    _sh(*compose, "up", "-d", env=env, timeout=2400)  # returns once train and export finished and serve started
-    timings["up -d (train + export + start serve)"] = time.time() - t
     try:
+        up = _sh(*compose, "up", "-d", env=env, timeout=2400, check=False)  # returns after train + export
+        if up.returncode != 0:
+            logs = _sh(*compose, "logs", "--tail=40", env=env, check=False).stdout
+            raise AssertionError(f"compose up failed:\n{up.stderr[-2000:]}\n{logs[-5000:]}")
+        timings["up -d (train + export + start serve)"] = time.time() - t
         url = f"http://127.0.0.1:{ports['SERVE_PORT']}"
         deadline = time.time() + 300
         while True:

@@ -89,3 +89,15 @@ def test_publish_puts_the_export_into_the_registry(exported, tmp_path, capsys):
     assert main(["publish", str(exported["int8"]), "--registry", str(reg), "--name", "chef-int8"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert json.loads((reg / "models" / "chef-int8" / "manifest.json").read_text())["name"] == "chef-int8"
+
+
+def test_dynamic_method_with_outlier_layers_kept_fp32(exported, tmp_path):
+    res = quantize(exported["onnx"], tmp_path / "dyn", method="dynamic", outlier_ratio=1.5)
+    m = Manifest.read(res["path"])
+    q = m.extra["quantization"]
+    assert q["method"] == "dynamic" and q["quality"]["ok"]
+    assert q["kept_fp32"], "a ratio of 1.5 x the median flags some layers on any model"
+    graph = onnx.load(str(tmp_path / "dyn" / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "MatMul" and not n.name.endswith("_quant") for n in graph.node) >= len(q["kept_fp32"])
+    with pytest.raises(ExportError, match="--method"):
+        quantize(exported["onnx"], tmp_path / "x", method="int4")
