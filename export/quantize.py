@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from artifacts import Manifest, atomic_dir
-from artifacts.checksums import file_checksums
+from artifacts import Manifest
 from export.errors import ExportError
+from export.output import commit
 from export.ort_model import ONNX_FILE, OrtCausalLM
 
 
@@ -227,10 +227,5 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
         report["kept_fp32"] = kept
         if not report["ok"]:
             raise ExportError(f"{onnx_dir}: int8 quality below the limits ({'; '.join(report['reasons'])}); nothing written")
-        with atomic_dir(out, replace=replace) as tmp:
-            for f in work.iterdir():
-                if f.name != "manifest.json":
-                    shutil.move(str(f), tmp / f.name)
-            man.files = file_checksums(tmp)
-            man.write(tmp)
+        commit(work, out, man, replace=replace)
     return {"path": str(out), "quality": report}

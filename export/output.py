@@ -1,0 +1,19 @@
+"""Writing an export: a checked working folder becomes `out`, with its manifest, in one rename."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from artifacts import MANIFEST_NAME, Manifest, atomic_dir
+from artifacts.checksums import file_checksums
+
+
+def commit(work: Path, out: Path, manifest: Manifest, *, replace: bool) -> None:
+    """Move work/* (all but its draft manifest) into `out` atomically; the manifest lists every file's sha256."""
+    with atomic_dir(out, replace=replace) as tmp:
+        for f in work.iterdir():
+            if f.name != MANIFEST_NAME:
+                shutil.move(str(f), tmp / f.name)
+        manifest.files = file_checksums(tmp)
+        manifest.write(tmp)
