@@ -144,8 +144,8 @@ def _print_onnx(res: dict) -> None:
 def _print_quality(res: dict) -> None:
     q = res["quality"]
     head = q["metric"]
-    kept = len(q.get("kept_fp32", []))
-    print(f"int8: {res['path']} ({kept} outlier MatMuls kept fp32; perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
+    kept = f"{len(q['kept_fp32'])} outlier MatMuls kept fp32; " if q.get("kept_fp32") else ""
+    print(f"int8: {res['path']} ({kept}perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
           f"{100 * q['perplexity_increase']:+.1f}%; {head} {100 * q['fp32'][head]:.1f} -> {100 * q['int8'][head]:.1f} "
           f"on {q['fp32']['eval_rows']} rows)")
 
@@ -159,7 +159,7 @@ def _quiet() -> None:
 
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export"):
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export", "absl"):
         logging.getLogger(name).setLevel(logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
