@@ -71,6 +71,9 @@ def _merge(run: Path, out: Path | None, base: str | None, force: bool) -> dict:
     man = read_verified(run)
     if not (run / "adapter").is_dir():
         raise _err(f"{run}: has no adapter/ to merge (method {man.method})")
+    if man.method == "prompt_tuning":
+        raise _err(f"{run}: prompt tuning adds virtual tokens to every input and cannot be merged into the "
+                   "weights; export a lora, dora, ia3 or full run")
     base_path = check_base(man, base)
     out = out or run / "model"
     if out.exists() and not force:

@@ -86,3 +86,13 @@ def test_run_without_merged_model_asks_for_merge(tiny_run, tmp_path, capsys):
 def test_quantize_needs_an_fp32_onnx_export(exported, tmp_path, capsys):
     _refused(capsys, ["quantize", str(exported["int8"]), "--out", str(tmp_path / "q")], "quantize takes an fp32")
     assert not Path(tmp_path / "q").exists()
+
+
+def test_prompt_tuning_cannot_be_merged(tiny_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model", "onnx*", "checkpoints"))
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["method"] = "prompt_tuning"  # the manifest is not in its own checksum list
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    _refused(capsys, ["merge", str(run)], "prompt tuning", "cannot be merged")
+    assert not (run / "model").exists()
