@@ -57,8 +57,11 @@ def test_missing_tensorrt_exits_3_with_the_reason(exported, tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason="tensorrt is not installed on this machine")
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+_MISSING = [why for why, missing in (("tensorrt is not installed", importlib.util.find_spec("tensorrt") is None),
+                                    ("no CUDA GPU", not torch.cuda.is_available())) if missing]
+
+
+@pytest.mark.skipif(bool(_MISSING), reason=" and ".join(_MISSING) + " on this machine")
 def test_builds_an_engine(exported, tmp_path):
     res = build_engine(exported["onnx"], tmp_path / "engine", BuildArgs(max_batch=2, max_seq=256, opt_batch=1, opt_seq=64))
     m = Manifest.read(res["path"])
