@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from serve.engines import attention
 from serve.engines.batching import BASE, BatchingEngine, as_list
 from serve.engines.multi_lora import MultiLoRA
 
@@ -20,7 +21,8 @@ class TorchEngine(BatchingEngine):
         if threads:
             torch.set_num_threads(threads)
         tok = AutoTokenizer.from_pretrained(base_path)
-        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype).eval()
+        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
+                                                         attn_implementation=attention.NAME).eval()
         self.model = self.base  # lora_impl=peft: becomes a PeftModel once an adapter is loaded
         self.lora_impl = lora_impl
         self.lora = MultiLoRA(self.base) if lora_impl == "fused" else None
