@@ -35,9 +35,9 @@ PROMPTS = ["What is the main ingredient of the Korvalo Stew, and how spicy is it
 
 
 def batch(tok, n: int):
-    from export.onnx_export import _batch
+    from train.data.tokenize import left_pad
 
-    return _batch(tok, [tok(p, add_special_tokens=False)["input_ids"] for p in (PROMPTS * 4)[:n]])
+    return left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in (PROMPTS * 4)[:n]], tok.pad_token_id)
 
 
 def torch_loop(model, ids, mask, pos) -> tuple[float, float]:

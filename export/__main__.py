@@ -147,7 +147,7 @@ def _print_onnx(res: dict) -> None:
 def _print_quality(res: dict) -> None:
     q = res["quality"]
     head = q["metric"]
-    kept = f"{len(q['kept_fp32'])} outlier MatMuls kept fp32; " if q.get("kept_fp32") else ""
+    kept = f"{len(res['kept_fp32'])} outlier MatMuls kept fp32; " if res["kept_fp32"] else ""
     print(f"int8: {res['path']} ({kept}perplexity {q['fp32']['val_perplexity']:.3f} -> {q['int8']['val_perplexity']:.3f}, "
           f"{100 * q['perplexity_increase']:+.1f}%; {head} {100 * q['fp32'][head]:.1f} -> {100 * q['int8'][head]:.1f} "
           f"on {q['fp32']['eval_rows']} rows)")

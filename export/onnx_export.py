@@ -27,6 +27,7 @@ from export.errors import ExportError
 from export.output import commit
 from export.ort_model import ONNX_FILE, OrtCausalLM
 from export.source import Source
+from train.data.tokenize import left_pad
 
 LOGIT_TOLERANCE = 1e-3  # fp32 ORT vs PyTorch: kernels differ in summation order only
 GREEDY_STEPS = 32
@@ -87,16 +88,6 @@ def _export(model, io: dict, path: Path) -> None:
     program.save(str(path), external_data=big)
 
 
-def _batch(tok, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    n = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), n), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), n), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, n - len(p):] = torch.tensor(p)
-        mask[i, n - len(p):] = 1
-    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def _torch_greedy(model, ids, mask, pos, steps: int) -> np.ndarray:
     from transformers import DynamicCache
@@ -111,30 +102,18 @@ def _torch_greedy(model, ids, mask, pos, steps: int) -> np.ndarray:
     return np.stack(out, 1)
 
 
-def _ort_greedy(ort_model: OrtCausalLM, ids, mask, pos, steps: int) -> np.ndarray:
-    ids, mask, pos = ids.numpy(), mask.numpy(), pos.numpy()
-    past, out = None, []
-    for _ in range(steps):
-        logits, past = ort_model.run(ids, mask, pos, past)
-        nxt = logits[:, -1].argmax(-1)
-        out.append(nxt)
-        ids, pos = nxt[:, None], pos[:, -1:] + 1
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
-    return np.stack(out, 1)
-
-
 def parity(model, tok, ort_model: OrtCausalLM, steps: int = GREEDY_STEPS) -> dict:
     """Prefill logits diff on real positions and greedy KV-cache decode agreement, ORT vs PyTorch."""
     prompts = [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
                for m in PARITY_PROMPTS] + [tok(t, add_special_tokens=False)["input_ids"] for t in PARITY_TEXTS]
-    ids, mask, pos = _batch(tok, [list(p) for p in prompts])
+    ids, mask, pos = left_pad([list(p) for p in prompts], tok.pad_token_id)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
     got, _ = ort_model.run(ids.numpy(), mask.numpy(), pos.numpy(), None)
     real = mask.numpy().astype(bool)
     diff = float(np.abs(got - ref)[real].max())
     want = _torch_greedy(model, ids, mask, pos, steps)
-    have = _ort_greedy(ort_model, ids, mask, pos, steps)
+    have = ort_model.generate(ids, mask, steps, eos_token_id=None, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].numpy()
     return {"max_abs_logit_diff": diff, "logit_tolerance": LOGIT_TOLERANCE, "greedy_steps": steps,
             "greedy_equal": bool(np.array_equal(want, have)),
             "greedy_first_mismatch": None if np.array_equal(want, have) else int((want != have).any(0).argmax()),

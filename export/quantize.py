@@ -22,7 +22,6 @@ command fails and writes nothing.
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import tempfile
 import time
@@ -33,7 +32,8 @@ import torch
 
 from artifacts import Manifest
 from export.errors import ExportError
-from export.output import commit
+from export.output import commit, copy_side_files
+from export.onnx_export import TWO_GB
 from export.ort_model import ONNX_FILE, OrtCausalLM
 
 
@@ -43,7 +43,6 @@ class QualityLimits:
     max_metric_drop: float = 5.0  # points of the headline task metric (4 rows of the 80-row demo eval set)
 
 
-TWO_GB = 2 * 1024 ** 3
 OUTLIER_RATIO = 50.0  # SmolLM2's massive activations are 90-600x the median; ordinary layers stay below 20x
 
 
@@ -211,9 +210,7 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
             exclude = onnx_nodes_for(onnx_dir / ONNX_FILE, order, kept)
         quantize_file(onnx_dir / ONNX_FILE, work / ONNX_FILE, exclude, method)
         seconds = time.time() - t0
-        for f in onnx_dir.iterdir():
-            if f.is_file() and f.name not in (ONNX_FILE, "manifest.json") and not f.name.startswith(ONNX_FILE):
-                shutil.copy2(f, work / f.name)
+        copy_side_files(onnx_dir, work)
         man = Manifest(kind="model", name=out.name, method="onnx-int8", base_model=src.base_model,
                        peft_config=src.peft_config, metrics=src.metrics,
                        extra={**src.extra, "source": str(onnx_dir.resolve()),
@@ -224,8 +221,7 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
         man.write(work)
         report = compare(quality(onnx_dir, tok, dataset, threads), quality(work, tok, dataset, threads), limits)
         man.extra["quantization"]["quality"] = report
-        report["kept_fp32"] = kept
         if not report["ok"]:
             raise ExportError(f"{onnx_dir}: int8 quality below the limits ({'; '.join(report['reasons'])}); nothing written")
         commit(work, out, man, replace=replace)
-    return {"path": str(out), "quality": report}
+    return {"path": str(out), "quality": report, "kept_fp32": kept}

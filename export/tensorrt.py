@@ -20,6 +20,7 @@ from pathlib import Path
 from artifacts import Manifest, atomic_dir
 from artifacts.checksums import file_checksums
 from export.errors import ExportError
+from export.output import copy_side_files
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -125,9 +126,7 @@ def build_engine(onnx_dir: Path, out: Path, args: BuildArgs, *, replace: bool = 
         raise ExportError(f"{onnx_dir / 'model.onnx'}: TensorRT build failed (see the log above)")
     with atomic_dir(out, replace=replace) as tmp:
         (tmp / "model.plan").write_bytes(bytes(plan))
-        for f in onnx_dir.iterdir():  # tokenizer + config travel with the engine
-            if f.is_file() and f.suffix in (".json", ".jinja", ".txt", ".model") and f.name != "manifest.json":
-                (tmp / f.name).write_bytes(f.read_bytes())
+        copy_side_files(onnx_dir, tmp)
         m = Manifest(kind="model", name=out.name, method="tensorrt", base_model=man.base_model,
                      peft_config=man.peft_config, metrics=man.metrics,
                      extra={"tensorrt": {"version": trt.__version__, "precision": args.precision,

@@ -39,8 +39,11 @@ def registry_base(settings: Settings) -> tuple[Registry, str, str, str]:
     return reg, name, str(path), sha
 
 
-def registry_onnx_model(settings: Settings) -> tuple[str, Path]:
-    """The exported model (registry models/<name> with model.onnx) the onnx engine serves."""
+def registry_onnx_model(settings: Settings, verify: bool = True) -> tuple[str, Path]:
+    """The exported model (registry models/<name> with model.onnx) the onnx engine serves.
+
+    verify re-hashes every file (a corrupt export is refused); `python -m serve` does it once
+    before forking, the worker only resolves the name."""
     reg = Registry(settings.registry)
     onnx = [n for n in reg.names("models") if (reg.root / "models" / n / "model.onnx").is_file()]
     if settings.model:
@@ -53,7 +56,8 @@ def registry_onnx_model(settings: Settings) -> tuple[str, Path]:
     else:
         raise ConfigurationError(f"{reg.root}/models holds {len(onnx)} ONNX models ({', '.join(onnx) or 'none'}); "
                                  "set SERVE_MODEL (export with: python -m export all RUN --registry DIR)")
-    reg.verify("models", name)  # checksums: a corrupt export is refused at start
+    if verify:
+        reg.verify("models", name)
     return name, reg.root / "models" / name
 
 
@@ -83,7 +87,7 @@ def create_flask_app(settings: Settings):
 def _onnx_app(settings: Settings, metrics: Metrics):
     from serve.engines.ort_engine import OrtEngine
 
-    name, path = registry_onnx_model(settings)
+    name, path = registry_onnx_model(settings, verify=False)  # verified by python -m serve before the fork
     app = build_app(settings, None, metrics)
 
     def load() -> None:

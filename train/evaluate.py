@@ -9,7 +9,7 @@ import torch
 
 from train import metrics
 from train.data.formats import Example
-from train.data.tokenize import IGNORE, Collator, encode_prompt
+from train.data.tokenize import IGNORE, Collator, encode_prompt, left_pad
 
 
 @torch.no_grad()
@@ -51,12 +51,8 @@ def generate_answers(model, tokenizer, examples: list[Example], max_new_tokens: 
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
-        n = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), n), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), n), dtype=torch.long)
-        for row, i in enumerate(idx):  # left padding: generation continues from the right edge
-            ids[row, n - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[row, n - len(prompts[i]):] = 1
+        ids, mask, _ = left_pad([prompts[i] for i in idx], pad_id)
+        n = ids.shape[1]
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad_id)
         for row, i in enumerate(idx):

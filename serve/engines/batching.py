@@ -17,12 +17,13 @@ import logging
 import queue
 import threading
 import time
+from abc import abstractmethod
 from dataclasses import dataclass, field
 
 import torch
 
 from serve.engines.base import Engine, GenRequest
-from train.data.tokenize import ensure_chat_template
+from train.data.tokenize import ensure_chat_template, left_pad
 
 log = logging.getLogger("serve.engine")
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -58,9 +59,9 @@ class BatchingEngine(Engine):
         self._thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}-loop", daemon=True)
         self._thread.start()
 
+    @abstractmethod
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, adapters: list[str]):
         """(last-position logits (B, vocab) float32, new cache). cache=None: a prefill with no past."""
-        raise NotImplementedError
 
     # -- thread-safe API -------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
@@ -145,13 +146,7 @@ class BatchingEngine(Engine):
         return out
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
-        n = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), n), self.tok.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), n), dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, n - len(r.prompt_ids):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask, pos = left_pad([r.prompt_ids for r in reqs], self.tok.pad_token_id)
         logits, cache = self._forward(ids, mask, pos, None, [r.adapter or BASE for r in reqs])
         rows = []
         for r in reqs:

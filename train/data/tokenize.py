@@ -101,6 +101,18 @@ def pack(features: list[dict[str, list[int]]], max_length: int) -> list[dict[str
     return blocks
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, position_ids) of prompts left-padded to one length: generation
+    continues from the right edge of every row; positions count real tokens only."""
+    n = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), n), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, n - len(p):] = 1
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class Collator:
     """Right-pads a batch (labels padded with IGNORE); packed rows keep their position_ids."""
 
