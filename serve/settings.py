@@ -29,6 +29,7 @@ class Settings:
     engine: str = field(default="torch", metadata={"help": "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)"})
     model: str = field(default="", metadata={"help": "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there"})
     lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
+    forward: str = field(default="lean", metadata={"help": "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
     vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)"})
@@ -61,6 +62,8 @@ class Settings:
             raise ValueError("SERVE_ENGINE=onnx runs on the flask backend (vLLM serves the PyTorch weights)")
         if self.lora_impl not in ("fused", "peft"):
             raise ValueError(f"SERVE_LORA_IMPL: {self.lora_impl!r}; choose fused or peft")
+        if self.forward not in ("lean", "transformers"):
+            raise ValueError(f"SERVE_FORWARD: {self.forward!r}; choose lean or transformers")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 

@@ -34,6 +34,7 @@ class MultiLoRA:
         self._hooks = []
         self._row_idx: torch.Tensor | None = None  # (rows,) adapter index per batch row
         self._masks: dict[int, torch.Tensor] = {}
+        self._any = False
 
     # -- adapters ----------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> None:
@@ -102,6 +103,7 @@ class MultiLoRA:
         """Adapter of each batch row for the next forward (None = base model)."""
         index = {n: i for i, n in enumerate(self.order, start=1)}
         self._row_idx = torch.tensor([index[a] if a else 0 for a in adapters])
+        self._any = bool(self._row_idx.any())  # all base rows: no delta anywhere
         self._masks = {}
 
     def _mask(self, owner: torch.Tensor, dtype: torch.dtype, t: int) -> torch.Tensor:
@@ -115,15 +117,24 @@ class MultiLoRA:
             self._masks[key] = m
         return m
 
+    @property
+    def active(self) -> bool:
+        """Rows are set and at least one adapter is loaded."""
+        return self._row_idx is not None and self._any and bool(self._fused)
+
+    def apply(self, module: str, x: torch.Tensor, out: torch.Tensor, t: int) -> None:
+        """out (rows*t, d_out) += each token's adapter delta for x (rows*t, d_in); out may be a column slice."""
+        fused = self._fused.get(module)
+        if fused is None or self._row_idx is None or not self._any:
+            return
+        a_t, b_t, owner = fused
+        xa = torch.mm(x, a_t).mul_(self._mask(owner, x.dtype, t))  # (rows*t, sum r)
+        out.addmm_(xa, b_t)
+
     def _hook(self, module: str):
         def hook(mod, inputs, out):
-            if self._row_idx is None:
-                return None
-            a_t, b_t, owner = self._fused[module]
-            x = inputs[0]  # (rows, T, d_in)
-            x2 = x.reshape(-1, x.shape[-1])
-            xa = torch.mm(x2, a_t).mul_(self._mask(owner, x.dtype, x.shape[1]))  # (rows*T, sum r)
-            out.view(-1, out.shape[-1]).addmm_(xa, b_t)  # in place: out is this Linear's fresh output
+            x = inputs[0]  # (rows, T, d_in); out is this Linear's fresh output, updated in place
+            self.apply(module, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), x.shape[1])
             return None
         return hook
 

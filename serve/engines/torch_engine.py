@@ -3,21 +3,27 @@
 Requests for different adapters share every forward pass: each row goes through its own LoRA
 weights, either by the fused multi-LoRA hooks (multi_lora.py, default) or by peft's mixed-adapter
 batch inference (`adapter_names=`, lora_impl="peft"), which the fused path is tested against.
+With the fused path, Llama-family models run on the lean forward (decoder.py: fused, prepacked
+projections and an in-place KV cache); others, or lean=False, on transformers' forward.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from serve.engines import attention
+from serve.engines import attention, decoder
 from serve.engines.batching import BASE, BatchingEngine, as_list
 from serve.engines.multi_lora import MultiLoRA
+
+log = logging.getLogger("serve.engine")
 
 
 class TorchEngine(BatchingEngine):
     def __init__(self, base_path: str, model_name: str, max_batch: int = 32, max_model_len: int = 2048,
-                 threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused"):
+                 threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True):
         if threads:
             torch.set_num_threads(threads)
         tok = AutoTokenizer.from_pretrained(base_path)
@@ -26,6 +32,14 @@ class TorchEngine(BatchingEngine):
         self.model = self.base  # lora_impl=peft: becomes a PeftModel once an adapter is loaded
         self.lora_impl = lora_impl
         self.lora = MultiLoRA(self.base) if lora_impl == "fused" else None
+        # The lean forward (decoder.py) for Llama-family models with fused LoRA; transformers' forward otherwise.
+        self.lean = None
+        if lean and self.lora is not None:
+            reason = decoder.unsupported(self.base)
+            if reason:
+                log.info("transformers forward (no lean path: %s)", reason)
+            else:
+                self.lean = decoder.LeanDecoder(self.base, self.lora, rows=max_batch)
         self.adapters: dict[str, str] = {}
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
         eos = {tok.eos_token_id} | set(as_list(getattr(self.base.generation_config, "eos_token_id", None)))
@@ -67,6 +81,9 @@ class TorchEngine(BatchingEngine):
         del self.adapters[name]
 
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
+        if self.lean is not None:
+            self.lora.set_rows([None if a == BASE else a for a in adapters])
+            return self.lean.forward(ids, mask, pos, cache)
         kw = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
               "past_key_values": cache if cache is not None else DynamicCache(), "use_cache": True,
               "logits_to_keep": 1}  # only the last position is sampled: skips the (T x vocab) head in prefill
