@@ -168,7 +168,7 @@ class LeanDecoder:
         x = self.embed(ids)
         cos, sin = self.rotary(x, pos)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        attn_mask = _mask(mask, t)
+        attn_mask = _mask(mask, t, x.dtype)
         new = cache is None
         if new:
             cache = KVCache()
@@ -190,8 +190,11 @@ class LeanDecoder:
                 cache.layers.append(KVLayer(k, v))
             else:
                 k, v = cache.layers[i].append(k, v)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L.scaling,
-                                               enable_gqa=k.shape[1] != q.shape[1])
+            if t == 1:
+                o = _decode_attention(q, k, v, attn_mask, L.scaling)
+            else:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L.scaling,
+                                                   enable_gqa=k.shape[1] != q.shape[1])
             o = o.transpose(1, 2).reshape(b * t, -1)
             y = L.o(o)
             if lora is not None:
@@ -228,12 +231,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _mask(mask: torch.Tensor, t: int) -> torch.Tensor:
-    """(B, 1, T, past + T) boolean: causal and not padding. A padding query row may see itself, so
-    no row is fully masked (SDPA would give NaN, and NaN keys poison later steps)."""
+def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """One query per row: two batched matmuls with the query heads grouped over their KV head.
+    (B, H, 1, D) x (B, KV, T, D) -> (B, H, 1, D); bias (B, 1, 1, T) additive. On this CPU ~40 % less
+    time than SDPA's flash kernel, which is built for long queries."""
+    b, h, _, d = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.reshape(b, kv, h // kv, d), k.transpose(-1, -2))  # (B, KV, G, T)
+    probs = torch.softmax(scores.mul_(scale).add_(bias), dim=-1)
+    return torch.matmul(probs, v).reshape(b, h, 1, d)
+
+
+def _mask(mask: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Decode: (B, 1, 1, past + 1) additive. Prefill: (B, 1, T, past + T) boolean, causal and not
+    padding; a padding query row may see itself, so no row is fully masked (SDPA would give NaN,
+    and NaN keys poison later steps)."""
     keys = mask.bool()[:, None, None, :]
-    if t == 1:
-        return keys
+    if t == 1:  # additive, for _decode_attention: every decode row has at least its new token
+        return torch.zeros(keys.shape, dtype=dtype).masked_fill_(~keys, float("-inf"))
     total = mask.shape[1]
     q_pos = torch.arange(total - t, total)[:, None]
     k_pos = torch.arange(total)[None, :]
