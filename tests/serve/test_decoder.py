@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from serve.engines import decoder
 from serve.engines.decoder import KVLayer, LeanDecoder
-from serve.engines.multi_lora import MultiLoRA
+from tests.serve.conftest import peft_and_fused
 
 
 def _left_padded(rows: int = 5, t: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,13 +44,7 @@ def _lean(dec: LeanDecoder, ids, mask, pos, steps: int) -> torch.Tensor:
 
 def test_mixed_adapter_batch_equals_peft(tiny_model, adapter_runs):
     rows = ["a", None, "b", "a", "b"]
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-                                    str(adapter_runs["chef-a"] / "adapter"), adapter_name="a").eval()
-    ref.load_adapter(str(adapter_runs["chef-b"] / "adapter"), adapter_name="b")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    lora = MultiLoRA(base)
-    lora.load("a", adapter_runs["chef-a"] / "adapter")
-    lora.load("b", adapter_runs["chef-b"] / "adapter")  # q/v/o only: slices of the fused q/k/v output
+    ref, base, lora = peft_and_fused(tiny_model, adapter_runs)  # b: q/v/o only, slices of the fused q/k/v
     dec = LeanDecoder(base, lora)
     if torch.backends.mkldnn.is_available():
         assert dec.layers[0].qkv.packed is not None and dec.head.packed is not None, "prepacked GEMM not in use"

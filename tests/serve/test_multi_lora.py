@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from serve.engines.multi_lora import MultiLoRA
+from tests.serve.conftest import peft_and_fused
 
 
 @pytest.fixture(scope="module")
 def models(tiny_model, adapter_runs):
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
-                                    str(adapter_runs["chef-a"] / "adapter"), adapter_name="a").eval()
-    ref.load_adapter(str(adapter_runs["chef-b"] / "adapter"), adapter_name="b")
-    fused_base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    ml = MultiLoRA(fused_base)
-    ml.load("a", adapter_runs["chef-a"] / "adapter")
-    ml.load("b", adapter_runs["chef-b"] / "adapter")  # targets q/v/o only: a different column layout per layer
-    return ref, fused_base, ml
+    return peft_and_fused(tiny_model, adapter_runs)
 
 
 def test_mixed_batch_logits_equal_peft(models):
