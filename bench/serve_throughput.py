@@ -174,7 +174,8 @@ def main() -> None:
     for fwd in args.forwards.split(","):  # lean (default) and/or transformers: the engine's two forwards
         port = free_port()
         flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
-                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd}, work / f"flask-{fwd}.log")
+                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd},
+                      work / f"flask-{fwd}.log")
         try:
             wait(f"http://127.0.0.1:{port}/ready", flask)
             load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up

@@ -35,7 +35,8 @@ def unsupported(model: torch.nn.Module) -> str | None:
     cfg = model.config
     if cfg.model_type not in SUPPORTED:
         return f"model type {cfg.model_type!r} (lean path: {', '.join(SUPPORTED)})"
-    if getattr(cfg, "sliding_window", None) and (cfg.model_type != "qwen2" or getattr(cfg, "use_sliding_window", False)):
+    windowed = cfg.model_type != "qwen2" or getattr(cfg, "use_sliding_window", False)  # qwen2 has a switch
+    if getattr(cfg, "sliding_window", None) and windowed:
         return "sliding-window attention"
     layer = model.model.layers[0]
     if not hasattr(layer.self_attn, "q_proj") or not hasattr(layer.mlp, "gate_proj"):
@@ -187,7 +188,7 @@ class LeanDecoder:
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if new:
-                cache.layers.append(KVLayer(k, v))
+                cache.layers.append(KVLayer(k, v.contiguous()))  # not a view pinning the whole q/k/v output
             else:
                 k, v = cache.layers[i].append(k, v)
             if t == 1:

@@ -27,6 +27,7 @@ def test_not_ready_is_503_and_health_stays_up():
     ({"SERVE_ADMIN_KEY": "short"}, "placeholder"),
     ({"SERVE_BACKEND": "tgi"}, "choose flask or vllm"),
     ({"SERVE_PORT": "eighty"}, "not a valid int"),
+    ({"SERVE_FORWARD": "fast"}, "choose lean or transformers"),
 ])
 def test_unsafe_settings_are_refused(env, message):
     with pytest.raises(ValueError, match=message):
@@ -34,8 +35,10 @@ def test_unsafe_settings_are_refused(env, message):
 
 
 def test_settings_from_env():
-    s = Settings.from_env({"SERVE_PORT": "9000", "SERVE_MAX_BATCH": "8", "SERVE_REGISTRY": "/r"})
-    assert s.port == 9000 and s.max_batch == 8 and str(s.registry) == "/r"
+    s = Settings.from_env({"SERVE_PORT": "9000", "SERVE_MAX_BATCH": "8", "SERVE_REGISTRY": "/r",
+                           "SERVE_FORWARD": "transformers"})
+    assert s.port == 9000 and s.max_batch == 8 and str(s.registry) == "/r" and s.forward == "transformers"
+    assert Settings().forward == "lean"
 
 
 def test_protocol_defaults_and_limits():
