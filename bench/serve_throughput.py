@@ -160,7 +160,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--levels", default="8,32")
     ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--forwards", default="lean", help="Flask engine forwards to run: lean,transformers")
+    ap.add_argument("--variants", default="lean",
+                    help="Flask engine variants, forward[:dtype]: lean,transformers,lean:bfloat16 (default: lean, fp32)")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
     work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
@@ -171,16 +172,17 @@ def main() -> None:
     results["sequential_hf"] = sequential_hf(reg, models, n=6)
     print("sequential HF+peft:", json.dumps(results["sequential_hf"]), flush=True)
 
-    for fwd in args.forwards.split(","):  # lean (default) and/or transformers: the engine's two forwards
+    for variant in args.variants.split(","):  # forward[:dtype], e.g. lean, transformers, lean:bfloat16
+        fwd, _, dtype = variant.partition(":")
         port = free_port()
         flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
-                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd},
-                      work / f"flask-{fwd}.log")
+                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd,
+                       "SERVE_DTYPE": dtype or "auto"}, work / f"flask-{fwd}-{dtype}.log")
         try:
             wait(f"http://127.0.0.1:{port}/ready", flask)
             load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up
-            results[f"flask-{fwd}"] = [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
-            print(f"flask ({fwd} forward):", json.dumps(results[f"flask-{fwd}"]), flush=True)
+            results[f"flask-{variant}"] = [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
+            print(f"flask ({variant}):", json.dumps(results[f"flask-{variant}"]), flush=True)
         finally:
             stop(flask)
 

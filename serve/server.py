@@ -73,7 +73,8 @@ def create_flask_app(settings: Settings):
 
     def load() -> None:
         engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
-                             threads=settings.threads, dtype=torch.float32, lora_impl=settings.lora_impl,
+                             threads=settings.threads, lora_impl=settings.lora_impl,
+                             dtype=torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype),
                              lean=settings.forward == "lean")
         sync = AdapterSync(reg, engine, sha, module_names(engine.base), settings.max_lora_rank, metrics,
                            settings.poll_seconds)

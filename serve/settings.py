@@ -29,6 +29,7 @@ class Settings:
     engine: str = field(default="torch", metadata={"help": "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)"})
     model: str = field(default="", metadata={"help": "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there"})
     lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
+    dtype: str = field(default="auto", metadata={"help": "weights: auto (fp32 on CPU, the model's own on GPU vLLM), float32, bfloat16 (CPUs with AVX512-BF16/AMX), float16 (GPU vLLM)"})
     forward: str = field(default="lean", metadata={"help": "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
@@ -62,6 +63,12 @@ class Settings:
             raise ValueError("SERVE_ENGINE=onnx runs on the flask backend (vLLM serves the PyTorch weights)")
         if self.lora_impl not in ("fused", "peft"):
             raise ValueError(f"SERVE_LORA_IMPL: {self.lora_impl!r}; choose fused or peft")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"SERVE_DTYPE: {self.dtype!r}; choose auto, float32, bfloat16 or float16")
+        if self.backend == "flask" and self.engine == "onnx" and self.dtype != "auto":
+            raise ValueError("SERVE_DTYPE: an ONNX export has its own precision (python -m export quantize)")
+        if self.backend == "flask" and self.dtype == "float16":
+            raise ValueError("SERVE_DTYPE=float16 is for vLLM on a GPU; on a CPU use bfloat16")
         if self.forward not in ("lean", "transformers"):
             raise ValueError(f"SERVE_FORWARD: {self.forward!r}; choose lean or transformers")
         if self.max_batch < 1 or self.max_body_bytes < 1024:

@@ -55,7 +55,9 @@ def vllm_command(settings: Settings, base_path: str, served_name: str, max_lora_
            "--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(settings.max_loras),
            "--max-cpu-loras", str(max(settings.max_cpu_loras, settings.max_loras)),
            "--max-model-len", str(settings.max_model_len)]
-    if cpu:
+    if settings.dtype != "auto":
+        cmd += ["--dtype", settings.dtype]
+    elif cpu:
         cmd += ["--dtype", "float32"]  # CPU: fp32 gives outputs identical to the PyTorch engine
     if adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in sorted(adapters.items()))]

@@ -40,6 +40,8 @@ class TorchEngine(BatchingEngine):
                 log.info("transformers forward (no lean path: %s)", reason)
             else:
                 self.lean = decoder.LeanDecoder(self.base, self.lora, rows=max_batch)
+        log.info("torch engine: %s forward, %s, %s LoRA", "lean" if self.lean else "transformers",
+                 str(dtype).removeprefix("torch."), lora_impl)
         self.adapters: dict[str, str] = {}
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
         eos = {tok.eos_token_id} | set(as_list(getattr(self.base.generation_config, "eos_token_id", None)))

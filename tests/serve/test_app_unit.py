@@ -28,6 +28,9 @@ def test_not_ready_is_503_and_health_stays_up():
     ({"SERVE_BACKEND": "tgi"}, "choose flask or vllm"),
     ({"SERVE_PORT": "eighty"}, "not a valid int"),
     ({"SERVE_FORWARD": "fast"}, "choose lean or transformers"),
+    ({"SERVE_DTYPE": "fp8"}, "choose auto, float32"),
+    ({"SERVE_DTYPE": "float16"}, "on a CPU use bfloat16"),
+    ({"SERVE_ENGINE": "onnx", "SERVE_DTYPE": "bfloat16"}, "its own precision"),
 ])
 def test_unsafe_settings_are_refused(env, message):
     with pytest.raises(ValueError, match=message):
@@ -49,3 +52,12 @@ def test_protocol_defaults_and_limits():
     with pytest.raises(APIError) as e:
         CompletionRequest.parse({"model": "m", "prompt": "x", "stop": ["a"] * 5})
     assert e.value.status == 400 and e.value.param == "stop"
+
+
+@pytest.mark.parametrize("dtype,cpu,flag", [("auto", True, "float32"), ("auto", False, None),
+                                            ("bfloat16", True, "bfloat16"), ("float16", False, "float16")])
+def test_vllm_dtype_follows_settings(dtype, cpu, flag):
+    from serve.vllm_backend import vllm_command
+
+    cmd = vllm_command(Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_DTYPE": dtype}), "/m", "m", 16, {}, 9, cpu)
+    assert (cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None) == flag

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, Qwen2F
 
 from serve.engines import decoder
 from serve.engines.decoder import KVLayer, LeanDecoder
+from serve.engines.multi_lora import MultiLoRA
 from tests.serve.conftest import peft_and_fused
 
 
@@ -75,6 +76,33 @@ def test_biased_projections_equal_transformers(tmp_path):
     dec = LeanDecoder(base, None)
     ids, mask, pos = _left_padded()
     torch.testing.assert_close(_lean(dec, ids, mask, pos, 6), _reference(ref, ids, mask, pos, 6), atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_equals_transformers_bfloat16(tiny_model, adapter_runs):
+    """SERVE_DTYPE=bfloat16: packed bf16 GEMMs, bf16 LoRA; teacher-forced so both see the same tokens."""
+    ref, _, _ = peft_and_fused(tiny_model, adapter_runs)
+    ref = ref.to(torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
+    lora = MultiLoRA(base)
+    lora.load("a", adapter_runs["chef-a"] / "adapter")
+    lora.load("b", adapter_runs["chef-b"] / "adapter")
+    dec = LeanDecoder(base, lora)
+    if torch.backends.mkldnn.is_available():
+        assert dec.layers[0].gate_up.packed is not None
+    rows = ["a", None, "b", "a", "b"]
+    ids, mask, pos = _left_padded()
+    lora.set_rows(rows)
+    cache = DynamicCache()
+    lean_cache = None
+    with torch.inference_mode():
+        for _ in range(4):
+            want = ref(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                       adapter_names=[r or "__base__" for r in rows]).logits[:, -1].float()
+            got, lean_cache = dec.forward(ids, mask, pos, lean_cache)
+            scale = want.abs().max()
+            assert (got - want).abs().max() <= 0.02 * scale, "bf16 lean forward drifted from transformers' bf16"
+            ids, pos = want.argmax(-1)[:, None], pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
 
 
 def test_kv_cache_appends_in_place_until_rows_change():

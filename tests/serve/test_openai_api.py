@@ -185,3 +185,23 @@ def test_peft_mixed_batch_backend_gives_the_same_outputs(client, peft_server):
         peft = list(ex.map(lambda j: other.completions.create(model=j[0], prompt=j[1], max_tokens=8,
                                                               temperature=0).choices[0].text, jobs))
     assert fused == peft
+
+
+def test_bfloat16_server_answers_every_model(registry):
+    """SERVE_DTYPE=bfloat16 end to end: the engine runs in bf16 and base and adapters answer."""
+    from openai import OpenAI
+
+    from tests.serve.conftest import Server, free_port
+
+    s = Server(registry, {"SERVE_API_KEY": API_KEY, "SERVE_MAX_LORA_RANK": "16", "SERVE_THREADS": "1",
+                          "SERVE_MAX_MODEL_LEN": "256", "SERVE_DTYPE": "bfloat16"}, free_port())
+    try:
+        s.wait_ready()
+        assert "lean forward, bfloat16" in s.log.read_text()
+        c = OpenAI(base_url=f"{s.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        for model in (BASE, "chef-a", "chef-b"):
+            r = c.completions.create(model=model, prompt="The menu", max_tokens=4, temperature=0,
+                                     extra_body={"ignore_eos": True})
+            assert r.usage.completion_tokens == 4 and r.model == model
+    finally:
+        s.stop()
