@@ -65,7 +65,7 @@ class Settings:
             raise ValueError(f"SERVE_LORA_IMPL: {self.lora_impl!r}; choose fused or peft")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"SERVE_DTYPE: {self.dtype!r}; choose auto, float32, bfloat16 or float16")
-        if self.backend == "flask" and self.engine == "onnx" and self.dtype != "auto":
+        if self.engine == "onnx" and self.dtype != "auto":
             raise ValueError("SERVE_DTYPE: an ONNX export has its own precision (python -m export quantize)")
         if self.backend == "flask" and self.dtype == "float16":
             raise ValueError("SERVE_DTYPE=float16 is for vLLM on a GPU; on a CPU use bfloat16")

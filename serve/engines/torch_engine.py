@@ -35,11 +35,10 @@ class TorchEngine(BatchingEngine):
         # The lean forward (decoder.py) for Llama-family models with fused LoRA; transformers' forward otherwise.
         self.lean = None
         if lean and self.lora is not None:
-            reason = decoder.unsupported(self.base)
-            if reason:
-                log.info("transformers forward (no lean path: %s)", reason)
-            else:
+            try:
                 self.lean = decoder.LeanDecoder(self.base, self.lora, rows=max_batch)
+            except decoder.Unsupported as e:
+                log.info("transformers forward (no lean path: %s)", e)
         log.info("torch engine: %s forward, %s, %s LoRA", "lean" if self.lean else "transformers",
                  str(dtype).removeprefix("torch."), lora_impl)
         self.adapters: dict[str, str] = {}

@@ -50,19 +50,20 @@ def adapter_runs(tiny_model, tmp_path_factory) -> dict[str, Path]:
             "big-rank": train_adapter(tiny_model, work, "big-rank", 4, rank=32)}
 
 
-def peft_and_fused(tiny_model: Path, adapter_runs: dict[str, Path]):
+def peft_and_fused(tiny_model: Path, adapter_runs: dict[str, Path], dtype=None):
     """(peft reference with adapters a and b, a plain base model, MultiLoRA over it with the same two).
-    b targets q/v/o only: a different column layout per layer than a."""
+    b targets q/v/o only: a different column layout per layer than a. dtype: fp32 unless given."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from serve.engines.multi_lora import MultiLoRA
 
-    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+    dtype = dtype or torch.float32
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype),
                                     str(adapter_runs["chef-a"] / "adapter"), adapter_name="a").eval()
     ref.load_adapter(str(adapter_runs["chef-b"] / "adapter"), adapter_name="b")
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).eval()
     lora = MultiLoRA(base)
     lora.load("a", adapter_runs["chef-a"] / "adapter")
     lora.load("b", adapter_runs["chef-b"] / "adapter")

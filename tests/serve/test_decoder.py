@@ -8,7 +8,6 @@ from transformers import AutoModelForCausalLM, DynamicCache, Qwen2Config, Qwen2F
 
 from serve.engines import decoder
 from serve.engines.decoder import KVLayer, LeanDecoder
-from serve.engines.multi_lora import MultiLoRA
 from tests.serve.conftest import peft_and_fused
 
 
@@ -80,12 +79,8 @@ def test_biased_projections_equal_transformers(tmp_path):
 
 def test_bfloat16_equals_transformers_bfloat16(tiny_model, adapter_runs):
     """SERVE_DTYPE=bfloat16: packed bf16 GEMMs, bf16 LoRA; teacher-forced so both see the same tokens."""
-    ref, _, _ = peft_and_fused(tiny_model, adapter_runs)
-    ref = ref.to(torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
-    lora = MultiLoRA(base)
-    lora.load("a", adapter_runs["chef-a"] / "adapter")
-    lora.load("b", adapter_runs["chef-b"] / "adapter")
+    ref, base, lora = peft_and_fused(tiny_model, adapter_runs, dtype=torch.bfloat16)
+    assert ref.base_model.model.lm_head.weight.dtype == torch.bfloat16
     dec = LeanDecoder(base, lora)
     if torch.backends.mkldnn.is_available():
         assert dec.layers[0].gate_up.packed is not None
