@@ -35,7 +35,7 @@ PROMPTS = ["What is the main ingredient of the Korvalo Stew, and how spicy is it
 
 
 def batch(tok, n: int):
-    from train.data.tokenize import left_pad
+    from lm.padding import left_pad
 
     return left_pad([tok(p, add_special_tokens=False)["input_ids"] for p in (PROMPTS * 4)[:n]], tok.pad_token_id)
 
@@ -98,8 +98,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "export", "all", str(args.run)], cwd=ROOT, check=True)
     torch.set_num_threads(THREADS)
     from artifacts import Manifest
-    from export.ort_model import OrtCausalLM
-    from train.modeling import load_model, load_tokenizer
+    from lm.onnx_runtime import OrtCausalLM
+    from lm.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(str(args.run / "model"))
     backends = {"PyTorch eager": (torch_loop, lambda: load_model(str(args.run / "model")).eval()),

@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _merge(run: Path, out: Path | None, base: str | None, force: bool) -> dict:
-    from export.merge import merge_run_adapter
+    from lm.merge import merge_run_adapter
     from export.source import check_base, read_verified
 
     if not run.exists():
@@ -177,10 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     from artifacts import ManifestError, RegistryError
     from export.errors import ExportError
     from export.tensorrt import TensorRTUnavailable
+    from lm.errors import UserError
 
     try:
         run(args)
-    except (ExportError, ManifestError, RegistryError, FileExistsError) as e:
+    except (ExportError, UserError, ManifestError, RegistryError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TensorRTUnavailable as e:

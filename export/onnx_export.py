@@ -25,9 +25,11 @@ import torch
 from artifacts import Manifest
 from export.errors import ExportError
 from export.output import commit
-from export.ort_model import ONNX_FILE, OrtCausalLM
+from lm.onnx_runtime import ONNX_FILE, OrtCausalLM
 from export.source import Source
-from train.data.tokenize import left_pad
+from lm.chat import encode_generation_prompt, encode_text
+from lm.loading import load_model, load_tokenizer
+from lm.padding import left_pad
 
 LOGIT_TOLERANCE = 1e-3  # fp32 ORT vs PyTorch: kernels differ in summation order only
 GREEDY_STEPS = 32
@@ -104,9 +106,8 @@ def _torch_greedy(model, ids, mask, pos, steps: int) -> np.ndarray:
 
 def parity(model, tok, ort_model: OrtCausalLM, steps: int = GREEDY_STEPS) -> dict:
     """Prefill logits diff on real positions and greedy KV-cache decode agreement, ORT vs PyTorch."""
-    prompts = [tok.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
-               for m in PARITY_PROMPTS] + [tok(t, add_special_tokens=False)["input_ids"] for t in PARITY_TEXTS]
-    ids, mask, pos = left_pad([list(p) for p in prompts], tok.pad_token_id)
+    prompts = [encode_generation_prompt(tok, m) for m in PARITY_PROMPTS] + [encode_text(tok, t) for t in PARITY_TEXTS]
+    ids, mask, pos = left_pad(prompts, tok.pad_token_id)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits.numpy()
     got, _ = ort_model.run(ids.numpy(), mask.numpy(), pos.numpy(), None)
@@ -128,8 +129,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
 def export_onnx(source: Source, out: Path, *, replace: bool = False, threads: int = 0) -> dict:
     """Export, check parity, then write `out` atomically (model.onnx, tokenizer, config, manifest)."""
-    from train.modeling import load_model, load_tokenizer
-
     if out.exists() and not replace:
         raise ExportError(f"{out}: exists; pass --force to replace it")
     tok = load_tokenizer(str(source.model_dir))

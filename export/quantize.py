@@ -13,7 +13,7 @@ Two methods, both with weights stored int8 and activations quantised at run time
                    absmax above `outlier_ratio` x the median over all Linear layers), listed in the
                    manifest. Without that, SmolLM2 lost 8.8 points.
 
-The report scores fp32 and int8 with the training stage's own evaluation code on the run's data:
+The report scores fp32 and int8 with the evaluation training uses (lm/evaluation.py) on the run's data:
 perplexity on the validation split (assistant tokens) and the task metric (keyword accuracy /
 accuracy) from greedy answers on the eval split. If perplexity rises by more than
 `max_ppl_increase` (relative) or the task metric drops by more than `max_metric_drop` points, the
@@ -22,6 +22,7 @@ command fails and writes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -34,7 +35,13 @@ from artifacts import Manifest
 from export.errors import ExportError
 from export.output import commit, copy_side_files
 from export.onnx_export import TWO_GB
-from export.ort_model import ONNX_FILE, OrtCausalLM
+from lm import evaluation
+from lm.data.config import DataConfig, EvalConfig, RunData
+from lm.data.prepare import prepare
+from lm.errors import UserError
+from lm.features import tokenize
+from lm.loading import load_model, load_tokenizer
+from lm.onnx_runtime import ONNX_FILE, OrtCausalLM
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,6 @@ def _untie_transposed_weights(model):
 def activation_outliers(model_dir: Path, features: list[dict], ratio: float = OUTLIER_RATIO,
                         rows: int = 16) -> tuple[list[str], list[tuple[str, int, int]]]:
     """(Linear layers whose input absmax exceeds ratio x the median, every Linear in call order with its shape)."""
-    from train.modeling import load_model
-
     model = load_model(str(model_dir)).eval()
     amax: dict[str, float] = {}
     order: list[tuple[str, int, int]] = []
@@ -135,40 +140,39 @@ def onnx_nodes_for(onnx_path: Path, order: list[tuple[str, int, int]], names: li
     return [const[i][0] for i, (n, _) in enumerate(linears) if n in names]
 
 
-def _eval_data(onnx_dir: Path, data: Path | None, tok):
-    """(validation features, eval examples, labels, max_new_tokens, batch) from the run's config or --data."""
-    from train.config import load_config
-    from train.data.prepare import prepare
-    from train.data.tokenize import tokenize
-    from train.errors import UserError
-
-    man = Manifest.read(onnx_dir)
-    run = man.extra.get("run")
-    overrides = []
+def _run_data(onnx_dir: Path, data: Path | None) -> RunData:
+    """The run's own data and eval settings (its config.yaml); --data FILE replaces the data, split half
+    validation, half eval."""
+    run = Manifest.read(onnx_dir).extra.get("run")
     cfg_path = Path(run) / "config.yaml" if run else None
-    if data is not None:
-        overrides = [f"data.train={data}", "data.validation=null", f"data.eval={data}", "data.validation_fraction=0.5"]
-    elif cfg_path is None or not cfg_path.is_file():
+    has_cfg = cfg_path is not None and cfg_path.is_file()
+    if data is None and not has_cfg:
         raise ExportError(f"{onnx_dir}: not exported from a training run, so there is no validation set; "
                           "pass --data FILE (chat JSONL) for the quality report")
+    rd = RunData.from_config_yaml(cfg_path) if has_cfg else RunData(DataConfig(), EvalConfig(), seed=0)
+    if data is not None:
+        rd.data = dataclasses.replace(rd.data, train=str(data), validation=None, eval=str(data), validation_fraction=0.5)
+    return rd
+
+
+def _eval_data(onnx_dir: Path, data: Path | None, tok):
+    """(validation features, eval examples, labels, max_new_tokens, batch) from the run's config or --data."""
     try:
-        cfg = load_config(cfg_path if cfg_path and cfg_path.is_file() else None, overrides)
-        splits = prepare(cfg.data, cfg.training.seed)
+        rd = _run_data(onnx_dir, data)
+        splits = prepare(rd.data, rd.seed)
     except UserError as e:
         raise ExportError(f"quality data: {e} (pass --data FILE to use another file)") from None
-    val, _ = tokenize(tok, splits.validation, cfg.data.max_length)
-    examples = splits.eval[: cfg.eval.max_examples or None]
-    return val, examples, splits.labels, cfg.eval.max_new_tokens, cfg.eval.batch_size
+    val, _ = tokenize(tok, splits.validation, rd.data.max_length)
+    examples = splits.eval[: rd.eval.max_examples or None]
+    return val, examples, splits.labels, rd.eval.max_new_tokens, rd.eval.batch_size
 
 
 def quality(model_dir: Path, tok, dataset: tuple, threads: int = 0) -> dict:
     """Perplexity and task metrics of one ONNX model on the run's data (as returned by _eval_data)."""
-    from train import evaluate
-
     val, examples, labels, max_new, batch = dataset
     model = OrtCausalLM(model_dir, threads=threads)
-    res, _ = evaluate.score(model, tok, val, examples, labels, max_new, batch)
-    res["headline_metric"] = evaluate.headline_metric(res)
+    res, _ = evaluation.score(model, tok, val, examples, labels, max_new, batch)
+    res["headline_metric"] = evaluation.headline_metric(res)
     return res
 
 
@@ -195,8 +199,6 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
     src = Manifest.read(onnx_dir)
     if src.method != "onnx":
         raise ExportError(f"{onnx_dir}/manifest.json: method {src.method!r}; quantize takes an fp32 ONNX export")
-    from train.modeling import load_tokenizer
-
     tok = load_tokenizer(str(onnx_dir))
     dataset = _eval_data(onnx_dir, data, tok)
     source_model = Path(src.extra.get("source", ""))

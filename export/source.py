@@ -7,16 +7,14 @@ one the ONNX exporter supports.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts import Manifest, ManifestError, RunDir, tree_sha256
 from export.errors import ExportError
+from lm.architectures import read_model_type, supported
 
-# Decoder-only families whose KV cache is one (batch, kv_heads, seq, head_dim) key and value per
-# layer and whose HF forward accepts position_ids: the export wrapper relies on both.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = supported("onnx")  # the one list: lm/architectures.py
 
 
 @dataclass
@@ -28,13 +26,10 @@ class Source:
 
 
 def model_type(model_dir: Path) -> str:
-    cfg = model_dir / "config.json"
-    if not cfg.is_file():
-        raise ExportError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
     try:
-        return str(json.loads(cfg.read_text(encoding="utf-8")).get("model_type", ""))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{cfg}: not valid JSON: {e}") from None
+        return read_model_type(model_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise ExportError(str(e)) from None
 
 
 def check_architecture(model_dir: Path) -> str:

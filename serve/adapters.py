@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from artifacts import ManifestError, Registry, RegistryError
+from lm.adapters import lora_rank, mixed_batch_refusal
 
 log = logging.getLogger("serve.adapters")
 
@@ -68,20 +69,9 @@ class AdapterSync:
             raise Refused(f"trained on base {m.base_model.get('name')} (sha256 {str(m.base_model.get('sha256'))[:12]}), "
                           f"this server runs sha256 {self.base_sha256[:12]}")
         pc = m.peft_config or {}
-        ptype = str(pc.get("peft_type", "")).upper()
-        if ptype != "LORA":
-            raise Refused(f"peft type {ptype or 'unknown'}: only LoRA adapters can share a mixed batch; merge it instead")
-        if pc.get("use_dora"):
-            raise Refused("DoRA adapters cannot share a mixed batch; merge it and serve it as a model")
-        rank = max([int(pc.get("r", 0)), *(pc.get("rank_pattern") or {}).values()])
-        if rank > self.max_lora_rank:
-            raise Refused(f"LoRA rank {rank} exceeds this server's max LoRA rank {self.max_lora_rank}")
-        targets = pc.get("target_modules") or []
-        if isinstance(targets, str):
-            targets = [targets] if targets != "all-linear" else []
-        missing = sorted(set(targets) - self.base_modules)
-        if missing:
-            raise Refused(f"target modules {missing} do not exist in the base model")
+        reason = mixed_batch_refusal(pc, self.max_lora_rank, self.base_modules)
+        if reason:
+            raise Refused(reason)
         return str(self.registry.path("adapters", name)), pc
 
     @staticmethod
@@ -102,7 +92,7 @@ class AdapterSync:
             except Exception as e:  # a loader failure (corrupt tensors, server refusal) refuses this adapter only
                 st = AdapterState("failed", f"{type(e).__name__}: {e}".splitlines()[0], version or "")
             else:
-                st = AdapterState("loaded", "", version, "lora", int(pc.get("r", 0)), round(time.perf_counter() - t0, 3))
+                st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3))
                 if self.metrics:
                     self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             if st.state != "loaded":
@@ -119,7 +109,7 @@ class AdapterSync:
         """Record an adapter the server loaded at launch (vLLM --lora-modules)."""
         with self._lock:
             _, pc = self.check(name)
-            self.states[name] = AdapterState("loaded", "", self._version(self.registry, name), "lora", int(pc.get("r", 0)))
+            self.states[name] = AdapterState("loaded", "", self._version(self.registry, name), "lora", lora_rank(pc))
             self._update_gauge()
 
     def unload(self, name: str, state: str | None = None) -> None:

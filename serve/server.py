@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from artifacts import Registry
+from lm.loading import module_names
 from serve.adapters import AdapterSync
 from serve.app import build_app, set_serving
 from serve.metrics import Metrics
@@ -20,12 +21,6 @@ log = logging.getLogger("serve")
 
 class ConfigurationError(ValueError):
     pass
-
-
-def module_names(model) -> set[str]:
-    """Leaf and full dotted names: peft stores either form in target_modules."""
-    full = {n for n, _ in model.named_modules() if n}
-    return full | {n.split(".")[-1] for n in full}
 
 
 def registry_base(settings: Settings) -> tuple[Registry, str, str, str]:

@@ -28,7 +28,8 @@ from typing import Iterator
 import httpx
 from flask import Response
 
-from artifacts.servability import vllm_max_lora_rank
+from lm.adapters import lora_rank, vllm_max_lora_rank
+from lm.loading import module_names_from_config
 from serve.adapters import AdapterSync, Refused
 from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
@@ -42,7 +43,7 @@ def derive_max_lora_rank(sync: AdapterSync, names: list[str], fallback: int) -> 
     for n in names:
         try:
             _, pc = sync.check(n)
-            ranks.append(max([int(pc.get("r", 0)), *(pc.get("rank_pattern") or {}).values()]))
+            ranks.append(lora_rank(pc))
         except Refused:
             continue
     return vllm_max_lora_rank(max(ranks) if ranks else fallback) or 512
@@ -276,7 +277,7 @@ def run_vllm(settings: Settings) -> int:
     metrics = Metrics()
     vport = settings.vllm_port or _free_port()
     vurl = f"http://127.0.0.1:{vport}"
-    base_modules = _module_names_from_config(path)
+    base_modules = module_names_from_config(path)
     probe = AdapterSync(reg, VLLMLoader(vurl), sha, base_modules, settings.max_lora_rank, metrics, settings.poll_seconds)
     names = reg.adapters()
     rank = derive_max_lora_rank(probe, names, settings.max_lora_rank)
@@ -345,16 +346,3 @@ def run_vllm(settings: Settings) -> int:
     finally:
         stop_child()
     return 0
-
-
-def _module_names_from_config(path: str) -> set[str]:
-    """Module names of the base without loading weights (meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    cfg = AutoConfig.from_pretrained(path)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    from serve.server import module_names
-
-    return module_names(model)

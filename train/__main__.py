@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from train.errors import UserError
+from lm.errors import UserError
 
 COMMANDS = ("run", "eval", "publish")
 
@@ -72,12 +72,12 @@ def cmd_run(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from train import evaluate
+    from lm import evaluation
     from train.base_model import resolve
-    from train.config import DataConfig
-    from train.data.prepare import prepare
-    from train.data.tokenize import tokenize
-    from train.modeling import device, load_model, load_tokenizer, load_tuned
+    from lm.data.config import DataConfig
+    from lm.data.prepare import prepare
+    from lm.features import tokenize
+    from lm.loading import device, load_model, load_tokenizer, load_tuned
 
     dc = DataConfig(train=args.data, format=args.format, eval=None, validation_fraction=0.0,
                     labels=[s for s in args.labels.split(",") if s])
@@ -90,7 +90,7 @@ def cmd_eval(args) -> int:
         tok = load_tokenizer(ref.path)
         model = load_model(ref.path, torch.float32).to(device())
     feats, _ = tokenize(tok, examples, 4096)
-    res, preds = evaluate.score(model, tok, feats, examples, splits.labels, args.max_new_tokens, args.batch_size)
+    res, preds = evaluation.score(model, tok, feats, examples, splits.labels, args.max_new_tokens, args.batch_size)
     res = {"model": str(args.run or args.model), "data": args.data, **res}
     text = json.dumps(res, indent=2)
     print(text)

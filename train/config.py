@@ -1,5 +1,8 @@
 """Training configuration: one dataclass per YAML section; every default carries its reason.
 
+The `data` and `eval` sections are the core's (lm/data/config.py): export reads them back from a
+run's config.yaml for its quality gate.
+
 YAML file -> sections below; `section.field=value` overrides on the command line win.
 `python -m train --help` prints this table.
 """
@@ -14,14 +17,9 @@ from typing import Any
 
 import yaml
 
-from train.errors import ConfigError
-
-
-def opt(default: Any, help: str) -> Any:
-    """A config field: its default and the one-line reason for it."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+from lm.data.config import DataConfig, EvalConfig
+from lm.errors import ConfigError
+from lm.options import opt
 
 
 @dataclass
@@ -30,22 +28,6 @@ class ModelConfig:
     dtype: str = opt("auto", "auto = bf16 on a bf16-capable GPU, fp32 on CPU (CPU bf16 is slow and lossy)")
     trust_remote_code: bool = opt(False, "executing model-repo code is opt-in for security")
     attn_implementation: str = opt("sdpa", "PyTorch's fused attention: fastest choice that needs no extra package")
-
-
-@dataclass
-class DataConfig:
-    train: str = opt("train/demo_data/chef_train.jsonl", "bundled demo: a fictional restaurant's menu the base model cannot know")
-    format: str = opt("auto", "auto-detects chat / instruction / prompt_completion / classification from the fields")
-    validation: str | None = opt(None, "None = split validation_fraction off the training file")
-    validation_fraction: float = opt(0.05, "small split: enough for a stable loss, leaves most rows for training")
-    eval: str | None = opt("train/demo_data/chef_heldout.jsonl", "held-out questions in unseen phrasings for task metrics; None = use validation")
-    labels: list[str] = opt([], "classification labels; empty = inferred from the training file")
-    text_field: str = opt("text", "classification input column")
-    label_field: str = opt("label", "classification label column")
-    system_prompt: str | None = opt(None, "added to rows that have none; None keeps rows as they are")
-    max_length: int = opt(512, "longer rows are truncated (and reported); 512 covers chat QA rows")
-    packing: bool = opt(False, "pack short rows into max_length blocks (padding-free); off keeps batches simple")
-    pad_to_multiple_of: int | None = opt(None, "8 helps GPU tensor cores; None avoids useless padding on CPU")
 
 
 @dataclass
@@ -80,15 +62,6 @@ class TrainingConfig:
     logging_steps: int = opt(5, "train loss every N steps to JSONL/TensorBoard")
     fsdp: str = opt("", "e.g. 'full_shard auto_wrap' for full fine-tuning across GPUs under torchrun; '' = DDP")
     num_threads: int = opt(0, "CPU threads for torch; 0 = torch's default (all cores)")
-
-
-@dataclass
-class EvalConfig:
-    enabled: bool = opt(True, "every run scores base vs tuned; turn off only for quick experiments")
-    max_new_tokens: int = opt(32, "answers in the demo are a few words; raise for long generations")
-    batch_size: int = opt(16, "generation batch; larger is faster until memory runs out")
-    max_examples: int = opt(0, "0 = all rows of the eval set")
-    compare_base: bool = opt(True, "score the untouched base model too, so the gain is visible")
 
 
 @dataclass

@@ -1,8 +1,17 @@
 """The fine-tuning recipe: setup -> train -> save -> evaluate -> record (-> publish).
 
+    recipe = FineTuneRecipe(cfg)
+    recipe.setup()      validate config and data, load tokenizer and model, wrap it for the method
+    recipe.train()      write config.yaml + data_report.json, run the method's Trainer
+    recipe.save()       adapter/ or model/ by atomic rename (all ranks; rank 0 renames)
+    recipe.evaluate()   base vs tuned on the eval set -> eval.json, eval_predictions.jsonl
+    recipe.record()     merge (optional), plot, model card, then manifest.json last
+    recipe.publish()    into the registry, when output.registry is set
+
 Nothing is written before the data and config are fully validated. Weights appear in the run
 directory by atomic rename, and manifest.json is written last: a run without one is unfinished
-and can be neither published nor served.
+and can be neither published nor served. A method plugs in through train/methods (its own
+`prepare` and Trainer subclass); the steps stay the same.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +29,19 @@ from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_
 
 from artifacts import Manifest, Registry, RunDir, atomic_dir, atomic_write_text
 from artifacts.checksums import file_checksums
-from artifacts.servability import servability
-from train import evaluate, reporting
-from train.base_model import resolve
+from lm import evaluation
+from lm.adapters import servability
+from lm.architectures import architecture_name
+from lm.data.prepare import Splits, prepare
+from lm.errors import ConfigError
+from lm.features import TokenReport, pack, tokenize
+from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
+from lm.merge import merge_run_adapter
+from lm.padding import Collator
+from train import reporting
+from train.base_model import ResolvedModel, resolve
 from train.config import Config
-from train.data.prepare import prepare
-from train.data.tokenize import Collator, pack, tokenize
-from train.errors import ConfigError
-from train.methods import get_method
-from train.modeling import DTYPES, device, load_model, load_run_weights, load_tokenizer, mixed_precision
+from train.methods import Method, get_method
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -94,138 +108,212 @@ def _build_training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArgu
     )
 
 
-def _save_weights(trainer: Trainer, method, tokenizer, rd: RunDir) -> Path:
-    """All ranks call save_model (FSDP gathers shards); rank 0 renames the staging folder into place."""
-    final = rd.adapter if method.saves_adapter else rd.model
-    staging = rd.root / f".staging-{final.name}"
-    if trainer.is_world_process_zero() and staging.exists():
-        shutil.rmtree(staging)
-    trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))
-    trainer.accelerator.wait_for_everyone()
-    if trainer.is_world_process_zero():
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config is in config.yaml
-        if not method.saves_adapter:
-            tokenizer.save_pretrained(staging)
-        with atomic_dir(final, replace=True) as tmp:
-            for p in staging.iterdir():
-                shutil.move(str(p), tmp / p.name)
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
+@dataclass
+class Prepared:
+    """What setup() validated and loaded: nothing has been written yet."""
+
+    splits: Splits
+    ref: ResolvedModel
+    tok: Any
+    train_feats: list[dict]
+    val_feats: list[dict]
+    train_tok: TokenReport
+    val_tok: TokenReport
+    method: Method
+    model: Any
+    base_sha: str | None
+    vocab_size: int
 
 
-def run(cfg: Config, resume: bool = False) -> RunDir:
-    t0 = time.time()
-    if cfg.training.num_threads > 0:
-        torch.set_num_threads(cfg.training.num_threads)
-    set_seed(cfg.training.seed)
-    rd = RunDir(Path(cfg.output.dir))
-    check_output(rd, cfg.output.overwrite, resume)
-    splits = prepare(cfg.data, cfg.training.seed)  # validates every row: DataError before any write
-    ref = resolve(cfg.model.name_or_path)
-    tok = load_tokenizer(ref.path, cfg.model.trust_remote_code)
-    train_feats, train_tok = tokenize(tok, splits.train, cfg.data.max_length)
-    val_feats, val_tok = tokenize(tok, splits.validation, cfg.data.max_length)
-    if cfg.data.packing:
-        train_feats = pack(train_feats, cfg.data.max_length)
-    method = get_method(cfg.method.name)
-    # PEFT keeps the frozen base in the training precision; full fine-tuning keeps fp32 master weights.
-    weight_dtype = torch.bfloat16 if mixed_precision(cfg.model.dtype) == "bf16" and method.saves_adapter else torch.float32
-    model = load_model(ref.path, weight_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
-    vocab_before = model.get_input_embeddings().weight.shape[0]
-    # No KV cache in training; it also lets transformers derive block-diagonal masks for packed rows.
-    model.config.use_cache = False
-    model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
-    base_sha = ref.sha256()
+@dataclass
+class Outcome:
+    """What train() and evaluate() produced, for record()."""
 
-    data_report: dict[str, Any] = {**splits.report, "tokens": {"train": train_tok.__dict__, "validation": val_tok.__dict__},
-                                   "packed_rows": len(train_feats) if cfg.data.packing else None}
-    if _rank() == 0:
-        if cfg.output.overwrite and rd.root.exists() and not resume:
+    train_seconds: float = 0.0
+    train_steps: int = 0
+    train_loss: float = 0.0
+    peft_config: dict | None = None
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+
+class FineTuneRecipe:
+    def __init__(self, cfg: Config, resume: bool = False):
+        self.cfg, self.resume = cfg, resume
+        self.rd = RunDir(Path(cfg.output.dir))
+        self.t0 = time.time()
+        self.p: Prepared | None = None
+        self.out = Outcome()
+        self.is_main = _rank() == 0
+
+    # -- setup: validate everything, write nothing ----------------------------------------------
+    def setup(self) -> Prepared:
+        cfg = self.cfg
+        if cfg.training.num_threads > 0:
+            torch.set_num_threads(cfg.training.num_threads)
+        set_seed(cfg.training.seed)
+        check_output(self.rd, cfg.output.overwrite, self.resume)
+        splits = prepare(cfg.data, cfg.training.seed)  # validates every row: DataError before any write
+        ref = resolve(cfg.model.name_or_path)
+        tok = load_tokenizer(ref.path, cfg.model.trust_remote_code)
+        train_feats, train_tok = tokenize(tok, splits.train, cfg.data.max_length)
+        val_feats, val_tok = tokenize(tok, splits.validation, cfg.data.max_length)
+        if cfg.data.packing:
+            train_feats = pack(train_feats, cfg.data.max_length)
+        method = get_method(cfg.method.name)
+        # PEFT keeps the frozen base in the training precision; full fine-tuning keeps fp32 master weights.
+        bf16 = mixed_precision(cfg.model.dtype) == "bf16"
+        weight_dtype = torch.bfloat16 if bf16 and method.saves_adapter else torch.float32
+        model = load_model(ref.path, weight_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        # No KV cache in training; it also lets transformers derive block-diagonal masks for packed rows.
+        model.config.use_cache = False
+        model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
+        self.p = Prepared(splits, ref, tok, train_feats, val_feats, train_tok, val_tok, method, model,
+                          ref.sha256(), vocab)
+        return self.p
+
+    def data_report(self) -> dict[str, Any]:
+        p = self.p
+        return {**p.splits.report, "tokens": {"train": p.train_tok.__dict__, "validation": p.val_tok.__dict__},
+                "packed_rows": len(p.train_feats) if self.cfg.data.packing else None}
+
+    # -- train -------------------------------------------------------------------------------------
+    def _write_inputs(self) -> None:
+        """config.yaml and data_report.json: the first writes, after setup() validated everything."""
+        cfg, rd, p = self.cfg, self.rd, self.p
+        if cfg.output.overwrite and rd.root.exists() and not self.resume:
             shutil.rmtree(rd.root)
         rd.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(rd.config, cfg.to_yaml())
-        atomic_write_text(rd.data_report, json.dumps(data_report, indent=2) + "\n")
-        trunc = train_tok.truncated_rows + val_tok.truncated_rows
-        print(f"data: {splits.format}, train {len(splits.train)} rows / {train_tok.tokens} tokens, "
-              f"validation {len(splits.validation)}, eval {len(splits.eval)}; "
-              f"{splits.report['train']['duplicates_dropped']} duplicates and "
-              f"{splits.report['train']['empty_rows_dropped']} empty rows dropped; "
-              f"{trunc} rows truncated ({train_tok.truncated_tokens + val_tok.truncated_tokens} tokens)", flush=True)
+        atomic_write_text(rd.data_report, json.dumps(self.data_report(), indent=2) + "\n")
+        rep = p.splits.report["train"]
+        trunc = p.train_tok.truncated_rows + p.val_tok.truncated_rows
+        print(f"data: {p.splits.format}, train {len(p.splits.train)} rows / {p.train_tok.tokens} tokens, "
+              f"validation {len(p.splits.validation)}, eval {len(p.splits.eval)}; "
+              f"{rep['duplicates_dropped']} duplicates and {rep['empty_rows_dropped']} empty rows dropped; "
+              f"{trunc} rows truncated ({p.train_tok.truncated_tokens + p.val_tok.truncated_tokens} tokens)",
+              flush=True)
 
-    callbacks = [reporting.JsonlMetrics(rd.metrics_log)]
-    if cfg.training.early_stopping_patience > 0 and val_feats:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-    trainer = method.trainer_cls()(
-        model=model, args=_training_args(cfg, rd, bool(val_feats)),
-        train_dataset=ListDataset(train_feats), eval_dataset=ListDataset(val_feats) if val_feats else None,
-        data_collator=Collator(tok.pad_token_id, cfg.data.pad_to_multiple_of), callbacks=callbacks)
-    ckpt = rd.last_checkpoint() if resume else None
-    train_out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    _save_weights(trainer, method, tok, rd)
-    train_seconds = time.time() - t0
-    if not trainer.is_world_process_zero():
-        return rd
-    peft_cfg = method.peft_config(trainer.model)
-    del trainer, model
+    def _trainer(self) -> Trainer:
+        cfg, p = self.cfg, self.p
+        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log)]
+        if cfg.training.early_stopping_patience > 0 and p.val_feats:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
+        return p.method.trainer_cls()(
+            model=p.model, args=_training_args(cfg, self.rd, bool(p.val_feats)),
+            train_dataset=ListDataset(p.train_feats), eval_dataset=ListDataset(p.val_feats) if p.val_feats else None,
+            data_collator=Collator(p.tok.pad_token_id, cfg.data.pad_to_multiple_of), callbacks=callbacks)
 
-    evaluation: dict[str, Any] = {"eval_set": splits.report.get("eval"), "train_seconds": round(train_seconds, 1),
-                                  "train_steps": train_out.global_step, "train_loss": train_out.training_loss}
-    preds_base: list[str] = []
-    eval_dtype = DTYPES["bfloat16"] if mixed_precision(cfg.model.dtype) == "bf16" else torch.float32
-    if cfg.eval.enabled:
-        examples = splits.eval[: cfg.eval.max_examples or None]
-        tuned = load_run_weights(rd, ref.path, eval_dtype)  # as saved on disk: also proves it loads
-        evaluation["tuned"], preds = evaluate.score(tuned, tok, val_feats, examples, splits.labels,
-                                                    cfg.eval.max_new_tokens, cfg.eval.batch_size)
-        del tuned
-        if cfg.eval.compare_base:
-            base = load_model(ref.path, eval_dtype, cfg.model.trust_remote_code).to(device())
-            evaluation["base"], preds_base = evaluate.score(base, tok, val_feats, examples, splits.labels,
-                                                            cfg.eval.max_new_tokens, cfg.eval.batch_size)
-            del base
-            head = evaluate.headline_metric(evaluation["tuned"])
-            evaluation["headline"] = {"metric": head, "base": evaluation["base"][head],
-                                      "tuned": evaluation["tuned"][head],
-                                      "gain_points": 100 * (evaluation["tuned"][head] - evaluation["base"][head]),
-                                      "eval_rows": len(examples)}
-        atomic_write_text(rd.predictions, "".join(
-            json.dumps({"where": ex.where, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"],
-                        "tuned": preds[i], "base": preds_base[i] if preds_base else None}) + "\n"
-            for i, ex in enumerate(examples)))
-    atomic_write_text(rd.eval, json.dumps(evaluation, indent=2) + "\n")
+    def train(self) -> Trainer:
+        if self.is_main:
+            self._write_inputs()
+        trainer = self._trainer()
+        ckpt = self.rd.last_checkpoint() if self.resume else None
+        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        self.out.train_steps, self.out.train_loss = result.global_step, result.training_loss
+        return trainer
 
-    if cfg.output.merge and method.saves_adapter:
-        from export.merge import merge_run_adapter
+    # -- save ---------------------------------------------------------------------------------------
+    def save(self, trainer: Trainer) -> Path:
+        """All ranks call save_model (FSDP gathers shards); rank 0 renames the staging folder into place."""
+        method, rd = self.p.method, self.rd
+        final = rd.adapter if method.saves_adapter else rd.model
+        staging = rd.root / f".staging-{final.name}"
+        if trainer.is_world_process_zero() and staging.exists():
+            shutil.rmtree(staging)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(staging))
+        trainer.accelerator.wait_for_everyone()
+        if trainer.is_world_process_zero():
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config is in config.yaml
+            if not method.saves_adapter:
+                self.p.tok.save_pretrained(staging)
+            with atomic_dir(final, replace=True) as tmp:
+                for f in staging.iterdir():
+                    shutil.move(str(f), tmp / f.name)
+            shutil.rmtree(staging, ignore_errors=True)
+        self.out.train_seconds = time.time() - self.t0
+        self.out.peft_config = method.peft_config(trainer.model)
+        self.p.model = None  # evaluation reloads the weights from disk: proves what was saved loads
+        return final
 
-        merge_run_adapter(rd, ref.path, rd.model)
-    reporting.plot_losses(rd.metrics_log, rd.plot)
-    serv = servability(peft_cfg, vocab_changed=False) if method.saves_adapter else {
-        "vllm": {"ok": True, "reasons": [], "as": "base model (full weights in model/)"}, "peft": {"ok": False}}
-    atomic_write_text(rd.model_card, reporting.model_card(rd, cfg.to_dict(), evaluation, data_report, serv))
+    # -- evaluate -------------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, Any]:
+        cfg, p, out = self.cfg, self.p, self.out
+        ev: dict[str, Any] = {"eval_set": p.splits.report.get("eval"), "train_seconds": round(out.train_seconds, 1),
+                              "train_steps": out.train_steps, "train_loss": out.train_loss}
+        if cfg.eval.enabled:
+            examples = p.splits.eval[: cfg.eval.max_examples or None]
+            ev["tuned"], preds = self._score(load_run_weights(self.rd, p.ref.path, self._eval_dtype()), examples)
+            preds_base: list[str] = []
+            if cfg.eval.compare_base:
+                base = load_model(p.ref.path, self._eval_dtype(), cfg.model.trust_remote_code).to(device())
+                ev["base"], preds_base = self._score(base, examples)
+                ev["headline"] = _headline(ev["tuned"], ev["base"], len(examples))
+            atomic_write_text(self.rd.predictions, "".join(
+                json.dumps({"where": ex.where, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"],
+                            "tuned": preds[i], "base": preds_base[i] if preds_base else None}) + "\n"
+                for i, ex in enumerate(examples)))
+        atomic_write_text(self.rd.eval, json.dumps(ev, indent=2) + "\n")
+        out.evaluation = ev
+        return ev
 
-    manifest = Manifest(
-        kind="run", name=rd.root.name, method=cfg.method.name,
-        base_model={"name": ref.name, "source": ref.source, "path": ref.path, "sha256": base_sha,
-                    "architecture": _arch(ref.path), "vocab_size": vocab_before},
-        peft_config=peft_cfg, dataset=splits.report, servability=serv,
-        metrics={"headline": evaluation.get("headline"), "tuned": evaluation.get("tuned"),
-                 "base": evaluation.get("base")})
-    for folder in (rd.adapter, rd.model):
-        if folder.is_dir():
-            manifest.files.update({f"{folder.name}/{k}": v for k, v in file_checksums(folder).items()})
-    manifest.record_files(rd.root, ["config.yaml", "eval.json", "data_report.json"])
-    manifest.write(rd.root)  # last: its presence marks the run finished
+    def _eval_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if mixed_precision(self.cfg.model.dtype) == "bf16" else torch.float32
 
-    if cfg.output.registry:
-        name = cfg.output.adapter_name or rd.root.name
-        path = Registry(cfg.output.registry).publish_run(rd.root, name, replace=True)
+    def _score(self, model, examples) -> tuple[dict[str, Any], list[str]]:
+        p, e = self.p, self.cfg.eval
+        return evaluation.score(model, p.tok, p.val_feats, examples, p.splits.labels, e.max_new_tokens, e.batch_size)
+
+    # -- record: everything after evaluation, manifest.json last ---------------------------------------
+    def record(self) -> Manifest:
+        cfg, p, rd, out = self.cfg, self.p, self.rd, self.out
+        if cfg.output.merge and p.method.saves_adapter:
+            merge_run_adapter(rd, p.ref.path, rd.model)
+        reporting.plot_losses(rd.metrics_log, rd.plot)
+        serv = servability(out.peft_config) if p.method.saves_adapter else {
+            "vllm": {"ok": True, "reasons": [], "as": "base model (full weights in model/)"},
+            "flask": {"ok": True, "reasons": [], "as": "base model (full weights in model/)"}}
+        atomic_write_text(rd.model_card, reporting.model_card(rd, cfg.to_dict(), out.evaluation, self.data_report(), serv))
+        ev = out.evaluation
+        manifest = Manifest(
+            kind="run", name=rd.root.name, method=cfg.method.name,
+            base_model={"name": p.ref.name, "source": p.ref.source, "path": p.ref.path, "sha256": p.base_sha,
+                        "architecture": architecture_name(p.ref.path), "vocab_size": p.vocab_size},
+            peft_config=out.peft_config, dataset=p.splits.report, servability=serv,
+            metrics={"headline": ev.get("headline"), "tuned": ev.get("tuned"), "base": ev.get("base")})
+        for folder in (rd.adapter, rd.model):
+            if folder.is_dir():
+                manifest.files.update({f"{folder.name}/{k}": v for k, v in file_checksums(folder).items()})
+        manifest.record_files(rd.root, ["config.yaml", "eval.json", "data_report.json"])
+        manifest.write(rd.root)  # last: its presence marks the run finished
+        return manifest
+
+    def publish(self) -> Path | None:
+        reg = self.cfg.output.registry
+        if not reg:
+            return None
+        name = self.cfg.output.adapter_name or self.rd.root.name
+        path = Registry(reg).publish_run(self.rd.root, name, replace=True)
         print(f"published adapter {name!r} to {path}", flush=True)
-    return rd
+        return path
 
 
-def _arch(path: str) -> str | None:
-    cfg = Path(path) / "config.json"
-    if cfg.is_file():
-        return (json.loads(cfg.read_text()).get("architectures") or [None])[0]
-    return None
+def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[str, Any]:
+    head = evaluation.headline_metric(tuned)
+    return {"metric": head, "base": base[head], "tuned": tuned[head],
+            "gain_points": 100 * (tuned[head] - base[head]), "eval_rows": rows}
+
+
+def run(cfg: Config, resume: bool = False) -> RunDir:
+    recipe = FineTuneRecipe(cfg, resume)
+    recipe.setup()
+    trainer = recipe.train()
+    recipe.save(trainer)
+    if not trainer.is_world_process_zero():
+        return recipe.rd
+    del trainer
+    recipe.evaluate()
+    recipe.record()
+    recipe.publish()
+    return recipe.rd

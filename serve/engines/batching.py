@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from serve.engines.base import Engine, GenRequest
-from train.data.tokenize import ensure_chat_template, left_pad
+from lm.chat import encode_generation_prompt, encode_text, ensure_chat_template
+from lm.padding import left_pad
 
 log = logging.getLogger("serve.engine")
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
@@ -68,11 +69,10 @@ class BatchingEngine(Engine):
         self._waiting.put(req)
 
     def tokenize(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return encode_text(self.tok, text)
 
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        out = self.tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-        return list(out["input_ids"])
+        return encode_generation_prompt(self.tok, messages)
 
     def stats(self) -> dict[str, int]:
         return {"running": len(self._rows), "waiting": self._waiting.qsize()}

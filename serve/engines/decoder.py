@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # the same in mistral and qwen2
 
+from lm.architectures import supported
 from serve.engines.multi_lora import MultiLoRA
 
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = supported("lean")  # the one list: lm/architectures.py
 SLACK = 32  # spare KV positions per reallocation: one copy every 32 decode steps instead of every step
 
 

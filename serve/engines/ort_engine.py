@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer
 
-from export.ort_model import OrtCausalLM
+from lm.onnx_runtime import OrtCausalLM
 from serve.engines.batching import BatchingEngine, as_list
 
 

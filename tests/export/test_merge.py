@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 
 from artifacts import Manifest
-from train.modeling import load_model, load_tokenizer
+from lm.loading import load_model, load_tokenizer
 
 
 def test_merged_logits_equal_base_plus_adapter(exported):

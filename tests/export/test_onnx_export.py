@@ -13,10 +13,10 @@ from artifacts import Manifest, Registry
 from export import onnx_export
 from export.__main__ import main
 from export.errors import ExportError
-from export.ort_model import OrtCausalLM
+from lm.onnx_runtime import OrtCausalLM
 from export.quantize import QualityLimits, quantize
 from export.source import resolve_source
-from train.modeling import load_model, load_tokenizer
+from lm.loading import load_model, load_tokenizer
 
 
 def test_export_records_a_passing_parity_check(exported):

@@ -12,7 +12,7 @@ import pytest
 
 from artifacts import Manifest, Registry
 from tests.conftest import ROOT
-from train.metrics import keyword_match
+from lm.metrics import keyword_match
 
 pytestmark = pytest.mark.slow
 

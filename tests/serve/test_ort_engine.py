@@ -8,7 +8,7 @@ import torch
 
 from artifacts import Registry
 from tests.serve.conftest import API_KEY, Server, free_port
-from train.modeling import load_model, load_tokenizer
+from lm.loading import load_model, load_tokenizer
 
 NAME = "chef-int8"
 

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 from train.__main__ import main
 from train.config import Config, help_text, load_config
-from train.errors import ConfigError
+from lm.errors import ConfigError
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 

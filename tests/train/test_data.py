@@ -8,10 +8,10 @@ import pytest
 
 from tests.conftest import DEMO_TRAIN, run_train_cli
 from train.__main__ import main
-from train.config import DataConfig
-from train.data.formats import load_examples
-from train.data.prepare import clean, prepare
-from train.errors import DataError
+from lm.data.config import DataConfig
+from lm.data.formats import load_examples
+from lm.data.prepare import clean, prepare
+from lm.errors import DataError
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from artifacts import Manifest
 from tests.conftest import tiny_overrides
 from train.config import load_config
-from train.errors import ConfigError
+from lm.errors import ConfigError
 from train.recipe import run
 
 

@@ -9,7 +9,7 @@ import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
 from train.config import MethodConfig
-from train.errors import ConfigError
+from lm.errors import ConfigError
 from train.methods.base import Method
 
 

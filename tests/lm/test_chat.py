@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from train.data.formats import Example
-from train.data.tokenize import IGNORE, Collator, encode_chat, pack, tokenize
-from train.modeling import load_model, load_tokenizer
+from lm.data.formats import Example
+from lm.chat import IGNORE, encode_chat
+from lm.features import pack, tokenize
+from lm.padding import Collator
+from lm.loading import load_model, load_tokenizer
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Korvalo Stew made with?"},
         {"role": "assistant", "content": "Smoked eel."}, {"role": "user", "content": "Price?"},

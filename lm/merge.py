@@ -8,15 +8,15 @@ import torch
 
 from artifacts import Manifest, RunDir, atomic_dir
 from artifacts.checksums import file_checksums
-from export.errors import ExportError
+from lm.errors import UserError
 
 SAMPLE_PROMPTS = ["The chef said", "What is the main ingredient of the house stew?", "1 2 3 4",
                   "<|im_start|>user\nHow spicy is Korvalo Stew?<|im_end|>\n<|im_start|>assistant\n"]
 TOLERANCE = 1e-4  # fp32: merging reorders float sums, nothing more
 
 
-class MergeError(ExportError):
-    pass
+class MergeError(UserError):
+    """The merged weights do not reproduce base+adapter; nothing was written."""
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def merge_run_adapter(run: Path | str, base_path: str, out: Path | str, *, repla
     """
     from peft import PeftModel
 
-    from train.modeling import load_model, load_tokenizer
+    from lm.loading import load_model, load_tokenizer
 
     rd = RunDir(Path(run))
     tok = load_tokenizer(base_path)

@@ -1,4 +1,4 @@
-"""Loading tokenizers and models: base, and tuned from a run directory."""
+"""Loading tokenizers and models: base, and tuned from a run directory; module names of a base."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from artifacts import Manifest, RunDir
-from train.data.tokenize import ensure_chat_template
-from train.errors import ConfigError
+from lm.chat import ensure_chat_template
+from lm.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -26,6 +26,7 @@ def mixed_precision(dtype: str) -> str | None:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer with a chat template and pad token guaranteed (ChatML where it ships none)."""
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     ensure_chat_template(tok)
     return tok
@@ -60,3 +61,19 @@ def load_run_weights(rd: RunDir, base_path: str, dtype: torch.dtype = torch.floa
     else:
         model = load_model(str(rd.model), dtype)
     return model.to(device())
+
+
+def module_names(model) -> set[str]:
+    """Leaf and full dotted module names: peft stores either form in target_modules."""
+    full = {n for n, _ in model.named_modules() if n}
+    return full | {n.split(".")[-1] for n in full}
+
+
+def module_names_from_config(path: str) -> set[str]:
+    """module_names of a base model folder without loading its weights (meta device)."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return module_names(model)

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from train.config import DataConfig
-from train.data.formats import Example, load_examples
-from train.errors import DataError
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+from artifacts import sha256_file
+from lm.data.config import DataConfig
+from lm.data.formats import Example, load_examples
+from lm.errors import DataError
 
 
 @dataclass
@@ -97,13 +92,13 @@ def prepare(cfg: DataConfig, seed: int) -> Splits:
 
     report: dict = {"format": fmt}
     train, rep = clean(train_raw, cfg.system_prompt)
-    report["train"] = {"path": str(cfg.train), "sha256": file_sha256(cfg.train), **rep.__dict__}
+    report["train"] = {"path": str(cfg.train), "sha256": sha256_file(cfg.train), **rep.__dict__}
     if not train:
         raise DataError(f"{cfg.train}:1: -: no usable rows after cleaning")
 
     if val_raw is not None:
         validation, vrep = clean(val_raw, cfg.system_prompt)
-        report["validation"] = {"path": str(cfg.validation), "sha256": file_sha256(cfg.validation), **vrep.__dict__}
+        report["validation"] = {"path": str(cfg.validation), "sha256": sha256_file(cfg.validation), **vrep.__dict__}
     else:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -119,7 +114,7 @@ def prepare(cfg: DataConfig, seed: int) -> Splits:
 
     if eval_raw is not None:
         evalset, erep = clean(eval_raw, cfg.system_prompt)
-        report["eval"] = {"path": str(cfg.eval), "sha256": file_sha256(cfg.eval), **erep.__dict__}
+        report["eval"] = {"path": str(cfg.eval), "sha256": sha256_file(cfg.eval), **erep.__dict__}
     else:
         evalset = validation
         report["eval"] = {"same_as": "validation", "rows_kept": len(validation)}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from train.errors import DataError
+from lm.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 FORMATS = ("chat", "instruction", "prompt_completion", "classification")

@@ -1,4 +1,4 @@
-from artifacts.servability import check_vllm, vllm_max_lora_rank
+from lm.adapters import check_vllm, vllm_max_lora_rank
 
 
 def test_rank_rounds_up_to_a_vllm_rank():

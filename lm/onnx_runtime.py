@@ -3,7 +3,7 @@
 The graph (written by export/onnx_export.py) takes input_ids, attention_mask, position_ids and a key
 and value per layer (batch, kv_heads, past, head_dim; past = 0 for a prefill) and returns logits
 and the present key/values (past + new). `OrtCausalLM` also answers the two calls the training
-stage's evaluation makes on a model (`model(input_ids, attention_mask).logits` and greedy
+evaluation (lm/evaluation.py) makes on a model (`model(input_ids, attention_mask).logits` and greedy
 `generate`), so ONNX exports are scored by exactly the code that scored the PyTorch run.
 """
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from artifacts import Manifest
+from lm.padding import positions
 
 ONNX_FILE = "model.onnx"
 
@@ -71,7 +72,7 @@ class OrtCausalLM:
         out = io.get_outputs()
         return out[0].numpy(), list(out[1:])
 
-    # -- the model interface train/evaluate.py uses -----------------------------
+    # -- the model interface lm/evaluation.py uses -----------------------------
     def eval(self) -> "OrtCausalLM":
         return self
 
@@ -80,7 +81,7 @@ class OrtCausalLM:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **_) -> SimpleNamespace:
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = positions(mask)
         logits, _ = self.run(input_ids.numpy(), mask.numpy(), pos.numpy(), None)
         return SimpleNamespace(logits=torch.from_numpy(logits))
 
@@ -89,7 +90,7 @@ class OrtCausalLM:
         """Greedy decode with the KV cache (left-padded batch); rows that hit EOS are padded after it."""
         eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]) - {None}
         ids, mask = input_ids.numpy(), attention_mask.numpy().astype(np.int64)
-        pos = np.clip(mask.cumsum(-1) - 1, 0, None)
+        pos = positions(attention_mask).numpy()
         done = np.zeros(ids.shape[0], bool)
         out, past = [], None
         cur = ids

@@ -1,4 +1,8 @@
-"""Scoring a model on a dataset: validation loss/perplexity and task metrics from greedy generation."""
+"""Scoring a model on a dataset: validation loss/perplexity and task metrics from greedy generation.
+
+Training scores base vs tuned with it, and export's int8 quality gate scores fp32 vs int8 ONNX with
+it (lm.onnx_runtime.OrtCausalLM answers the same calls), so both report the same numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ from typing import Any
 
 import torch
 
-from train import metrics
-from train.data.formats import Example
-from train.data.tokenize import IGNORE, Collator, encode_prompt, left_pad
+from lm import metrics
+from lm.chat import IGNORE, encode_prompt
+from lm.data.formats import Example
+from lm.padding import Collator, left_pad
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-from train.metrics import classification_scores, exact_match, generation_scores, keyword_match, to_label
+from lm.metrics import classification_scores, exact_match, generation_scores, keyword_match, to_label
 
 
 def test_exact_and_keyword_match():

@@ -1,1 +1,0 @@
-"""Data: read and validate user files, clean, split, tokenise."""
