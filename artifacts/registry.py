@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from artifacts.atomic import atomic_dir
-from artifacts.checksums import file_checksums, tree_sha256
+from artifacts.checksums import file_checksums, sha256_file, tree_sha256
 from artifacts.manifest import MANIFEST_NAME, Manifest, ManifestError
 from artifacts.run_dir import RunDir
 
@@ -36,6 +36,17 @@ def validate_name(name: str) -> str:
         raise RegistryError(
             f"invalid name {name!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit, no '..'")
     return name
+
+
+def _verified_digests(verified: dict[str, str], prefix: str, tmp: Path) -> dict[str, str]:
+    """Checksums of the entry being written, taken from the source manifest just verified (so a publish
+    hashes each file once); only a file that manifest does not list is hashed here."""
+    out = {}
+    for p in sorted(tmp.rglob("*")):
+        rel = p.relative_to(tmp).as_posix()
+        if p.is_file() and rel != MANIFEST_NAME:
+            out[rel] = verified.get(prefix + rel) or sha256_file(p)
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -139,14 +150,16 @@ class Registry:
             for p in sorted(src.rglob("*")):
                 if p.is_file():
                     _link_or_copy(p, tmp / p.relative_to(src))
+            files = _verified_digests(rm.files, f"{src.name}/", tmp)
             if run_dir.model_card.is_file():
                 (tmp / "README.md").unlink(missing_ok=True)  # may be a hard link into the run: never write through it
                 shutil.copy2(run_dir.model_card, tmp / "README.md")
+                files["README.md"] = sha256_file(tmp / "README.md")
             m = Manifest(kind=kind.rstrip("s"), name=name, method=rm.method, base_model=base,
                          peft_config=rm.peft_config, dataset=rm.dataset, metrics=rm.metrics,
                          servability=rm.servability, versions=rm.versions,
                          extra={"run": str(run_dir.root.resolve()), "run_created_at": rm.created_at})
-            m.files = {k: v for k, v in file_checksums(tmp).items() if k != MANIFEST_NAME}
+            m.files = files
             m.write(tmp)
         return target
 
@@ -171,7 +184,7 @@ class Registry:
                     _link_or_copy(p, tmp / rel)
             src.name = name
             src.extra = {**src.extra, "published_from": str(folder.resolve())}
-            src.files = {k: v for k, v in file_checksums(tmp).items() if k != MANIFEST_NAME}
+            src.files = _verified_digests(src.files, "", tmp)
             src.write(tmp)
         return target
 
