@@ -53,7 +53,7 @@ def run_proxy(port: int, upstream: str) -> None:
     from serve.metrics import Metrics
     from serve.server import run_gunicorn
     from serve.settings import Settings
-    from serve.vllm_backend import VLLMProxy
+    from serve.vllm_proxy import VLLMProxy
 
     settings = Settings(port=port)
 

@@ -141,6 +141,11 @@ class AdapterSync:
     def loaded(self) -> list[str]:
         return sorted(n for n, s in self.states.items() if s.state == "loaded")
 
+    def is_loaded(self, name: str) -> bool:
+        """Whether `name` is loaded and servable (one dict lookup: asked on every request)."""
+        st = self.states.get(name)
+        return st is not None and st.state == "loaded"
+
     def _update_gauge(self) -> None:
         if self.metrics:
             self.metrics.adapters_loaded.set(len(self.loaded()))

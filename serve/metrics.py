@@ -6,6 +6,8 @@ for requests it forwards, since vLLM's own metrics carry no per-adapter labels.
 
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "tunestack"
@@ -38,6 +40,23 @@ class Metrics:
                                              ["adapter"], registry=r)
         self.proxy_overhead = Histogram(f"{PREFIX}_proxy_overhead_seconds", "Latency the metrics proxy adds.",
                                         buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01), registry=r)
+
+    def record_request(self, labels: tuple[str, str], status: int, t0: float, usage: dict[str, int] | None = None,
+                       first_token_at: float | None = None, choices: int = 1) -> None:
+        """One finished request; token counts and latencies only for a 200 whose usage is known."""
+        self.requests.labels(*labels, str(status)).inc()
+        if status != 200 or not usage:
+            return
+        end = time.perf_counter()
+        completion = usage.get("completion_tokens", 0)
+        self.prompt_tokens.labels(*labels).inc(usage.get("prompt_tokens", 0))
+        self.generation_tokens.labels(*labels).inc(completion)
+        self.e2e.labels(*labels).observe(end - t0)
+        if first_token_at is not None:
+            self.ttft.labels(*labels).observe(first_token_at - t0)
+            per_choice = completion / max(1, choices)  # n choices decode side by side: time per token of one
+            if per_choice > 1:
+                self.tpot.labels(*labels).observe((end - first_token_at) / (per_choice - 1))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,79 +1,180 @@
-"""The serving logic of /v1/completions and /v1/chat/completions on an Engine (HTTP-agnostic)."""
+"""The Flask backend's serving layer: OpenAI request -> engine sequences -> OpenAI response (HTTP-agnostic).
+
+OpenAIServing implements `Backend` over an in-process Engine (TorchEngine or OrtEngine) and records
+the request metrics; the app only frames what it returns.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import queue
 import time
-import uuid
-from typing import Any, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any, Generator, Iterator, Union
 
 from serve.adapters import AdapterSync
-from serve.engines.base import Engine, GenRequest
+from serve.backend import EventStream, JSONReply, Reply, ServedModels, json_body
+from serve.engines.base import Engine, EngineEvent, EngineStats, Failed, Finished, GenRequest, TextDelta
 from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.responses import ResponseBuilder, usage
 
 EVENT_TIMEOUT_S = 600  # a request that sees no token for this long is failed, never left hanging
 
+Request = Union[CompletionRequest, ChatCompletionRequest]
+
+
+@dataclass
+class Job:
+    """One API request in the engine: the parsed request, its n sequences, its response builder and clock."""
+
+    req: Request
+    gens: list[GenRequest]
+    out: ResponseBuilder
+    t0: float
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        return usage(len(self.gens[0].prompt_ids) * len(self.gens), completion_tokens)
+
 
 class OpenAIServing:
+    """The Backend over an Engine: parse, check, submit, and shape the engine's events into responses."""
+
     def __init__(self, engine: Engine, sync: AdapterSync | None, metrics: Metrics):
         self.engine = engine
         self.sync = sync
         self.metrics = metrics
+        self.served = ServedModels(engine.model_name, sync)
 
-    # -- models --------------------------------------------------------------------
-    def models(self) -> dict[str, Any]:
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def is_served(self, model: object) -> bool:
+        return self.served.is_served(model)
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def models(self) -> JSONReply:
         created = int(time.time())
-        data = [{"id": self.engine.model_name, "object": "model", "created": created, "owned_by": "tunestack",
-                 "root": self.engine.model_name, "parent": None}]
+        base = self.model_name
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "tunestack", "root": base,
+                 "parent": None}]
         for name in self.sync.loaded() if self.sync else []:
             data.append({"id": name, "object": "model", "created": created, "owned_by": "tunestack",
-                         "root": name, "parent": self.engine.model_name})
-        return {"object": "list", "data": data}
-
-    def resolve(self, model: str) -> str | None:
-        if model == self.engine.model_name:
-            return None
-        if self.sync and model in self.sync.loaded():
-            return model
-        raise APIError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+                         "root": name, "parent": base})
+        return JSONReply({"object": "list", "data": data})
 
     # -- generation ------------------------------------------------------------------
-    def _prepare(self, req, prompt_ids: list[int]) -> list[GenRequest]:
-        adapter = self.resolve(req.model)
-        room = self.engine.max_model_len - len(prompt_ids)
-        if not req.max_tokens_given and isinstance(req, ChatCompletionRequest):
-            req.params.max_tokens = max(1, min(req.params.max_tokens, room))
-        if len(prompt_ids) + req.params.max_tokens > self.engine.max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {self.engine.max_model_len} tokens. However, you requested "
-                f"{len(prompt_ids) + req.params.max_tokens} tokens ({len(prompt_ids)} in the messages, "
-                f"{req.params.max_tokens} in the completion).", "max_tokens", "context_length_exceeded")
-        events: queue.Queue = queue.Queue()
+    def completions(self, raw_body: bytes) -> Reply:
+        return self._generate(raw_body, chat=False)
+
+    def chat_completions(self, raw_body: bytes) -> Reply:
+        return self._generate(raw_body, chat=True)
+
+    def _generate(self, raw_body: bytes, chat: bool) -> Reply:
+        t0 = time.perf_counter()
+        self.metrics.in_flight.inc()  # decremented once the request is rejected, answered or its stream closed
+        job = self._start(raw_body, chat, t0)
+        return EventStream(self._stream(job)) if job.req.stream else self._complete(job)
+
+    def _start(self, raw_body: bytes, chat: bool, t0: float) -> Job:
+        """Parse and check the request and build its sequences; a rejection is counted here."""
+        body = None
+        try:
+            body = json_body(raw_body)
+            req, ids = self._parse_chat(body) if chat else self._parse_completion(body)
+            gens = self._sequences(req, ids)
+        except APIError as e:
+            self.metrics.in_flight.dec()
+            model = body.get("model") if isinstance(body, dict) else None
+            self.metrics.requests.labels(self.served.label(model), "", str(e.status)).inc()
+            raise
+        return Job(req, gens, ResponseBuilder(chat, req.model, req.include_usage), t0)
+
+    def _parse_completion(self, body: Any) -> tuple[CompletionRequest, list[int]]:
+        req = CompletionRequest.parse(body)
+        ids = self.engine.tokenize(req.prompt)
+        if not ids:
+            raise bad_request("prompt must not be empty", "prompt")
+        return req, ids
+
+    def _parse_chat(self, body: Any) -> tuple[ChatCompletionRequest, list[int]]:
+        req = ChatCompletionRequest.parse(body)
+        try:
+            return req, self.engine.tokenize_chat(req.messages)
+        except Exception as e:  # a template that rejects the message order is the client's input
+            raise bad_request(f"messages could not be formatted with the chat template: {e}", "messages") from None
+
+    def _sequences(self, req: Request, prompt_ids: list[int]) -> list[GenRequest]:
+        """The request's n engine sequences, after the model (404) and context length (400) checks."""
+        adapter = self.served.adapter(req.model)
+        self._fit_context(req, len(prompt_ids))
+        events: queue.Queue[EngineEvent] = queue.Queue()  # one queue for the n choices
         gens = []
         for i in range(req.n):
             p = req.params
             if p.seed is not None and req.n > 1:
-                p = type(p)(**{**p.__dict__, "seed": p.seed + i})  # distinct but reproducible choices
+                p = dataclasses.replace(p, seed=p.seed + i)  # distinct but reproducible choices
             gens.append(GenRequest(prompt_ids, adapter, p, events=events, index=i))
         return gens
 
-    def completions(self, body: Any) -> tuple[CompletionRequest, list[GenRequest]]:
-        req = CompletionRequest.parse(body)
-        return req, self._prepare(req, self.engine.tokenize(req.prompt))
+    def _fit_context(self, req: Request, n_prompt: int) -> None:
+        limit = self.engine.max_model_len
+        if not req.max_tokens_given and isinstance(req, ChatCompletionRequest):
+            req.params.max_tokens = max(1, min(req.params.max_tokens, limit - n_prompt))  # chat: up to the room left
+        if n_prompt + req.params.max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + req.params.max_tokens} tokens ({n_prompt} in the messages, "
+                f"{req.params.max_tokens} in the completion).", "max_tokens", "context_length_exceeded")
 
-    def chat(self, body: Any) -> tuple[ChatCompletionRequest, list[GenRequest]]:
-        req = ChatCompletionRequest.parse(body)
+    def _complete(self, job: Job) -> JSONReply:
+        """Wait for every choice and answer with the whole response."""
         try:
-            ids = self.engine.tokenize_chat(req.messages)
-        except Exception as e:  # a template that rejects the message order is the client's input
-            raise bad_request(f"messages could not be formatted with the chat template: {e}", "messages") from None
-        return req, self._prepare(req, ids)
+            with closing(self.run(job.gens)) as events:
+                texts, reasons, completion = _collect(events, job.req.n)
+            self.record(job, 200, completion)
+            return JSONReply(job.out.body(texts, reasons, job.usage(completion)))
+        except APIError as e:
+            self.record(job, e.status, 0)
+            raise
+        finally:
+            self.metrics.in_flight.dec()
 
-    def run(self, gens: list[GenRequest]) -> Iterator[tuple]:
-        """Submit and yield engine events until every choice is done. Closing the iterator cancels."""
+    def _stream(self, job: Job) -> Generator[dict[str, Any], None, None]:
+        """The chunks of a streamed response. Closing it early (the client left) cancels the rows: status 499."""
+        completion, status = 0, 200
+        try:
+            if job.out.chat:
+                yield job.out.role_chunk(job.req.n)
+            with closing(self.run(job.gens)) as events:
+                try:
+                    for ev in events:
+                        if isinstance(ev, TextDelta):
+                            yield job.out.text_chunk(ev.index, ev.text)
+                        elif isinstance(ev, Finished):
+                            completion += ev.completion_tokens
+                            yield job.out.finish_chunk(ev.index, ev.reason)
+                        else:
+                            raise APIError(503, ev.message, code="engine_error")
+                except APIError as e:  # headers are sent: the error goes out as an event, the stream ends cleanly
+                    status = e.status
+                    yield e.body()
+            if job.req.include_usage:
+                yield job.out.usage_chunk(job.usage(completion))
+        except GeneratorExit:
+            status = 499
+            raise
+        finally:
+            self.record(job, status, completion)
+            self.metrics.in_flight.dec()
+
+    def run(self, gens: list[GenRequest]) -> Generator[EngineEvent, None, None]:
+        """Submit and yield engine events until every choice has ended. Closing the iterator cancels."""
         for g in gens:
             self.engine.submit(g)
         pending = len(gens)
@@ -84,41 +185,28 @@ class OpenAIServing:
                     ev = events.get(timeout=EVENT_TIMEOUT_S)
                 except queue.Empty:
                     raise APIError(503, "generation timed out", code="timeout") from None
-                if ev[1] in ("done", "error"):
+                if isinstance(ev, (Finished, Failed)):
                     pending -= 1
                 yield ev
         finally:
             for g in gens:
                 g.cancelled.set()
 
-    def record(self, req, gens: list[GenRequest], status: int, completion_tokens: int, t0: float) -> None:
-        m = self.metrics
-        adapter = gens[0].adapter if gens else ""
-        lab = (req.model, adapter or "")
-        m.requests.labels(*lab, str(status)).inc()
-        if status != 200 or not gens:
-            return
-        m.prompt_tokens.labels(*lab).inc(len(gens[0].prompt_ids) * len(gens))
-        m.generation_tokens.labels(*lab).inc(completion_tokens)
-        end = time.perf_counter()
-        m.e2e.labels(*lab).observe(end - t0)
-        first = min((g.first_token_at for g in gens if g.first_token_at), default=None)
-        if first is not None:
-            m.ttft.labels(*lab).observe(first - t0)
-            per_choice = completion_tokens / max(1, len(gens))
-            if per_choice > 1:
-                m.tpot.labels(*lab).observe((end - first) / (per_choice - 1))
+    def record(self, job: Job, status: int, completion_tokens: int) -> None:
+        first = min((g.first_token_at for g in job.gens if g.first_token_at), default=None)
+        labels = (job.req.model, job.gens[0].adapter or "")
+        self.metrics.record_request(labels, status, job.t0, job.usage(completion_tokens) if status == 200 else None,
+                                    first, choices=len(job.gens))
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
+def _collect(events: Iterator[EngineEvent], n: int) -> tuple[list[str], list[str], int]:
+    """(texts, finish reasons, completion tokens) of n choices; 503 on an engine error."""
+    texts, reasons, completion = [""] * n, ["stop"] * n, 0
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            texts[ev.index] += ev.text
+        elif isinstance(ev, Finished):
+            reasons[ev.index], completion = ev.reason, completion + ev.completion_tokens
+        else:
+            raise APIError(503, ev.message, code="engine_error")
+    return texts, reasons, completion

@@ -1,6 +1,6 @@
 """vLLM backend: launch vLLM's OpenAI server configured from the registry, behind a thin metrics proxy.
 
-    client ──> proxy (this process, gunicorn) ──> vLLM api_server (child process, 127.0.0.1)
+    client ──> proxy (this process, gunicorn; vllm_proxy.py) ──> vLLM api_server (child process, 127.0.0.1)
                  │ auth, 413, per-adapter Prometheus metrics, admin API
                  └─ AdapterSync: registry ──/v1/load_lora_adapter, /v1/unload_lora_adapter──> vLLM
 
@@ -12,8 +12,6 @@ so replicas sharing one registry volume converge on the same set.
 
 from __future__ import annotations
 
-import http.client
-import json
 import logging
 import os
 import shlex
@@ -23,17 +21,21 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import httpx
-from flask import Response
 
+from artifacts import Registry
 from lm.adapters import lora_rank, vllm_max_lora_rank
 from lm.loading import module_names_from_config
 from serve.adapters import AdapterSync, Refused
-from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 from serve.settings import Settings
+from serve.vllm_proxy import VLLMProxy
+
+if TYPE_CHECKING:
+    from flask import Flask
 
 log = logging.getLogger("serve.vllm")
 
@@ -83,266 +85,143 @@ class VLLMLoader:
             raise RuntimeError(f"vLLM could not unload {name}: {r.text[:300]}")
 
 
-class _Upstream:
-    """Keep-alive HTTP/1.1 connections to vLLM, one per proxy thread (http.client: ~10x less work than httpx)."""
+# -- launch ---------------------------------------------------------------------------------------
+@dataclass
+class LaunchPlan:
+    """What vLLM is started with, and what the proxy needs to reach it and keep its adapters in sync."""
 
-    def __init__(self, base_url: str):
-        hostport = base_url.split("//", 1)[1]
-        self.host, port = hostport.rsplit(":", 1)
-        self.port = int(port)
-        self._local = threading.local()
+    registry: Registry
+    name: str  # the served base model name
+    path: str  # the base model's weights
+    sha256: str
+    base_modules: set[str]
+    max_lora_rank: int
+    startup: dict[str, str]  # adapters passed as --lora-modules, name -> path
+    port: int
 
-    def _conn(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
-            conn.connect()
-            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._local.conn = conn
-        return conn
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    def drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+    def adapter_sync(self, max_lora_rank: int, metrics: Metrics, poll_seconds: float) -> AdapterSync:
+        return AdapterSync(self.registry, VLLMLoader(self.url), self.sha256, self.base_modules, max_lora_rank,
+                           metrics, poll_seconds)
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> http.client.HTTPResponse:
-        for attempt in (0, 1):  # a keep-alive connection vLLM closed meanwhile: reconnect once
+
+def plan_launch(settings: Settings, metrics: Metrics) -> LaunchPlan:
+    """Read the registry: the base model, the max LoRA rank its adapters need, the adapters vLLM starts with."""
+    from serve.server import registry_base
+
+    reg, name, path, sha = registry_base(settings)
+    plan = LaunchPlan(reg, name, path, sha, module_names_from_config(path), settings.max_lora_rank, {},
+                      settings.vllm_port or _free_port())
+    probe = plan.adapter_sync(settings.max_lora_rank, metrics, settings.poll_seconds)
+    names = reg.adapters()
+    plan.max_lora_rank = derive_max_lora_rank(probe, names, settings.max_lora_rank)
+    for n in names:
+        try:
+            plan.startup[n] = probe.check(n)[0]
+        except Refused as e:
+            log.warning("adapter %s refused at launch: %s", n, e)
+    return plan
+
+
+class VLLMChild:
+    """The vLLM server process, in its own session so that stopping it stops its workers too."""
+
+    def __init__(self, settings: Settings, plan: LaunchPlan):
+        import torch
+
+        cpu = not torch.cuda.is_available()
+        env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+        if cpu:
+            env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        cmd = vllm_command(settings, plan.path, plan.name, plan.max_lora_rank, plan.startup, plan.port, cpu)
+        log.info("starting vLLM: %s", " ".join(cmd))
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def alive(self) -> bool:
+        """Works in gunicorn's forked worker too, where Popen.poll() cannot wait on the master's child."""
+        try:
+            os.kill(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        try:  # a zombie (exited, not yet reaped by the master) counts as dead
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                return f.read().split(") ", 1)[1][0] != "Z"
+        except OSError:
+            return True
+
+    def wait_healthy(self, url: str) -> bool:
+        """Poll vLLM's /health until it answers 200 (True) or the process exits (False)."""
+        http = httpx.Client(timeout=2)
+        while self.alive():
             try:
-                conn = self._conn()
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-                return conn.getresponse()
-            except (http.client.HTTPException, OSError):
-                self.drop()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+                if http.get(f"{url}/health").status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return False
+
+    def stop(self, *_) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-class VLLMProxy:
-    """Forwards OpenAI requests to vLLM, recording per-adapter metrics on the way."""
+def run_vllm(settings: Settings) -> int:
+    """Start vLLM (child) and the proxy (gunicorn, this process); stop vLLM when the proxy stops."""
+    from serve.server import run_gunicorn
 
-    def __init__(self, base_url: str, served_name: str, sync: AdapterSync, metrics: Metrics,
-                 max_model_len: int = 2048):
-        self.base_url = base_url
-        self.max_model_len = max_model_len
-        self.model_name = served_name
-        self.sync = sync
-        self.metrics = metrics
-        self.up = _Upstream(base_url)
+    metrics = Metrics()
+    plan = plan_launch(settings, metrics)
+    child = VLLMChild(settings, plan)
+    try:
+        run_gunicorn(lambda: proxy_app(settings, plan, child, metrics, on_dead=_stop_master), settings,
+                     on_exit=child.stop)
+    finally:
+        child.stop()
+    return 0
 
-    def stats(self) -> dict[str, int]:
-        return {}
 
-    def models(self) -> Response:
-        r = self.up.request("GET", "/v1/models")
-        return Response(r.read(), r.status, mimetype="application/json")
+def proxy_app(settings: Settings, plan: LaunchPlan, child: VLLMChild, metrics: Metrics,
+              on_dead: Callable[[], None]) -> Flask:
+    """The app (in gunicorn's worker): it answers /health at once and serves once vLLM is healthy.
 
-    def forward(self, path: str, raw: bytes) -> Response:
-        t0 = time.perf_counter()
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise bad_request(f"invalid JSON body: {e}") from None
-        if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object")
-        model = body.get("model") if isinstance(body.get("model"), str) else ""
-        if model != self.model_name and (self.sync is None or model not in self.sync.loaded()):
-            model = "_unknown"  # arbitrary client strings must not grow the metric's label set
-        adapter = "" if model in (self.model_name, "_unknown") else model
-        lab = (model, adapter)
-        self._check_context(path, body)
-        stream = body.get("stream") is True
-        wants_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else True
-        if stream and not wants_usage:
-            body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-            raw = json.dumps(body).encode()
-        self.metrics.in_flight.inc()
-        before = time.perf_counter() - t0
-        try:
-            up = self.up.request("POST", path, raw)
-        except (http.client.HTTPException, OSError) as e:
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(*lab, "503").inc()
-            raise APIError(503, f"vLLM is unavailable: {e}", code="upstream_unavailable") from None
-        if not stream or up.status != 200:
-            t1 = time.perf_counter()
-            data = up.read()
-            usage = None
-            if up.status == 200:
-                try:
-                    usage = json.loads(data).get("usage")
-                except ValueError:
-                    pass
-            self._record(lab, up.status, t0, usage, None)
-            self.metrics.in_flight.dec()
-            self.metrics.proxy_overhead.observe(before + time.perf_counter() - t1)
-            return Response(data, up.status, mimetype=up.getheader("content-type", "application/json"))
-        self.metrics.proxy_overhead.observe(before)
-        return Response(self._relay(up, lab, t0, wants_usage), mimetype="text/event-stream",
-                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    on_dead: called if vLLM exits before it is healthy (under gunicorn: stop the master)."""
+    from serve.app import build_app
 
-    def _check_context(self, path: str, body: dict) -> None:
-        """400 for prompt + max_tokens beyond the context, as the Flask backend does (vLLM would clamp).
+    app = build_app(settings, None, metrics)
+    threading.Thread(target=_serve_when_healthy, args=(app, settings, plan, child, metrics, on_dead),
+                     name="vllm-wait", daemon=True).start()
+    return app
 
-        Fast path without tokenising: UTF-8 bytes bound byte-level BPE token counts from above, so
-        a request that fits by that bound is forwarded untouched; only near-limit ones ask /tokenize.
-        """
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool):
-            return
-        text = body.get("prompt") if path.endswith("/completions") and "chat" not in path else body.get("messages")
-        bound = len(json.dumps(text, ensure_ascii=False).encode()) + 64  # + chat template tokens
-        if max_tokens + bound <= self.max_model_len:
-            return
-        key = "messages" if "chat" in path else "prompt"
-        r = self.up.request("POST", "/tokenize", json.dumps({"model": body.get("model"), key: text}).encode())
-        data = r.read()
-        if r.status != 200:
-            return  # let vLLM report what is wrong with the request itself
-        count = json.loads(data).get("count", 0)
-        if count + max_tokens > self.max_model_len:
-            raise bad_request(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{count + max_tokens} tokens ({count} in the prompt, {max_tokens} in the completion).",
-                "max_tokens", "context_length_exceeded")
 
-    def _relay(self, up: http.client.HTTPResponse, lab, t0: float, wants_usage: bool) -> Iterator[bytes]:
-        first = None
-        usage = None
-        status = 200
-        finished = False
-        try:
-            while True:
-                raw = up.readline()
-                if not raw:
-                    finished = True
-                    break
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if not line:
-                    continue
-                if line.startswith("data: {"):
-                    compact = line.replace(" ", "")
-                    if first is None and '"choices":[{' in compact:
-                        first = time.perf_counter()
-                    if '"usage":{' in compact:
-                        try:
-                            obj = json.loads(line[6:])
-                            usage = obj.get("usage") or usage
-                            if not wants_usage and not obj.get("choices"):
-                                continue  # the usage chunk we asked for ourselves
-                        except ValueError:
-                            pass
-                yield (line + "\n\n").encode()
-        except GeneratorExit:
-            status = 499  # client left: closing the upstream connection makes vLLM abort the request
-            raise
-        finally:
-            if not finished:
-                self.up.drop()
-            self._record(lab, status, t0, usage, first)
-            self.metrics.in_flight.dec()
+def _serve_when_healthy(app: Flask, settings: Settings, plan: LaunchPlan, child: VLLMChild, metrics: Metrics,
+                        on_dead: Callable[[], None]) -> None:
+    from serve.app import set_serving
 
-    def _record(self, lab, status: int, t0: float, usage: dict | None, first: float | None) -> None:
-        m = self.metrics
-        m.requests.labels(*lab, str(status)).inc()
-        if status != 200 or not usage:
-            return
-        end = time.perf_counter()
-        m.prompt_tokens.labels(*lab).inc(usage.get("prompt_tokens", 0))
-        out = usage.get("completion_tokens", 0)
-        m.generation_tokens.labels(*lab).inc(out)
-        m.e2e.labels(*lab).observe(end - t0)
-        if first is not None:
-            m.ttft.labels(*lab).observe(first - t0)
-            if out > 1:
-                m.tpot.labels(*lab).observe((end - first) / (out - 1))
+    if not child.wait_healthy(plan.url):
+        log.error("vLLM exited before becoming healthy")
+        on_dead()
+        return
+    sync = plan.adapter_sync(plan.max_lora_rank, metrics, settings.poll_seconds)
+    for n in plan.startup:  # already loaded by --lora-modules at launch
+        sync.mark_loaded(n)
+    sync.start()
+    set_serving(app, VLLMProxy(plan.url, plan.name, sync, metrics, settings.max_model_len), sync)
+    log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", plan.name, plan.max_lora_rank, sync.loaded())
+
+
+def _stop_master() -> None:
+    os.kill(os.getppid(), signal.SIGTERM)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def run_vllm(settings: Settings) -> int:
-    """Start vLLM (child) and the proxy (gunicorn, this process); stop vLLM when the proxy stops."""
-    import torch
-
-    from serve.app import build_app, set_serving
-    from serve.server import registry_base, run_gunicorn
-
-    reg, name, path, sha = registry_base(settings)
-    metrics = Metrics()
-    vport = settings.vllm_port or _free_port()
-    vurl = f"http://127.0.0.1:{vport}"
-    base_modules = module_names_from_config(path)
-    probe = AdapterSync(reg, VLLMLoader(vurl), sha, base_modules, settings.max_lora_rank, metrics, settings.poll_seconds)
-    names = reg.adapters()
-    rank = derive_max_lora_rank(probe, names, settings.max_lora_rank)
-    startup = {}
-    for n in names:
-        try:
-            startup[n] = probe.check(n)[0]
-        except Refused as e:
-            log.warning("adapter %s refused at launch: %s", n, e)
-    cpu = not torch.cuda.is_available()
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
-    if cpu:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    cmd = vllm_command(settings, path, name, rank, startup, vport, cpu)
-    log.info("starting vLLM: %s", " ".join(cmd))
-    child = subprocess.Popen(cmd, env=env, start_new_session=True)
-
-    def alive() -> bool:
-        """Works in gunicorn's forked worker too, where Popen.poll() cannot wait on the master's child."""
-        try:
-            os.kill(child.pid, 0)
-        except ProcessLookupError:
-            return False
-        try:  # a zombie (exited, not yet reaped by the master) counts as dead
-            with open(f"/proc/{child.pid}/stat") as f:
-                return f.read().split(") ", 1)[1][0] != "Z"
-        except OSError:
-            return True
-
-    def stop_child(*_):
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGTERM)
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-
-    def factory():
-        app = build_app(settings, None, metrics)
-
-        def wait_and_sync():
-            http = httpx.Client(timeout=2)
-            while alive():
-                try:
-                    if http.get(f"{vurl}/health").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.5)
-            if not alive():
-                log.error("vLLM exited before becoming healthy")
-                os.kill(os.getppid(), signal.SIGTERM)
-                return
-            sync = AdapterSync(reg, VLLMLoader(vurl), sha, base_modules, rank, metrics, settings.poll_seconds)
-            for n in startup:  # already loaded by --lora-modules at launch
-                sync.mark_loaded(n)
-            sync.start()
-            set_serving(app, VLLMProxy(vurl, name, sync, metrics, settings.max_model_len), sync)
-            log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", name, rank, sync.loaded())
-
-        threading.Thread(target=wait_and_sync, name="vllm-wait", daemon=True).start()
-        return app
-
-    try:
-        run_gunicorn(factory, settings, on_exit=stop_child)
-    finally:
-        stop_child()
-    return 0

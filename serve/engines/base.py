@@ -1,4 +1,4 @@
-"""What an engine offers the HTTP layer: submit a request, receive its tokens on a queue."""
+"""What an engine offers the serving layer: submit a request, receive its events on a queue."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Union
 
 
 @dataclass
@@ -23,19 +24,57 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
+# -- events: what the engine puts on a request's queue, tagged with the choice index ------------
+@dataclass(frozen=True)
+class TextDelta:
+    """New text of choice `index` (whole characters; never part of a stop string)."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Choice `index` ended normally: finish_reason "stop" or "length"."""
+
+    index: int
+    reason: str
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """Choice `index` ended in an engine error; the message is safe to show the client."""
+
+    index: int
+    message: str
+
+
+EngineEvent = Union[TextDelta, Finished, Failed]
+"""A request's events: TextDelta*, then exactly one Finished or Failed."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Sequences in the running batch and sequences waiting for a slot (the /metrics gauges)."""
+
+    running: int = 0
+    waiting: int = 0
+
+
 @dataclass
 class GenRequest:
-    """One sequence to generate. The engine puts events on `events`, tagged with `index` (the choice):
-    (index, "text", delta), then (index, "done", finish_reason, completion_tokens) or (index, "error", message)."""
+    """One sequence to generate. The engine puts EngineEvents on `events`, tagged with `index` (the choice)."""
 
     prompt_ids: list[int]
     adapter: str | None  # None = base model
     params: SamplingParams
-    events: queue.Queue = field(default_factory=queue.Queue)  # shared by the n choices of one API request
+    events: queue.Queue[EngineEvent] = field(default_factory=queue.Queue)  # shared by the n choices of one request
     index: int = 0
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    ended: bool = False  # set by the engine with the last event: the serving layer counts one per choice
 
 
 class Engine(ABC):
@@ -65,8 +104,8 @@ class Engine(ABC):
         """Prompt ids for a completion request."""
 
     @abstractmethod
-    def stats(self) -> dict[str, int]:
-        """running / waiting counts for metrics."""
+    def stats(self) -> EngineStats:
+        """Running / waiting counts for metrics."""
 
     @abstractmethod
     def shutdown(self) -> None:

@@ -19,10 +19,11 @@ import threading
 import time
 from abc import abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from serve.engines.base import Engine, GenRequest
+from serve.engines.base import Engine, EngineStats, Failed, Finished, GenRequest, TextDelta
 from lm.chat import encode_generation_prompt, encode_text, ensure_chat_template
 from lm.padding import left_pad
 
@@ -39,9 +40,22 @@ class _Row:
     gen: torch.Generator | None = None
 
 
+@dataclass
+class _Command:
+    """A call to run on the engine thread between steps; its (ok, result or exception) comes back on `done`."""
+
+    fn: Callable[..., Any]
+    args: tuple
+    adapter: str | None = None  # an adapter the call swaps: it waits until no running row uses that adapter
+    done: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
+
+
 class BatchingEngine(Engine):
     """Subclasses set up their model, then call `_start(tokenizer, ...)`, and implement `_forward`."""
 
+    # The adapters whose weights this engine holds, name -> path. AdapterSync decides what is served;
+    # this is the engine's own record, checked in _admit because an unload may land between the
+    # serving layer's check and admission (the request then fails instead of running on missing weights).
     adapters: dict[str, str]
 
     def _start(self, tokenizer, model_name: str, max_batch: int, max_model_len: int, eos_ids: set[int]) -> None:
@@ -52,7 +66,7 @@ class BatchingEngine(Engine):
         self.max_model_len = max_model_len
         self.eos_ids = {i for i in eos_ids if i is not None}
         self._waiting: queue.Queue[GenRequest] = queue.Queue()
-        self._commands: queue.Queue = queue.Queue()
+        self._commands: queue.Queue[_Command] = queue.Queue()
         self._rows: list[_Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
@@ -74,18 +88,20 @@ class BatchingEngine(Engine):
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
         return encode_generation_prompt(self.tok, messages)
 
-    def stats(self) -> dict[str, int]:
-        return {"running": len(self._rows), "waiting": self._waiting.qsize()}
+    def stats(self) -> EngineStats:
+        return EngineStats(running=len(self._rows), waiting=self._waiting.qsize())
 
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
 
-    def _call(self, fn, *args):
-        """Run fn on the engine thread (between steps) and return its result."""
-        done: queue.Queue = queue.Queue(maxsize=1)
-        self._commands.put((fn, args, done))
-        ok, value = done.get()
+    def _call(self, fn, *args, adapter: str | None = None):
+        """Run fn on the engine thread (between steps) and return its result.
+
+        adapter: fn swaps that adapter's weights, so it waits until no running row uses it."""
+        cmd = _Command(fn, args, adapter)
+        self._commands.put(cmd)
+        ok, value = cmd.done.get()
         if not ok:
             raise value
         return value
@@ -95,43 +111,46 @@ class BatchingEngine(Engine):
         pending = []
         while True:
             try:
-                fn, args, done = self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 break
-            # Never swap an adapter out from under a running row: wait until its rows finish.
-            if getattr(fn, "__name__", "") in ("_load_adapter", "_unload_adapter") and \
-                    any(r.req.adapter == args[0] for r in self._rows):
-                pending.append((fn, args, done))
+            if cmd.adapter is not None and any(r.req.adapter == cmd.adapter for r in self._rows):
+                pending.append(cmd)  # never swap an adapter out from under a running row
                 continue
             try:
-                done.put((True, fn(*args)))
+                cmd.done.put((True, cmd.fn(*cmd.args)))
             except Exception as e:  # reported to the caller (admin API / registry watcher), the loop goes on
-                done.put((False, e))
-        for item in pending:
-            self._commands.put(item)
+                cmd.done.put((False, e))
+        for cmd in pending:
+            self._commands.put(cmd)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            admitted: list[GenRequest] = []
             try:
                 self._run_commands()
                 admitted = self._admit()
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
-                elif not admitted:
-                    try:
-                        self._waiting.put(self._waiting.get(timeout=0.02))
-                    except queue.Empty:
-                        pass
+                self._step(admitted)
             except Exception as e:  # a bug must not kill the server silently: fail the batch, keep serving
                 log.exception("engine step failed")
-                for r in self._rows:
-                    r.req.events.put((r.req.index, "error", f"engine error: {e}"))
+                # Admitted requests may not be rows yet (prefill raised): fail them too, or they would hang.
+                self._fail([r.req for r in self._rows] + admitted, f"engine error: {e}")
                 self._rows, self._cache, self._mask = [], None, None
 
+    def _step(self, admitted: list[GenRequest]) -> None:
+        """Prefill what was admitted, then one decode step for every running row (or wait for work)."""
+        if admitted:
+            self._prefill(admitted)
+        if self._rows:
+            self._decode()
+        elif not admitted:
+            try:
+                self._waiting.put(self._waiting.get(timeout=0.02))
+            except queue.Empty:
+                pass
+
     def _admit(self) -> list[GenRequest]:
-        out = []
+        out: list[GenRequest] = []
         while len(self._rows) + len(out) < self.max_batch:
             try:
                 req = self._waiting.get_nowait()
@@ -139,10 +158,12 @@ class BatchingEngine(Engine):
                 break
             if req.cancelled.is_set():
                 continue
-            if req.adapter is not None and req.adapter not in self.adapters:
-                req.events.put((req.index, "error", f"adapter {req.adapter!r} is not loaded"))
-                continue
-            out.append(req)
+            if not req.prompt_ids:  # nothing to condition on: the model must never see an empty row
+                self._fail([req], "prompt must not be empty")
+            elif req.adapter is not None and req.adapter not in self.adapters:
+                self._fail([req], f"adapter {req.adapter!r} is not loaded")
+            else:
+                out.append(req)
         return out
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
@@ -191,40 +212,44 @@ class BatchingEngine(Engine):
         return int(torch.multinomial(probs, 1, generator=row.gen))
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Sample each row's next token, send the text it settles; finished and cancelled rows leave."""
         finished = set()
         now = time.perf_counter()
         greedy = logits.argmax(-1).tolist()  # one batched argmax; sampled rows are drawn per row below
         for i, row in enumerate(rows):
-            req = row.req
-            if req.cancelled.is_set():
-                finished.add(id(row))
-                continue
-            tok = self._sample(row, logits[i], greedy[i])
-            if req.first_token_at is None:
-                req.first_token_at = now
-            reason = None
-            if tok in self.eos_ids and not req.params.ignore_eos:
-                reason = "stop"
-            else:
-                row.generated.append(tok)
-            text = self.tok.decode(row.generated, skip_special_tokens=True)
-            cut = _find_stop(text, req.params.stop)
-            if cut is not None:
-                text, reason = text[:cut], "stop"
-            if reason is None and len(row.generated) >= req.params.max_tokens:
-                reason = "length"
-            if reason is None and row.length + 1 >= self.max_model_len:
-                reason = "length"
-            # Hold back a possible stop-string prefix and incomplete UTF-8 until they resolve.
-            safe = len(text) if reason else _safe_len(text, req.params.stop)
-            if safe > row.emitted:
-                req.events.put((req.index, "text", text[row.emitted:safe]))
-                row.emitted = safe
-            if reason:
-                req.events.put((req.index, "done", reason, len(row.generated)))
+            if row.req.cancelled.is_set() or self._advance(row, self._sample(row, logits[i], greedy[i]), now):
                 finished.add(id(row))
         if finished:
             self._drop(finished)
+
+    def _advance(self, row: _Row, tok: int, now: float) -> bool:
+        """Add one sampled token to the row and send the text it settles; True when the row is done."""
+        req = row.req
+        if req.first_token_at is None:
+            req.first_token_at = now
+        reason = None
+        if tok in self.eos_ids and not req.params.ignore_eos:
+            reason = "stop"
+        else:
+            row.generated.append(tok)
+        text = self.tok.decode(row.generated, skip_special_tokens=True)
+        cut = _find_stop(text, req.params.stop)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+        if reason is None and (len(row.generated) >= req.params.max_tokens or row.length + 1 >= self.max_model_len):
+            reason = "length"
+        # Hold back a possible stop-string prefix and incomplete UTF-8 until they resolve.
+        safe = len(text) if reason else _safe_len(text, req.params.stop)
+        if safe > row.emitted:
+            req.events.put(TextDelta(req.index, text[row.emitted:safe]))
+            row.emitted = safe
+        if reason:
+            _end(req, Finished(req.index, reason, len(row.generated)))
+        return reason is not None
+
+    def _fail(self, reqs: list[GenRequest], message: str) -> None:
+        for req in reqs:
+            _end(req, Failed(req.index, message))
 
     def _drop(self, finished: set[int]) -> None:
         keep = [i for i, r in enumerate(self._rows) if id(r) not in finished]
@@ -239,6 +264,13 @@ class BatchingEngine(Engine):
         for layer in self._cache.layers:
             layer.keys = layer.keys[idx, :, first:]
             layer.values = layer.values[idx, :, first:]
+
+
+def _end(req: GenRequest, event: Finished | Failed) -> None:
+    """Put a request's last event, once: a request failed after it finished must not end twice."""
+    if not req.ended:
+        req.ended = True
+        req.events.put(event)
 
 
 def _lpad(x: torch.Tensor, t: int, dim: int = 2) -> torch.Tensor:

@@ -173,56 +173,68 @@ class LeanDecoder:
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 cache: KVCache | None) -> tuple[torch.Tensor, KVCache]:
         """ids/pos (B, T), mask (B, past + T) 1 = real token -> (last-position logits (B, vocab), cache)."""
-        b, t = ids.shape
         x = self.embed(ids)
-        cos, sin = self.rotary(x, pos)
-        attn_mask = _mask(mask, t, x.dtype)
+        rope = self.rotary(x, pos)
+        attn_mask = _mask(mask, ids.shape[1], x.dtype)
         new = cache is None
         if new:
             cache = KVCache()
         lora = self.lora if self.lora is not None and self.lora.active else None
         for i, L in enumerate(self.layers):
-            h = L.ln1(x).view(b * t, -1)
-            qkv = L.qkv(h)
-            q, k, v = qkv[:, :L.nq], qkv[:, L.nq:L.nq + L.nk], qkv[:, L.nq + L.nk:]
-            if lora is not None:
-                lora.apply(L.names["self_attn.q_proj"], h, q, t)
-                lora.apply(L.names["self_attn.k_proj"], h, k, t)
-                lora.apply(L.names["self_attn.v_proj"], h, v, t)
-            q = q.view(b, t, -1, L.head_dim).transpose(1, 2)
-            k = k.view(b, t, -1, L.head_dim).transpose(1, 2)
-            v = v.view(b, t, -1, L.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            if new:
-                cache.layers.append(KVLayer(k, v.contiguous()))  # not a view pinning the whole q/k/v output
-            else:
-                k, v = cache.layers[i].append(k, v)
-            if t == 1:
-                o = _decode_attention(q, k, v, attn_mask, L.scaling)
-            else:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L.scaling,
-                                                   enable_gqa=k.shape[1] != q.shape[1])
-            o = o.transpose(1, 2).reshape(b * t, -1)
-            y = L.o(o)
-            if lora is not None:
-                lora.apply(L.names["self_attn.o_proj"], o, y, t)
-            x = x + y.view(b, t, -1)
-            h = L.ln2(x).view(b * t, -1)
-            gu = L.gate_up(h)
-            g, u = gu[:, :L.inter], gu[:, L.inter:]
-            if lora is not None:
-                lora.apply(L.names["mlp.gate_proj"], h, g, t)
-                lora.apply(L.names["mlp.up_proj"], h, u, t)
-            a = L.act(g) * u
-            y = L.down(a)
-            if lora is not None:
-                lora.apply(L.names["mlp.down_proj"], a, y, t)
-            x = x + y.view(b, t, -1)
+            x = x + self._attention(L, x, rope, attn_mask, cache, i, new, lora)
+            x = x + self._mlp(L, x, lora)
         h = self.norm(x[:, -1])
         logits = self.head(h)
         if lora is not None:
             lora.apply("lm_head", h, logits, 1)
         return logits.float(), cache
+
+    @staticmethod
+    def _attention(L: _Layer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor,
+                   cache: KVCache, i: int, new: bool, lora: MultiLoRA | None) -> torch.Tensor:
+        """Layer L's attention output (B, T, hidden); this step's keys and values join cache layer i."""
+        b, t, _ = x.shape
+        h = L.ln1(x).view(b * t, -1)
+        qkv = L.qkv(h)
+        q, k, v = qkv[:, :L.nq], qkv[:, L.nq:L.nq + L.nk], qkv[:, L.nq + L.nk:]
+        if lora is not None:
+            lora.apply(L.names["self_attn.q_proj"], h, q, t)
+            lora.apply(L.names["self_attn.k_proj"], h, k, t)
+            lora.apply(L.names["self_attn.v_proj"], h, v, t)
+        q = q.view(b, t, -1, L.head_dim).transpose(1, 2)
+        k = k.view(b, t, -1, L.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, L.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *rope)
+        if new:
+            cache.layers.append(KVLayer(k, v.contiguous()))  # not a view pinning the whole q/k/v output
+        else:
+            k, v = cache.layers[i].append(k, v)
+        if t == 1:
+            o = _decode_attention(q, k, v, attn_mask, L.scaling)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=L.scaling,
+                                               enable_gqa=k.shape[1] != q.shape[1])
+        o = o.transpose(1, 2).reshape(b * t, -1)
+        y = L.o(o)
+        if lora is not None:
+            lora.apply(L.names["self_attn.o_proj"], o, y, t)
+        return y.view(b, t, -1)
+
+    @staticmethod
+    def _mlp(L: _Layer, x: torch.Tensor, lora: MultiLoRA | None) -> torch.Tensor:
+        """Layer L's gated MLP output (B, T, hidden)."""
+        b, t, _ = x.shape
+        h = L.ln2(x).view(b * t, -1)
+        gu = L.gate_up(h)
+        g, u = gu[:, :L.inter], gu[:, L.inter:]
+        if lora is not None:
+            lora.apply(L.names["mlp.gate_proj"], h, g, t)
+            lora.apply(L.names["mlp.up_proj"], h, u, t)
+        a = L.act(g) * u
+        y = L.down(a)
+        if lora is not None:
+            lora.apply(L.names["mlp.down_proj"], a, y, t)
+        return y.view(b, t, -1)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

@@ -56,7 +56,7 @@ class OrtEngine(BatchingEngine):
         cfg = json.loads((onnx_dir / "config.json").read_text())
         gen_path = onnx_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # always empty: adapters are merged before export
         eos = {tok.eos_token_id} | set(as_list(gen.get("eos_token_id")))
         self._start(tok, model_name, max_batch, min(max_model_len, cfg.get("max_position_embeddings", max_model_len)),
                     eos)

@@ -41,16 +41,16 @@ class TorchEngine(BatchingEngine):
                 log.info("transformers forward (no lean path: %s)", e)
         log.info("torch engine: %s forward, %s, %s LoRA", "lean" if self.lean else "transformers",
                  str(dtype).removeprefix("torch."), lora_impl)
-        self.adapters: dict[str, str] = {}
+        self.adapters: dict[str, str] = {}  # the weights held (see BatchingEngine.adapters)
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
         eos = {tok.eos_token_id} | set(as_list(getattr(self.base.generation_config, "eos_token_id", None)))
         self._start(tok, model_name, max_batch, min(max_model_len, cfg_len), eos)
 
     def load_adapter(self, name: str, path: str) -> None:
-        self._call(self._load_adapter, name, path)
+        self._call(self._load_adapter, name, path, adapter=name)
 
     def unload_adapter(self, name: str) -> None:
-        self._call(self._unload_adapter, name)
+        self._call(self._unload_adapter, name, adapter=name)
 
     # -- engine thread -----------------------------------------------------------
     def _load_adapter(self, name: str, path: str) -> None:

@@ -133,7 +133,7 @@ def test_unsupported_models_are_named(model_type, extra, reason):
 
 
 def _generate(engine, jobs: list[tuple[str, str | None, int]]) -> list[str]:
-    from serve.engines.base import GenRequest, SamplingParams
+    from serve.engines.base import Finished, GenRequest, SamplingParams, TextDelta
 
     reqs = []
     for prompt, adapter, n in jobs:
@@ -146,10 +146,10 @@ def _generate(engine, jobs: list[tuple[str, str | None, int]]) -> list[str]:
         text = ""
         while True:
             ev = req.events.get(timeout=120)
-            assert ev[1] != "error", ev
-            if ev[1] == "done":
+            assert isinstance(ev, (TextDelta, Finished)), ev
+            if isinstance(ev, Finished):
                 break
-            text += ev[2]
+            text += ev.text
         out.append(text)
     return out
 
