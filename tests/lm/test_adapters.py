@@ -22,3 +22,23 @@ def test_unservable_features_are_named():
 def test_other_peft_types_are_not_vllm_adapters():
     assert not check_vllm({"peft_type": "IA3"})["ok"]
     assert not check_vllm(None)["ok"]
+
+
+def test_rank_includes_rank_pattern_once_for_every_stage():
+    from lm.adapters import AdapterSpec, lora_rank, mixed_batch_refusal
+
+    pc = {"peft_type": "LORA", "r": 8, "rank_pattern": {"q_proj": 24}, "target_modules": ["q_proj", "v_proj"]}
+    assert lora_rank(pc) == 24 == AdapterSpec.of(pc).rank == check_vllm(pc)["rank"]
+    assert check_vllm(pc)["max_lora_rank"] == 32
+    assert "rank 24 exceeds" in mixed_batch_refusal(pc, max_rank=16)
+    assert mixed_batch_refusal(pc, max_rank=32, base_modules={"q_proj", "v_proj"}) is None
+    assert "['v_proj']" in mixed_batch_refusal(pc, max_rank=32, base_modules={"q_proj"})
+
+
+def test_flask_verdict_matches_what_the_server_refuses():
+    from lm.adapters import servability
+
+    assert servability({"peft_type": "LORA", "r": 4, "target_modules": "all-linear"})["flask"]["ok"]
+    dora = servability({"peft_type": "LORA", "r": 4, "use_dora": True})["flask"]
+    assert not dora["ok"] and "DoRA" in dora["reasons"][0]
+    assert not servability({"peft_type": "IA3"})["flask"]["ok"]
