@@ -53,6 +53,7 @@ def test_kv_cache_decode_of_32_tokens_equals_pytorch_greedy(exported):
     assert torch.equal(got, want)
 
 
+@pytest.mark.slow  # ~14 s: a second full ONNX export
 def test_failed_parity_writes_nothing(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "LOGIT_TOLERANCE", 0.0)  # any float difference now fails the check
     out = tmp_path / "strict"

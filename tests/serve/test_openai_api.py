@@ -187,6 +187,7 @@ def test_peft_mixed_batch_backend_gives_the_same_outputs(client, peft_server):
     assert fused == peft
 
 
+@pytest.mark.slow  # ~15 s: a second server, in bf16
 def test_bfloat16_server_answers_every_model(registry):
     """SERVE_DTYPE=bfloat16 end to end: the engine runs in bf16 and base and adapters answer."""
     from openai import OpenAI

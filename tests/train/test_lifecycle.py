@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from artifacts import RunDir
 from tests.conftest import ROOT, run_train_cli, tiny_overrides
 from train.__main__ import main
@@ -35,6 +37,7 @@ def test_early_stopping_stops_when_val_loss_stalls(tiny_model, small_data, tmp_p
     assert ev["train_steps"] <= 5, ev
 
 
+@pytest.mark.slow  # ~40 s: trains 600 real steps around a kill
 def test_resume_after_kill(tiny_model, small_data, tmp_path):
     out = tmp_path / "r"
     args = tiny_overrides(tiny_model, small_data, out, **{"training.max_steps": 600, "training.save_steps": 10,
