@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer
 
+from lm.loading import load_tokenizer
 from lm.onnx_runtime import OrtCausalLM
 from serve.engines.batching import BatchingEngine, as_list
 
@@ -52,7 +52,7 @@ class OrtEngine(BatchingEngine):
         names = self.ort.past_names
         if names != [f"past_key_values.{i // 2}.{'key' if i % 2 == 0 else 'value'}" for i in range(len(names))]:
             raise ValueError(f"{onnx_dir}: past inputs must alternate key/value per layer, got {names[:4]}...")
-        tok = AutoTokenizer.from_pretrained(onnx_dir)
+        tok = load_tokenizer(str(onnx_dir))
         cfg = json.loads((onnx_dir / "config.json").read_text())
         gen_path = onnx_dir / "generation_config.json"
         gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}

@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
+
+from lm.loading import load_model, load_tokenizer
 
 from serve.engines import attention, decoder
 from serve.engines.batching import BASE, BatchingEngine, as_list
@@ -26,9 +28,8 @@ class TorchEngine(BatchingEngine):
                  threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True):
         if threads:
             torch.set_num_threads(threads)
-        tok = AutoTokenizer.from_pretrained(base_path)
-        self.base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype,
-                                                         attn_implementation=attention.NAME).eval()
+        tok = load_tokenizer(base_path)  # the chat template training used (ChatML where the model has none)
+        self.base = load_model(base_path, dtype, attn_implementation=attention.NAME).eval()
         self.model = self.base  # lora_impl=peft: becomes a PeftModel once an adapter is loaded
         self.lora_impl = lora_impl
         self.lora = MultiLoRA(self.base) if lora_impl == "fused" else None
