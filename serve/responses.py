@@ -1,4 +1,10 @@
-"""OpenAI response bodies as plain dicts: text_completion, chat.completion, their stream chunks, usage."""
+"""OpenAI response bodies: text_completion, chat.completion, their stream chunks, usage.
+
+Whole responses are built as the pydantic response models of protocol.py (the ones /openapi.json
+publishes), so a body cannot leave the server in a shape the spec does not describe. Stream chunks,
+one per token and row, are plain dicts on the hot path; tests/serve/test_openapi.py validates
+them against the same models' schemas.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+
+from serve.protocol import (ChatCompletionMessage, ChatCompletionResponse, ChatCompletionResponseChoice,
+                            CompletionResponse, CompletionResponseChoice, ModelCard, ModelList, UsageInfo)
 
 
 def new_id(prefix: str) -> str:
@@ -33,15 +42,16 @@ class ResponseBuilder:
 
     # -- a whole response ---------------------------------------------------------
     def body(self, texts: list[str], reasons: list[str], usage_obj: dict[str, int]) -> dict[str, Any]:
-        choices = [self._choice(i, text, reason) for i, (text, reason) in enumerate(zip(texts, reasons))]
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": choices, "usage": usage_obj}
-
-    def _choice(self, index: int, text: str, reason: str) -> dict[str, Any]:
+        head = {"id": self.id, "created": self.created, "model": self.model, "usage": UsageInfo(**usage_obj)}
+        pairs = list(enumerate(zip(texts, reasons)))
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason}
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+            return ChatCompletionResponse(object="chat.completion", **head, choices=[
+                ChatCompletionResponseChoice(index=i, message=ChatCompletionMessage(role="assistant", content=text),
+                                             logprobs=None, finish_reason=reason)
+                for i, (text, reason) in pairs]).model_dump()
+        return CompletionResponse(object="text_completion", **head, choices=[
+            CompletionResponseChoice(index=i, text=text, logprobs=None, finish_reason=reason)
+            for i, (text, reason) in pairs]).model_dump()
 
     # -- stream chunks --------------------------------------------------------------
     def role_chunk(self, n: int) -> dict[str, Any]:
@@ -71,3 +81,11 @@ class ResponseBuilder:
         if self.include_usage:
             out["usage"] = usage_obj
         return out
+
+
+def model_list(base: str, adapters: list[str], created: int) -> dict[str, Any]:
+    """/v1/models: the base model, then each served adapter with the base as its parent."""
+    cards = [ModelCard(id=base, object="model", created=created, owned_by="tunestack", root=base, parent=None)]
+    cards += [ModelCard(id=a, object="model", created=created, owned_by="tunestack", root=a, parent=base)
+              for a in adapters]
+    return ModelList(object="list", data=cards).model_dump()

@@ -19,7 +19,7 @@ from serve.engines.base import Engine, EngineEvent, EngineStats, Failed, Finishe
 from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 from serve.protocol import ChatCompletionRequest, CompletionRequest
-from serve.responses import ResponseBuilder, usage
+from serve.responses import ResponseBuilder, model_list, usage
 
 EVENT_TIMEOUT_S = 600  # a request that sees no token for this long is failed, never left hanging
 
@@ -59,14 +59,7 @@ class OpenAIServing:
         return self.engine.stats()
 
     def models(self) -> JSONReply:
-        created = int(time.time())
-        base = self.model_name
-        data = [{"id": base, "object": "model", "created": created, "owned_by": "tunestack", "root": base,
-                 "parent": None}]
-        for name in self.sync.loaded() if self.sync else []:
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "tunestack",
-                         "root": name, "parent": base})
-        return JSONReply({"object": "list", "data": data})
+        return JSONReply(model_list(self.model_name, self.sync.loaded() if self.sync else [], int(time.time())))
 
     # -- generation ------------------------------------------------------------------
     def completions(self, raw_body: bytes) -> Reply:
