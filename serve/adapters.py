@@ -105,11 +105,18 @@ class AdapterSync:
             self._update_gauge()
             return st
 
-    def mark_loaded(self, name: str) -> None:
-        """Record an adapter the server loaded at launch (vLLM --lora-modules)."""
+    def checked_state(self, name: str) -> tuple[str, AdapterState]:
+        """(path, the state it will have once loaded) after one check; raises Refused. For adapters a
+        server loads at launch (vLLM --lora-modules): checked once before, recorded by mark_loaded after."""
         with self._lock:
-            _, pc = self.check(name)
-            self.states[name] = AdapterState("loaded", "", self._version(self.registry, name), "lora", lora_rank(pc))
+            version = self._version(self.registry, name)
+            path, pc = self.check(name)
+            return path, AdapterState("loaded", "", version, "lora", lora_rank(pc))
+
+    def mark_loaded(self, name: str, state: AdapterState) -> None:
+        """Record an adapter the server loaded at launch, as checked by checked_state (no second check)."""
+        with self._lock:
+            self.states[name] = state
             self._update_gauge()
 
     def unload(self, name: str, state: str | None = None) -> None:

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Callable
 import httpx
 
 from artifacts import Registry
-from lm.adapters import lora_rank, vllm_max_lora_rank
+from lm.adapters import vllm_max_lora_rank
 from lm.loading import module_names_from_config
-from serve.adapters import AdapterSync, Refused
+from serve.adapters import AdapterState, AdapterSync, Refused
 from serve.metrics import Metrics
 from serve.settings import Settings
 from serve.vllm_proxy import VLLMProxy
@@ -38,17 +38,6 @@ if TYPE_CHECKING:
     from flask import Flask
 
 log = logging.getLogger("serve.vllm")
-
-
-def derive_max_lora_rank(sync: AdapterSync, names: list[str], fallback: int) -> int:
-    ranks = []
-    for n in names:
-        try:
-            _, pc = sync.check(n)
-            ranks.append(lora_rank(pc))
-        except Refused:
-            continue
-    return vllm_max_lora_rank(max(ranks) if ranks else fallback) or 512
 
 
 def vllm_command(settings: Settings, base_path: str, served_name: str, max_lora_rank: int,
@@ -98,6 +87,7 @@ class LaunchPlan:
     max_lora_rank: int
     startup: dict[str, str]  # adapters passed as --lora-modules, name -> path
     port: int
+    launched: dict[str, AdapterState]  # their states once vLLM is up (checked once, here)
 
     @property
     def url(self) -> str:
@@ -109,20 +99,21 @@ class LaunchPlan:
 
 
 def plan_launch(settings: Settings, metrics: Metrics) -> LaunchPlan:
-    """Read the registry: the base model, the max LoRA rank its adapters need, the adapters vLLM starts with."""
+    """Read the registry: the base model, the adapters vLLM starts with (each checked once) and the
+    max LoRA rank they need (rounded up to a rank vLLM allows)."""
     from serve.server import registry_base
 
     reg, name, path, sha = registry_base(settings)
     plan = LaunchPlan(reg, name, path, sha, module_names_from_config(path), settings.max_lora_rank, {},
-                      settings.vllm_port or _free_port())
+                      settings.vllm_port or _free_port(), {})
     probe = plan.adapter_sync(settings.max_lora_rank, metrics, settings.poll_seconds)
-    names = reg.adapters()
-    plan.max_lora_rank = derive_max_lora_rank(probe, names, settings.max_lora_rank)
-    for n in names:
+    for n in reg.adapters():
         try:
-            plan.startup[n] = probe.check(n)[0]
+            plan.startup[n], plan.launched[n] = probe.checked_state(n)
         except Refused as e:
             log.warning("adapter %s refused at launch: %s", n, e)
+    need = max((st.rank for st in plan.launched.values()), default=settings.max_lora_rank)
+    plan.max_lora_rank = vllm_max_lora_rank(need) or 512
     return plan
 
 
@@ -210,8 +201,8 @@ def _serve_when_healthy(app: Flask, settings: Settings, plan: LaunchPlan, child:
         on_dead()
         return
     sync = plan.adapter_sync(plan.max_lora_rank, metrics, settings.poll_seconds)
-    for n in plan.startup:  # already loaded by --lora-modules at launch
-        sync.mark_loaded(n)
+    for n, state in plan.launched.items():  # already loaded by --lora-modules at launch
+        sync.mark_loaded(n, state)
     sync.start()
     set_serving(app, VLLMProxy(plan.url, plan.name, sync, metrics, settings.max_model_len), sync)
     log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", plan.name, plan.max_lora_rank, sync.loaded())

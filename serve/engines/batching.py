@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from serve.engines.base import Engine, EngineStats, Failed, Finished, GenRequest, TextDelta
-from lm.chat import encode_generation_prompt, encode_text, ensure_chat_template
+from lm.chat import encode_generation_prompt, encode_text
 from lm.padding import left_pad
 
 log = logging.getLogger("serve.engine")
@@ -59,8 +59,8 @@ class BatchingEngine(Engine):
     adapters: dict[str, str]
 
     def _start(self, tokenizer, model_name: str, max_batch: int, max_model_len: int, eos_ids: set[int]) -> None:
+        """tokenizer: as lm.loading.load_tokenizer returns it (the chat template training used, a pad token)."""
         self.tok = tokenizer
-        ensure_chat_template(self.tok)  # ChatML for models without a template, exactly as training used
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_model_len = max_model_len

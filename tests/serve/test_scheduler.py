@@ -75,10 +75,10 @@ class ScriptedEngine(BatchingEngine):
         self._start(tok, "scripted", max_batch, max_model_len, {EOS})
 
     def load_adapter(self, name: str, path: str) -> None:
-        raise NotImplementedError
+        raise ValueError("the scripted engine runs the base model only")  # as OrtEngine: no adapters
 
     def unload_adapter(self, name: str) -> None:
-        raise NotImplementedError
+        return None  # nothing is ever loaded
 
     def _forward(self, ids, mask, pos, cache, adapters):
         kind = "prefill" if cache is None else "decode"
