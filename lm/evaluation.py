@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from lm import metrics
-from lm.chat import IGNORE, encode_prompt
+from lm.chat import IGNORE, encode_chat, encode_prompt
 from lm.data.formats import Example
 from lm.padding import Collator, left_pad
 
@@ -88,3 +88,31 @@ HEADLINE = ("accuracy", "keyword_accuracy")
 
 def headline_metric(res: dict[str, Any]) -> str:
     return next(k for k in HEADLINE if k in res)
+
+
+@torch.no_grad()
+def answer_logprobs(model, tokenizer, conversations: list[list[dict[str, str]]], batch_size: int = 8) -> list[float]:
+    """Summed log-probability of each conversation's last assistant turn given the turns before it."""
+    model.eval()
+    feats = [dict(zip(("input_ids", "labels"), encode_chat(tokenizer, msgs))) for msgs in conversations]
+    collate, dev = Collator(tokenizer.pad_token_id), next(model.parameters()).device
+    out: list[float] = []
+    for i in range(0, len(feats), batch_size):
+        batch = {k: v.to(dev) for k, v in collate(feats[i:i + batch_size]).items()}
+        labels = batch.pop("labels")[:, 1:]
+        logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+        logp = logp[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+        mask = labels != IGNORE
+        tok_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
+        out += tok_lp.sum(-1).tolist()
+    return out
+
+
+def preference_scores(model, tokenizer, pairs: list[Example]) -> dict[str, float]:
+    """How often the model prefers chosen over rejected (summed answer log-prob), and the mean margin."""
+    chosen = answer_logprobs(model, tokenizer, [ex.messages for ex in pairs])
+    rejected = answer_logprobs(model, tokenizer, [ex.messages[:-1] + [{"role": "assistant", "content": ex.rejected}]
+                                                  for ex in pairs])
+    margins = [c - r for c, r in zip(chosen, rejected)]
+    return {"preference_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "preference_margin": sum(margins) / len(margins)}

@@ -32,7 +32,7 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = opt("lora", "lora | dora | ia3 | prompt_tuning | full; LoRA is the cheapest that serves multi-adapter")
+    name: str = opt("lora", "lora | dora | ia3 | prompt_tuning | full | qlora | distill | dpo | orpo | grpo; LoRA is the cheapest that serves multi-adapter")
     r: int = opt(16, "rank 16: enough capacity for new facts; a rank every vLLM build accepts")
     alpha: int = opt(32, "alpha = 2r, the common scaling")
     dropout: float = opt(0.05, "light regularisation for small datasets")
@@ -40,6 +40,22 @@ class MethodConfig:
     num_virtual_tokens: int = opt(20, "prompt tuning: soft prompt length")
     prompt_init_text: str | None = opt(None, "prompt tuning: initialise the soft prompt from this text (None = random)")
     feedforward_modules: list[str] = opt([], "ia3: which target modules are feed-forward (scaled on input); empty = auto")
+    # distill: a teacher's soft labels train the student (model.name_or_path)
+    teacher: str | None = opt(None, "distill: a local model folder or a finished run (full or LoRA, merged in memory)")
+    student: str = opt("lora", "distill: train the student with lora or full; full is required with student_layers")
+    student_layers: str = opt("", "distill: keep these layers of model.name_or_path, 'every_other' or '0,2,4'; '' = all")
+    temperature: float = opt(2.0, "distill: softens both distributions so the teacher's ranking of wrong tokens teaches too")
+    distill_alpha: float = opt(0.5, "distill: loss = alpha*T^2*KL + (1-alpha)*CE; 0.5 weighs teacher and data equally")
+    distill_mode: str = opt("offline", "distill: offline caches the teacher's top-k once (teacher not in memory while training); online runs it beside the student")
+    top_k: int = opt(32, "distill offline: teacher log-probs kept per token; 32 holds nearly all the mass of a chat model")
+    teacher_cache: str | None = opt(None, "distill offline: folder for the teacher cache, shareable across runs; None = <run>/teacher_cache")
+    on_policy: float = opt(0.0, "distill online: fraction of steps on the student's own samples (TRL GKD); 0 = off-policy")
+    # preference (dpo, orpo) and RL (grpo)
+    beta: float = opt(0.1, "dpo: strength of the pull to the reference; orpo: odds-ratio weight; 0.1 is both papers' default")
+    rewards: list[str] = opt(["keyword"], "grpo: reward functions, summed: json_schema:PATH, regex:PATTERN, exact, keyword, length:N, or module.path:function")
+    num_generations: int = opt(4, "grpo: samples per prompt; the group its advantages are relative to")
+    max_completion_length: int = opt(48, "grpo: tokens sampled per completion; the demo answers are short JSON")
+    kl_beta: float = opt(0.04, "grpo: weight of the KL to the reference policy (DeepSeekMath's value); 0 skips the reference")
 
 
 @dataclass
@@ -186,7 +202,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{where}: method.name: {cfg.method.name!r} unknown; choose from {', '.join(METHODS)}")
     if cfg.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: model.dtype: {cfg.model.dtype!r}; choose auto, float32, bfloat16, float16")
-    if cfg.data.format not in ("auto", "chat", "instruction", "prompt_completion", "classification"):
+    if cfg.data.format not in ("auto", "chat", "instruction", "prompt_completion", "classification", "preference"):
         raise ConfigError(f"{where}: data.format: {cfg.data.format!r} unknown")
     if not 0.0 <= cfg.data.validation_fraction < 0.5:
         raise ConfigError(f"{where}: data.validation_fraction: must be in [0, 0.5)")
@@ -202,6 +218,7 @@ def validate(cfg: Config) -> None:
     tm = cfg.method.target_modules
     if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"{where}: method.target_modules: 'all-linear' or a non-empty list of module names")
+    METHODS[cfg.method.name].check(cfg)
 
 
 def help_text() -> str:

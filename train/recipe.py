@@ -37,22 +37,10 @@ from lm.errors import ConfigError
 from lm.features import TokenReport, pack, tokenize
 from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
 from lm.merge import merge_run_adapter
-from lm.padding import Collator
 from train import reporting
 from train.base_model import ResolvedModel, resolve
 from train.config import Config
-from train.methods import Method, get_method
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
+from train.methods import Method, TrainerParts, get_method
 
 
 def _rank() -> int:
@@ -71,8 +59,10 @@ def check_output(rd: RunDir, overwrite: bool, resume: bool) -> None:
             raise ConfigError(f"{rd.root}: output.dir exists; use --resume to continue it or output.overwrite=true")
 
 
-def _training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArguments:
-    args = _build_training_args(cfg, rd, has_val)
+def _training_args(cfg: Config, rd: RunDir, has_val: bool, cls: type[TrainingArguments] = TrainingArguments,
+                   **method_fields: Any) -> TrainingArguments:
+    """The run's TrainingArguments, as `cls` (a TRL config for TRL-backed methods) with the method's fields."""
+    args = cls(**{**_training_kwargs(cfg, rd, has_val), **method_fields})
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and args.n_gpu > 1:
         # One process and several visible GPUs: the Trainer would fall back to nn.DataParallel, which is
         # slow and silently multiplies the batch. Use one GPU; torchrun is the way to use them all.
@@ -82,12 +72,12 @@ def _training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArguments:
     return args
 
 
-def _build_training_args(cfg: Config, rd: RunDir, has_val: bool) -> TrainingArguments:
+def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
     t = cfg.training
     precision = mixed_precision(cfg.model.dtype)
     early = t.early_stopping_patience > 0 and has_val
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(rd.tensorboard)
-    return TrainingArguments(
+    return dict(
         output_dir=str(rd.checkpoints),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
@@ -159,11 +149,12 @@ class FineTuneRecipe:
         val_feats, val_tok = tokenize(tok, splits.validation, cfg.data.max_length)
         if cfg.data.packing:
             train_feats = pack(train_feats, cfg.data.max_length)
-        method = get_method(cfg.method.name)
+        method = get_method(cfg.method.name, cfg.method)
+        method.check_setup(cfg, tok, splits)  # e.g. a teacher's tokenizer or the data format: before any write
         # PEFT keeps the frozen base in the training precision; full fine-tuning keeps fp32 master weights.
         bf16 = mixed_precision(cfg.model.dtype) == "bf16"
         weight_dtype = torch.bfloat16 if bf16 and method.saves_adapter else torch.float32
-        model = load_model(ref.path, weight_dtype, cfg.model.trust_remote_code, cfg.model.attn_implementation)
+        model = method.load(ref.path, weight_dtype, cfg)
         vocab = model.get_input_embeddings().weight.shape[0]
         # No KV cache in training; it also lets transformers derive block-diagonal masks for packed rows.
         model.config.use_cache = False
@@ -199,10 +190,11 @@ class FineTuneRecipe:
         callbacks = [reporting.JsonlMetrics(self.rd.metrics_log)]
         if cfg.training.early_stopping_patience > 0 and p.val_feats:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
-        return p.method.trainer_cls()(
-            model=p.model, args=_training_args(cfg, self.rd, bool(p.val_feats)),
-            train_dataset=ListDataset(p.train_feats), eval_dataset=ListDataset(p.val_feats) if p.val_feats else None,
-            data_collator=Collator(p.tok.pad_token_id, cfg.data.pad_to_multiple_of), callbacks=callbacks)
+        has_val = bool(p.val_feats)
+        return p.method.build_trainer(TrainerParts(
+            cfg=cfg, model=p.model, tok=p.tok, splits=p.splits, train_feats=p.train_feats, val_feats=p.val_feats,
+            callbacks=callbacks, run_dir=self.rd,
+            make_args=lambda cls=TrainingArguments, **kw: _training_args(cfg, self.rd, has_val, cls, **kw)))
 
     def train(self) -> Trainer:
         if self.is_main:
@@ -263,7 +255,10 @@ class FineTuneRecipe:
 
     def _score(self, model, examples) -> tuple[dict[str, Any], list[str]]:
         p, e = self.p, self.cfg.eval
-        return evaluation.score(model, p.tok, p.val_feats, examples, p.splits.labels, e.max_new_tokens, e.batch_size)
+        res, preds = evaluation.score(model, p.tok, p.val_feats, examples, p.splits.labels, e.max_new_tokens,
+                                      e.batch_size)
+        res.update(p.method.extra_scores(model, p.tok, examples, preds))
+        return res, preds
 
     # -- record: everything after evaluation, manifest.json last ---------------------------------------
     def record(self) -> Manifest:

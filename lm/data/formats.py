@@ -5,6 +5,8 @@ Formats (auto-detected from the first row's fields):
   instruction        {"instruction": "...", "input": "..." (optional), "output": "..."}   alpaca-style
   prompt_completion  {"prompt": "...", "completion": "..."}
   classification     {"text": "...", "label": "..."}  (JSONL or CSV), trained generatively
+  preference         {"prompt": "..." or [messages], "chosen": "..." or [assistant message],
+                      "rejected": same as chosen}   DPO/ORPO pairs; SFT methods learn prompt -> chosen
 
 Any problem raises DataError("file:line: field: reason") before anything is written.
 """
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 from lm.errors import DataError
 
 ROLES = ("system", "user", "assistant")
-FORMATS = ("chat", "instruction", "prompt_completion", "classification")
+FORMATS = ("chat", "instruction", "prompt_completion", "classification", "preference")
 
 
 @dataclass
@@ -29,6 +31,7 @@ class Example:
     messages: list[dict[str, str]]  # canonical chat form; the last assistant turn is the reference answer
     where: str  # file:line, for error messages and reports
     label: str | None = None  # classification only
+    rejected: str | None = None  # preference only: the dispreferred answer (messages end with the chosen one)
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -81,6 +84,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def detect_format(row: dict[str, Any], where: str) -> str:
+    if "chosen" in row or "rejected" in row:
+        return "preference"
     if "messages" in row:
         return "chat"
     if "instruction" in row or "output" in row:
@@ -90,7 +95,7 @@ def detect_format(row: dict[str, Any], where: str) -> str:
     if "text" in row or "label" in row:
         return "classification"
     raise DataError(f"{where}: -: cannot tell the format from fields {sorted(row)}; "
-                    f"expected messages, instruction/output, prompt/completion or text/label")
+                    f"expected messages, instruction/output, prompt/completion, text/label or prompt/chosen/rejected")
 
 
 def _str_field(row: dict[str, Any], key: str, where: str, required: bool = True) -> str:
@@ -106,21 +111,10 @@ def _str_field(row: dict[str, Any], key: str, where: str, required: bool = True)
 
 def to_example(row: dict[str, Any], fmt: str, where: str, text_field: str = "text",
                label_field: str = "label") -> Example:
+    if fmt == "preference":
+        return _preference(row, where)
     if fmt == "chat":
-        msgs = row.get("messages")
-        if msgs is None:
-            raise DataError(f"{where}: messages: missing field")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: messages: expected a non-empty list")
-        out = []
-        for j, m in enumerate(msgs):
-            f = f"messages[{j}]"
-            if not isinstance(m, dict):
-                raise DataError(f"{where}: {f}: expected an object with role and content")
-            role = m.get("role")
-            if role not in ROLES:
-                raise DataError(f"{where}: {f}.role: {role!r} is not one of {', '.join(ROLES)}")
-            out.append({"role": role, "content": _content(m, where, f)})
+        out = _messages(row.get("messages"), "messages", where)
         if not any(m["role"] == "assistant" for m in out):
             raise DataError(f"{where}: messages: no assistant turn to learn from")
         return Example(out, where)
@@ -143,6 +137,52 @@ def to_example(row: dict[str, Any], fmt: str, where: str, text_field: str = "tex
         label = str(label).strip()
         return Example([{"role": "user", "content": text}, {"role": "assistant", "content": label}], where, label)
     raise DataError(f"{where}: -: unknown format {fmt!r}")
+
+
+def _messages(msgs: Any, key: str, where: str) -> list[dict[str, str]]:
+    if msgs is None:
+        raise DataError(f"{where}: {key}: missing field")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: {key}: expected a non-empty list")
+    out = []
+    for j, m in enumerate(msgs):
+        f = f"{key}[{j}]"
+        if not isinstance(m, dict):
+            raise DataError(f"{where}: {f}: expected an object with role and content")
+        role = m.get("role")
+        if role not in ROLES:
+            raise DataError(f"{where}: {f}.role: {role!r} is not one of {', '.join(ROLES)}")
+        out.append({"role": role, "content": _content(m, where, f)})
+    return out
+
+
+def _answer(row: dict[str, Any], key: str, where: str) -> str:
+    """A preference answer: a string, or a list holding one assistant message (TRL's conversational form)."""
+    v = row.get(key)
+    if v is None:
+        raise DataError(f"{where}: {key}: missing field")
+    if isinstance(v, str):
+        return v
+    msgs = _messages(v, key, where)
+    if len(msgs) != 1 or msgs[0]["role"] != "assistant":
+        raise DataError(f"{where}: {key}: expected a string or one assistant message")
+    return msgs[0]["content"]
+
+
+def _preference(row: dict[str, Any], where: str) -> Example:
+    prompt = row.get("prompt")
+    if isinstance(prompt, str):
+        msgs = [{"role": "user", "content": prompt}]
+    elif prompt is None:
+        raise DataError(f"{where}: prompt: missing field")
+    else:
+        msgs = _messages(prompt, "prompt", where)
+        if msgs[-1]["role"] == "assistant":
+            raise DataError(f"{where}: prompt: must end with a user turn, not an assistant turn")
+    chosen, rejected = _answer(row, "chosen", where), _answer(row, "rejected", where)
+    if chosen.strip() == rejected.strip():
+        raise DataError(f"{where}: rejected: identical to chosen; a pair must differ")
+    return Example(msgs + [{"role": "assistant", "content": chosen}], where, rejected=rejected)
 
 
 def _content(m: dict[str, Any], where: str, f: str) -> str:

@@ -39,12 +39,16 @@ def clean(examples: list[Example], system_prompt: str | None = None) -> tuple[li
         if not msgs or msgs[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in msgs):
             rep.empty_rows_dropped += 1
             continue
-        key = json.dumps(msgs, sort_keys=True)
+        rejected = ex.rejected.strip() if ex.rejected is not None else None
+        if rejected == "":
+            rep.empty_rows_dropped += 1
+            continue
+        key = json.dumps([msgs, rejected], sort_keys=True)
         if key in seen:
             rep.duplicates_dropped += 1
             continue
         seen.add(key)
-        out.append(Example(msgs, ex.where, ex.label))
+        out.append(Example(msgs, ex.where, ex.label, rejected))
     rep.rows_kept = len(out)
     return out, rep
 

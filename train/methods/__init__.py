@@ -1,16 +1,24 @@
-"""Training methods: each is a small pluggable piece that prepares the model (and may bring its own Trainer).
+"""Training methods: each is a small pluggable piece that loads and prepares the model and builds its Trainer.
 
-A method owns: wrapping the base model (`prepare`), what it saves (`saves_adapter`), and optionally a
-Trainer subclass (`trainer_cls`) for objectives beyond next-token loss, e.g. distillation or preference
-training, which plug in here without forking the training loop.
+A method owns: loading and wrapping the base model (`load`, `prepare`), what it saves
+(`saves_adapter`), the data formats it accepts, its config checks, and its Trainer
+(`build_trainer`): distillation, preference and RL objectives plug in here without forking the
+recipe's steps.
 """
 
-from train.methods.base import Method
+from train.methods.base import ListDataset, Method, TrainerParts
+from train.methods.distill import Distill
 from train.methods.full import FullFineTuning
-from train.methods.peft_methods import DoRA, IA3, LoRA, PromptTuning
+from train.methods.peft_methods import DoRA, IA3, LoRA, PromptTuning, QLoRA
+from train.methods.preference import DPO, ORPO
+from train.methods.rl import GRPO
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, DoRA, IA3, PromptTuning, FullFineTuning)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoRA, DoRA, IA3, PromptTuning, FullFineTuning, QLoRA,
+                                                        Distill, DPO, ORPO, GRPO)}
 
 
-def get_method(name: str) -> Method:
-    return METHODS[name]()
+def get_method(name: str, cfg=None) -> Method:
+    return METHODS[name](cfg)
+
+
+__all__ = ["METHODS", "ListDataset", "Method", "TrainerParts", "get_method"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from train.config import MethodConfig
 from train.methods.base import Method
 
 
 class FullFineTuning(Method):
     name = "full"
-    saves_adapter = False
 
-    def prepare(self, model, cfg: MethodConfig):
+    @property
+    def saves_adapter(self) -> bool:
+        return False
+
+    def prepare(self, model, cfg):
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-from train.config import MethodConfig
 from lm.errors import ConfigError
 from train.methods.base import Method
 
@@ -36,10 +35,10 @@ def check_targets(model, targets: Any) -> None:
 
 class _Peft(Method):
     @abstractmethod
-    def _config(self, model, cfg: MethodConfig):
+    def _config(self, model, cfg):
         ...
 
-    def prepare(self, model, cfg: MethodConfig):
+    def prepare(self, model, cfg):
         check_targets(model, cfg.target_modules)
         pm = get_peft_model(model, self._config(model, cfg))
         return pm
@@ -54,7 +53,7 @@ class LoRA(_Peft):
     name = "lora"
     use_dora = False
 
-    def _config(self, model, cfg: MethodConfig):
+    def _config(self, model, cfg):
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=cfg.target_modules, use_dora=self.use_dora, bias="none")
 
@@ -67,7 +66,7 @@ class DoRA(LoRA):
 class IA3(_Peft):
     name = "ia3"
 
-    def _config(self, model, cfg: MethodConfig):
+    def _config(self, model, cfg):
         targets = sorted(linear_module_names(model)) if cfg.target_modules == "all-linear" else cfg.target_modules
         ff = cfg.feedforward_modules or [t for t in targets if t in ("gate_proj", "up_proj", "down_proj", "fc1", "fc2", "mlp")]
         ff = [t for t in ff if t in targets]
@@ -77,12 +76,58 @@ class IA3(_Peft):
 class PromptTuning(_Peft):
     name = "prompt_tuning"
 
-    def prepare(self, model, cfg: MethodConfig):
+    def prepare(self, model, cfg):
         return get_peft_model(model, self._config(model, cfg))
 
-    def _config(self, model, cfg: MethodConfig):
+    def _config(self, model, cfg):
         kw: dict[str, Any] = {"task_type": TaskType.CAUSAL_LM, "num_virtual_tokens": cfg.num_virtual_tokens}
         if cfg.prompt_init_text:
             kw.update(prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=cfg.prompt_init_text,
                       tokenizer_name_or_path=model.name_or_path)
         return PromptTuningConfig(**kw)
+
+
+def bitsandbytes_missing() -> str | None:
+    """Why QLoRA cannot run here, or None. bitsandbytes >= 0.46 runs NF4 on the CPU too."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # ImportError, or a broken native library (RuntimeError/OSError)
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+class QLoRA(LoRA):
+    """The frozen base in 4-bit NF4 (bitsandbytes), LoRA on top; the adapter serves on the full-precision base."""
+
+    name = "qlora"
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        why = bitsandbytes_missing()
+        if why:
+            raise ConfigError(f"config: method.name: qlora needs bitsandbytes (pip install 'tunestack[qlora]'); "
+                              f"importing it failed: {why}")
+
+    def load(self, path, dtype, cfg):
+        from transformers import AutoModelForCausalLM
+
+        from lm.loading import device
+
+        quant = nf4_config(torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+        return AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=quant, dtype=quant.bnb_4bit_compute_dtype, device_map={"": str(device())},
+            trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation)
+
+    def prepare(self, model, cfg):
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return super().prepare(model, cfg)
+
+
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's recipe: NF4 weights, double-quantised scales, matmuls in the compute dtype."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype)
