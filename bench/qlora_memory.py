@@ -45,7 +45,8 @@ ROOT = Path(__file__).resolve().parents[1]
 GiB = 1024 ** 3
 QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
-                max_position_embeddings=32768, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
+                max_position_embeddings=32768, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=2048)
 ARMS = ("lora", "qlora", "qlora_bf16")
@@ -58,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-4, help="the recipe's default LoRA rate")
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -296,19 +297,22 @@ def main(argv=None) -> dict:
     ids = fixed_batch(cfg.vocab_size, args.batch, args.seq, args.seed, args.device)
     rows = [run_arm(arm, cfg, args, ids) for arm in args.arms]
     print_table(rows)
+    for r in rows:
+        print(f"{r['arm']} losses:", " ".join(f"{x:.4g}" for x in r["losses"]))
     by = {r["arm"]: r for r in rows}
     ratio = by["qlora"]["peak_gib"] / by["lora"]["peak_gib"] if {"lora", "qlora"} <= by.keys() and \
         by["lora"]["peak_gib"] else None
     if ratio is not None:
         print(f"qlora_peak / lora_peak = {ratio:.3f} (target <= 0.5: {'met' if ratio <= 0.5 else 'NOT met'})")
     shape = "tiny" if args.tiny else "qwen2-7b"
-    result = {"shape": shape, "config": {k: getattr(cfg, k) for k in (TINY if args.tiny else QWEN2_7B)},
+    spec = TINY if args.tiny else QWEN2_7B
+    result = {"shape": shape, "config": {k: v for k, v in cfg.to_dict().items() if k in spec},
               "batch": args.batch, "seq": args.seq, "steps": args.steps, "lr": args.lr, "seed": args.seed,
               "lora": {"r": args.r, "alpha": args.alpha, "target_modules": "all-linear"},
               "bnb": bnb_config().to_dict(), "arms": rows, "peak_ratio_qlora_over_lora": ratio,
               "versions": versions(args.device)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (args.out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")  # before the plot
     plot(rows, args.out / "loss_curves.png",
          f"{shape} random weights, {args.batch}x{args.seq} tokens, LoRA r={args.r}"
          + (f"; qlora/lora peak = {ratio:.2f}" if ratio is not None else ""))

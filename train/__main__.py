@@ -12,9 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from lm.errors import UserError
+
+# TRL checks the installed vLLM against its tested range on import; training never drives vLLM.
+warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 
 COMMANDS = ("run", "eval", "publish")
 

@@ -32,27 +32,40 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+EXTRA_CURVES = ("reward", "kl", "distill_kl", "distill_ce", "rewards/chosen", "rewards/margins")  # RL, distill, DPO
+
+
 def plot_losses(metrics_path: Path, out: Path) -> Path | None:
+    """Train/validation loss, plus a second panel for the method's own curves (reward, KL, margins)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    val = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    if not train and not val:
+    curves = {name: [(r["step"], r[key]) for r in rows if key in r]
+              for name, key in (("train loss", "loss"), ("validation loss", "eval_loss"))}
+    extras = {k: [(r["step"], r[k]) for r in rows if k in r] for k in EXTRA_CURVES}
+    extras = {k: v for k, v in extras.items() if v}
+    if not any(curves.values()):
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), marker="o", label="validation loss")
+    fig, axes = plt.subplots(1, 2 if extras else 1, figsize=(12 if extras else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    for name, pts in curves.items():
+        if pts:
+            ax.plot(*zip(*pts), label=name, marker="o" if name.startswith("validation") else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (assistant tokens)")
-    ax.set_yscale("log")
+    ax.set_ylabel("loss")
+    if all(v > 0 for pts in curves.values() for _, v in pts):
+        ax.set_yscale("log")  # DPO/GRPO losses can be <= 0: linear there
     ax.grid(alpha=0.3)
     ax.legend()
+    if extras:
+        for name, pts in extras.items():
+            axes[0][1].plot(*zip(*pts), label=name)
+        axes[0][1].set_xlabel("step")
+        axes[0][1].grid(alpha=0.3)
+        axes[0][1].legend()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
