@@ -6,11 +6,12 @@ random token ids (batch 1 x --seq tokens), for --steps AdamW steps, with bf16 au
 recipe's Trainer does with bf16=True), gradient checkpointing and grad-norm clipping at 1.0:
 
   lora   the bf16 base, frozen, on the GPU + peft LoRA (r=16, alpha=32, all-linear).
-  qlora  the same base quantised to 4-bit NF4 with bitsandbytes, exactly as the `qlora` method's
-         BitsAndBytesConfig(load_in_4bit, nf4, compute bf16, double quant) would, then
-         peft.prepare_model_for_kbit_training (which upcasts every non-4-bit weight -- embeddings,
-         lm_head, norms -- to fp32) and the same LoRA config.
-  qlora_bf16  (diagnostic, opt-in) like qlora but without that fp32 upcast, to show what it costs.
+  qlora  what the `qlora` method does: the same base quantised to 4-bit NF4 with bitsandbytes
+         (BitsAndBytesConfig(load_in_4bit, nf4, compute bf16, double quant)), frozen in its compute
+         dtype, and the same LoRA config.
+  qlora_fp32_upcast  (diagnostic, opt-in) like qlora but through peft.prepare_model_for_kbit_training,
+         which upcasts every non-4-bit weight (embeddings, lm_head, norms) to fp32: +4 GiB on this
+         shape, the reason the method skips it.
 
 The 4-bit model is built in memory, never saved: the bf16 weights are made on the GPU one decoder
 layer at a time and each linear is quantised (bnb Linear4bit, skipping lm_head as transformers does)
@@ -24,7 +25,7 @@ qlora_peak / lora_peak, and writes results.json and loss_curves.png into --out.
 
   python bench/qlora_memory.py                      # Qwen2-7B shape, needs a CUDA GPU + bitsandbytes
   python bench/qlora_memory.py --tiny --steps 5     # a tiny config, runs on CPU (smoke test)
-  python bench/qlora_memory.py --arms lora,qlora,qlora_bf16 --out /tmp/q
+  python bench/qlora_memory.py --arms lora,qlora,qlora_fp32_upcast --out /tmp/q
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ QWEN2_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                 rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False, max_position_embeddings=2048)
-ARMS = ("lora", "qlora", "qlora_bf16")
+ARMS = ("lora", "qlora", "qlora_fp32_upcast")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -172,10 +173,10 @@ GC_KW = {"use_reentrant": False}
 def add_lora(model, arm: str, r: int, alpha: int):
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
-    if arm == "qlora":
+    if arm == "qlora_fp32_upcast":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                                 gradient_checkpointing_kwargs=GC_KW)
-    else:  # lora, qlora_bf16: freeze, checkpoint, no fp32 upcast of the non-4-bit weights
+    else:  # lora, qlora: freeze, checkpoint, no fp32 upcast of the non-4-bit weights
         model.requires_grad_(False)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=GC_KW)
     lcfg = LoraConfig(task_type=TaskType.CAUSAL_LM, r=r, lora_alpha=alpha, lora_dropout=0.0,

@@ -1,7 +1,8 @@
 """Preference training on prompt/chosen/rejected pairs with TRL: DPO and ORPO, LoRA on the base.
 
-DPO's reference is the base with the adapter disabled (TRL does this for a PeftModel given no
-ref_model): no second copy of the model in memory. ORPO needs no reference at all.
+DPO's reference is the base with the adapter disabled (TRL wraps the model from our LoRA config
+and disables the adapter for the reference pass): no second copy of the model in memory. ORPO
+needs no reference at all.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from lm.data.formats import Example
 from lm.errors import ConfigError
 from lm.evaluation import preference_scores
 from train.methods.base import TrainerParts
-from train.methods.peft_methods import LoRA
+from train.methods.peft_methods import TrlLoRA
 
 
 def pair_rows(examples: list[Example]) -> list[dict]:
@@ -21,7 +22,7 @@ def pair_rows(examples: list[Example]) -> list[dict]:
              "rejected": [{"role": "assistant", "content": ex.rejected}]} for ex in examples]
 
 
-class _Preference(LoRA):
+class _Preference(TrlLoRA):
     data_formats = ("preference",)
 
     def check_setup(self, cfg, tok, splits) -> None:
@@ -49,7 +50,8 @@ class DPO(_Preference):
         train, val = self._datasets(parts)
         args = parts.make_args(DPOConfig, beta=self.cfg.beta, max_length=parts.cfg.data.max_length)
         return DPOTrainer(model=parts.model, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
-                          processing_class=parts.tok, callbacks=parts.callbacks)
+                          processing_class=parts.tok, callbacks=parts.callbacks,
+                          peft_config=self.lora_config)
 
 
 class ORPO(_Preference):
@@ -61,4 +63,5 @@ class ORPO(_Preference):
         train, val = self._datasets(parts)
         args = parts.make_args(ORPOConfig, beta=self.cfg.beta, max_length=parts.cfg.data.max_length)
         return ORPOTrainer(model=parts.model, args=args, train_dataset=train, eval_dataset=val,
-                           processing_class=parts.tok, callbacks=parts.callbacks)
+                           processing_class=parts.tok, callbacks=parts.callbacks,
+                          peft_config=self.lora_config)

@@ -14,14 +14,14 @@ from transformers import Trainer
 from lm.errors import ConfigError
 from train.methods import rewards
 from train.methods.base import TrainerParts
-from train.methods.peft_methods import LoRA
+from train.methods.peft_methods import TrlLoRA
 
 
 def prompt_rows(examples) -> list[dict]:
     return [{"prompt": ex.messages[:-1], "reference": ex.messages[-1]["content"]} for ex in examples]
 
 
-class GRPO(LoRA):
+class GRPO(TrlLoRA):
     name = "grpo"
 
     @classmethod
@@ -44,7 +44,8 @@ class GRPO(LoRA):
                                eval_strategy="no", log_completions=False)
         return GRPOTrainer(model=parts.model, reward_funcs=rewards.parse(m.rewards), args=args,
                            train_dataset=Dataset.from_list(prompt_rows(parts.splits.train)),
-                           processing_class=parts.tok, callbacks=parts.callbacks)
+                           processing_class=parts.tok, callbacks=parts.callbacks,
+                          peft_config=self.lora_config)
 
     def extra_scores(self, model, tok, examples, preds) -> dict[str, float]:
         return rewards.mean_rewards(rewards.parse(self.cfg.rewards), [ex.messages[:-1] for ex in examples], preds,
