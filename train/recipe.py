@@ -150,7 +150,7 @@ class FineTuneRecipe:
         if cfg.data.packing:
             train_feats = pack(train_feats, cfg.data.max_length)
         method = get_method(cfg.method.name, cfg.method)
-        method.check_setup(cfg, tok, splits)  # e.g. a teacher's tokenizer or the data format: before any write
+        method.check_setup(cfg, ref.path, tok, splits)  # e.g. a teacher's tokenizer or the data format: before any write
         # PEFT keeps the frozen base in the training precision; full fine-tuning keeps fp32 master weights.
         bf16 = mixed_precision(cfg.model.dtype) == "bf16"
         weight_dtype = torch.bfloat16 if bf16 and method.saves_adapter else torch.float32

@@ -77,3 +77,9 @@ def test_resolved_config_round_trips(tmp_path):
     p = tmp_path / "resolved.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(p).to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("smollm2_*.yaml")), ids=lambda p: p.stem)
+def test_every_example_config_loads(path):
+    cfg = load_config(path)
+    assert f"_{cfg.method.name}_" in path.stem  # smollm2_<method>_<task>.yaml

@@ -70,7 +70,7 @@ class Method(ABC):
     def check(cls, cfg: "Config") -> None:
         """Config checks that need no model or data; raise ConfigError."""
 
-    def check_setup(self, cfg: "Config", tok, splits: Splits) -> None:
+    def check_setup(self, cfg: "Config", model_path: str, tok, splits: Splits) -> None:
         """Checks once the tokenizer and data are loaded, before anything is written."""
 
     def load(self, path: str, dtype: torch.dtype, cfg: "Config"):

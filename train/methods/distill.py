@@ -140,7 +140,11 @@ class Distill(Method):
 
         return Teacher.resolve(self.cfg.teacher, resolve)
 
-    def check_setup(self, cfg, tok, splits) -> None:
+    def check_setup(self, cfg, model_path, tok, splits) -> None:
+        if cfg.method.student_layers:
+            from transformers import AutoConfig
+
+            parse_layers(cfg.method.student_layers, AutoConfig.from_pretrained(model_path).num_hidden_layers)
         teacher = self._teacher()
         if teacher is not None:
             check_same_tokenizer(tok, teacher.tokenizer(), cfg.method.teacher)

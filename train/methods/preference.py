@@ -25,7 +25,7 @@ def pair_rows(examples: list[Example]) -> list[dict]:
 class _Preference(TrlLoRA):
     data_formats = ("preference",)
 
-    def check_setup(self, cfg, tok, splits) -> None:
+    def check_setup(self, cfg, model_path, tok, splits) -> None:
         if splits.format != "preference":
             raise ConfigError(f"{cfg.data.train}:1: rejected: method {self.name} trains on preference pairs "
                               f"(prompt/chosen/rejected); this file is {splits.format}")
