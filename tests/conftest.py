@@ -59,6 +59,16 @@ def small_data(tmp_path) -> dict[str, Path]:
     return {"train": train, "eval": ev}
 
 
+def refused(main, capsys, argv: list[str], *needles: str) -> str:
+    """A CLI's `main(argv)` exits 2 with exactly one stderr line containing every needle."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
 def tiny_overrides(model: Path, data: dict[str, Path], out: Path, **extra) -> list[str]:
     base = {"model.name_or_path": str(model), "data.train": str(data["train"]), "data.eval": str(data["eval"]),
             "output.dir": str(out), "training.max_steps": 4, "training.batch_size": 4, "training.lr": 1e-3,

@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 
 from export.__main__ import main
+from tests.conftest import refused
 
 
 def _refused(capsys, argv: list[str], *needles: str) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
+    return refused(main, capsys, argv, *needles)
 
 
 @pytest.mark.parametrize("cmd", ["merge", "onnx"])

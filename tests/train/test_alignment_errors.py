@@ -8,19 +8,14 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, refused, tiny_overrides
 from train.__main__ import main
 
 DEMO = ROOT / "train" / "demo_data"
 
 
-def _refused(capsys, argv, *needles) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    for n in needles:
-        assert n in err, err
-    return err
+def _refused(capsys, argv: list[str], *needles: str) -> str:
+    return refused(main, capsys, argv, *needles)
 
 
 @pytest.fixture
