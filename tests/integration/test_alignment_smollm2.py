@@ -18,6 +18,8 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 FULL = os.environ.get("TUNESTACK_FULL") == "1"
+# CI size: steps per run (the configs' full size when TUNESTACK_FULL=1) and thresholds well below the CI-size figures.
+DISTILL_STEPS, DPO_STEPS, GRPO_STEPS = 60, 8, 10
 
 
 def train(config: str, out: Path, *overrides: str, ci: tuple[str, ...] = ()) -> dict:
@@ -34,7 +36,7 @@ def train(config: str, out: Path, *overrides: str, ci: tuple[str, ...] = ()) -> 
 def students(demo_run, tmp_path_factory) -> dict[str, dict]:
     """The half-depth student distilled from the demo teacher, and the same student on plain CE."""
     work = tmp_path_factory.mktemp("distill")
-    ci = ("training.max_steps=CI_DISTILL_STEPS", "eval.compare_base=false")
+    ci = (f"training.max_steps={DISTILL_STEPS}", "eval.compare_base=false")
     teacher = f"method.teacher={demo_run['run']}"
     return {"kd": train("smollm2_distill_chef.yaml", work / "kd", teacher, ci=ci),
             "ce": train("smollm2_distill_chef.yaml", work / "ce", teacher, "method.distill_alpha=0", ci=ci)}
@@ -44,23 +46,24 @@ def test_distilled_half_depth_student_beats_plain_cross_entropy(students):
     kd, ce = students["kd"]["tuned"], students["ce"]["tuned"]
     print(f"\nhalf-depth student, keyword accuracy: CE {100 * ce['keyword_accuracy']:.1f} -> distilled "
           f"{100 * kd['keyword_accuracy']:.1f}; val loss CE {ce['val_loss']:.3f}, distilled {kd['val_loss']:.3f}")
-    assert kd["keyword_accuracy"] >= ce["keyword_accuracy"] + CI_DISTILL_MARGIN, (kd, ce)
+    assert kd["keyword_accuracy"] > ce["keyword_accuracy"], (kd, ce)
+    assert kd["val_loss"] < ce["val_loss"], (kd, ce)
 
 
 def test_dpo_raises_preference_accuracy_and_margin(tmp_path):
-    ev = train("smollm2_dpo_chef.yaml", tmp_path / "dpo", ci=("training.max_steps=CI_DPO_STEPS",))
+    ev = train("smollm2_dpo_chef.yaml", tmp_path / "dpo", ci=(f"training.max_steps={DPO_STEPS}", "eval.max_examples=24", "eval.max_new_tokens=4"))
     base, tuned = ev["base"], ev["tuned"]
     print(f"\nDPO, held-out pairs: preference accuracy {100 * base['preference_accuracy']:.1f} -> "
           f"{100 * tuned['preference_accuracy']:.1f} %, margin {base['preference_margin']:.2f} -> "
           f"{tuned['preference_margin']:.2f} nats")
-    assert tuned["preference_accuracy"] >= base["preference_accuracy"] + CI_DPO_ACC, ev
-    assert tuned["preference_margin"] >= base["preference_margin"] + CI_DPO_MARGIN, ev
+    assert tuned["preference_accuracy"] > base["preference_accuracy"], ev
+    assert tuned["preference_margin"] > base["preference_margin"] + 5, ev
 
 
 def test_grpo_raises_the_mean_reward_on_heldout_prompts(tmp_path):
-    ev = train("smollm2_grpo_chef.yaml", tmp_path / "grpo", ci=("training.max_steps=CI_GRPO_STEPS",))
+    ev = train("smollm2_grpo_chef.yaml", tmp_path / "grpo", ci=(f"training.max_steps={GRPO_STEPS}", "eval.max_examples=12"))
     base, tuned = ev["base"], ev["tuned"]
     print(f"\nGRPO, held-out prompts: mean reward {base['reward']:.3f} -> {tuned['reward']:.3f} "
           f"(json_schema {base['reward_json_schema']:.2f} -> {tuned['reward_json_schema']:.2f}, "
           f"keyword {base['reward_keyword']:.2f} -> {tuned['reward_keyword']:.2f})")
-    assert tuned["reward"] >= base["reward"] + CI_GRPO_GAIN, ev
+    assert tuned["reward"] > base["reward"] + 0.05, ev
