@@ -17,27 +17,27 @@ from lm.data.formats import Example
 from lm.padding import Collator, left_pad
 
 
+def _next_token_batches(model, features: list[dict], pad_id: int, batch_size: int):
+    """(logits (B, T-1, V) in fp32, labels (B, T-1)) per batch: each position's prediction of the next token."""
+    collate, device = Collator(pad_id), next(model.parameters()).device
+    for i in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
+        labels = batch.pop("labels")[:, 1:]
+        # Prompt-tuning models prepend virtual tokens: keep only the last T-1 positions.
+        yield model(**batch).logits[:, :-1].float()[:, -labels.shape[1]:], labels
+
+
 @torch.no_grad()
 def loss_and_perplexity(model, features: list[dict], pad_id: int, batch_size: int = 8) -> dict[str, float]:
     """Token-weighted mean loss over assistant tokens, and its exp."""
     if not features:
         return {"loss": float("nan"), "perplexity": float("nan")}
     model.eval()
-    collate = Collator(pad_id)
     total, count = 0.0, 0
-    device = next(model.parameters()).device
-    for i in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(features[i:i + batch_size]).items()}
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()  # (B, T, V)
-        shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        # Prompt-tuning models prepend virtual tokens: keep only the last T positions.
-        shift_logits = shift_logits[:, -shift_labels.shape[1]:]
-        loss = torch.nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-            ignore_index=IGNORE, reduction="sum")
-        total += loss.item()
-        count += int((shift_labels != IGNORE).sum())
+    for logits, labels in _next_token_batches(model, features, pad_id, batch_size):
+        total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                   ignore_index=IGNORE, reduction="sum").item()
+        count += int((labels != IGNORE).sum())
     mean = total / max(1, count)
     return {"loss": mean, "perplexity": math.exp(min(mean, 50))}
 
@@ -95,16 +95,10 @@ def answer_logprobs(model, tokenizer, conversations: list[list[dict[str, str]]],
     """Summed log-probability of each conversation's last assistant turn given the turns before it."""
     model.eval()
     feats = [dict(zip(("input_ids", "labels"), encode_chat(tokenizer, msgs))) for msgs in conversations]
-    collate, dev = Collator(tokenizer.pad_token_id), next(model.parameters()).device
     out: list[float] = []
-    for i in range(0, len(feats), batch_size):
-        batch = {k: v.to(dev) for k, v in collate(feats[i:i + batch_size]).items()}
-        labels = batch.pop("labels")[:, 1:]
-        logp = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
-        logp = logp[:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
-        mask = labels != IGNORE
-        tok_lp = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
-        out += tok_lp.sum(-1).tolist()
+    for logits, labels in _next_token_batches(model, feats, tokenizer.pad_token_id, batch_size):
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        out += (logp * (labels != IGNORE)).sum(-1).tolist()
     return out
 
 

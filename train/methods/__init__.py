@@ -1,7 +1,7 @@
 """Training methods: each is a small pluggable piece that loads and prepares the model and builds its Trainer.
 
 A method owns: loading and wrapping the base model (`load`, `prepare`), what it saves
-(`saves_adapter`), the data formats it accepts, its config checks, and its Trainer
+(`saves_adapter`), its config and data checks, and its Trainer
 (`build_trainer`): distillation, preference and RL objectives plug in here without forking the
 recipe's steps.
 """

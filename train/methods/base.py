@@ -1,7 +1,7 @@
 """The method protocol: what a training method owns, and what the recipe hands it.
 
 A method owns loading and wrapping the model (`load`, `prepare`), what it saves (`saves_adapter`),
-the data formats it trains on, its config checks, and its Trainer (`build_trainer`): plain
+its config and data checks, and its Trainer (`build_trainer`): plain
 next-token loss by default; distillation, preference and RL methods bring their own Trainer
 (TRL's where it fits) without forking the recipe's steps.
 """
@@ -56,7 +56,6 @@ class TrainerParts:
 
 class Method(ABC):
     name = "base"
-    data_formats: tuple[str, ...] | None = None  # formats the method trains on; None = any SFT format
 
     def __init__(self, cfg: "MethodConfig | None" = None):
         self.cfg = cfg

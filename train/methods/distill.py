@@ -14,6 +14,7 @@ alpha/T^2 loss mix on the data's own tokens are written here, on the Trainer's l
 from __future__ import annotations
 
 import gc
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -133,6 +134,7 @@ class Distill(Method):
         if not 0.0 <= m.on_policy <= 1.0 or (m.on_policy > 0 and m.distill_mode != "online"):
             raise ConfigError("config: method.on_policy: a fraction in [0, 1], and only with distill_mode=online")
 
+    @cached_property
     def _teacher(self) -> Teacher | None:
         if not self.cfg.teacher or self.cfg.distill_alpha == 0:
             return None
@@ -145,14 +147,15 @@ class Distill(Method):
             from transformers import AutoConfig
 
             parse_layers(cfg.method.student_layers, AutoConfig.from_pretrained(model_path).num_hidden_layers)
-        teacher = self._teacher()
+        teacher = self._teacher
         if teacher is not None:
             check_same_tokenizer(tok, teacher.tokenizer(), cfg.method.teacher)
 
     def load(self, path, dtype, cfg):
         model = super().load(path, dtype, cfg)
-        keep = parse_layers(cfg.method.student_layers, model.config.num_hidden_layers)
-        return keep_layers(model, keep) if cfg.method.student_layers else model
+        if not cfg.method.student_layers:
+            return model
+        return keep_layers(model, parse_layers(cfg.method.student_layers, model.config.num_hidden_layers))
 
     def prepare(self, model, cfg):
         return (LoRA() if cfg.student == "lora" else FullFineTuning()).prepare(model, cfg)
@@ -161,7 +164,7 @@ class Distill(Method):
         return LoRA().peft_config(model) if self.cfg.student == "lora" else None
 
     def build_trainer(self, parts: TrainerParts) -> Trainer:
-        m, teacher = self.cfg, self._teacher()
+        m, teacher = self.cfg, self._teacher
         if m.on_policy > 0:
             from train.methods.gkd import build_gkd_trainer
 

@@ -23,8 +23,6 @@ def pair_rows(examples: list[Example]) -> list[dict]:
 
 
 class _Preference(TrlLoRA):
-    data_formats = ("preference",)
-
     def check_setup(self, cfg, model_path, tok, splits) -> None:
         if splits.format != "preference":
             raise ConfigError(f"{cfg.data.train}:1: rejected: method {self.name} trains on preference pairs "
@@ -50,8 +48,7 @@ class DPO(_Preference):
         train, val = self._datasets(parts)
         args = parts.make_args(DPOConfig, beta=self.cfg.beta, max_length=parts.cfg.data.max_length)
         return DPOTrainer(model=parts.model, ref_model=None, args=args, train_dataset=train, eval_dataset=val,
-                          processing_class=parts.tok, callbacks=parts.callbacks,
-                          peft_config=self.lora_config)
+                          processing_class=parts.tok, callbacks=parts.callbacks, peft_config=self.lora_config)
 
 
 class ORPO(_Preference):
@@ -63,5 +60,4 @@ class ORPO(_Preference):
         train, val = self._datasets(parts)
         args = parts.make_args(ORPOConfig, beta=self.cfg.beta, max_length=parts.cfg.data.max_length)
         return ORPOTrainer(model=parts.model, args=args, train_dataset=train, eval_dataset=val,
-                           processing_class=parts.tok, callbacks=parts.callbacks,
-                          peft_config=self.lora_config)
+                           processing_class=parts.tok, callbacks=parts.callbacks, peft_config=self.lora_config)

@@ -64,11 +64,9 @@ def keyword(completion: str, reference: str) -> float:
 
 
 def _length(arg: str) -> TextReward:
-    try:
-        n = int(arg)
-        assert n > 0
-    except (ValueError, AssertionError):
-        raise ConfigError(f"config: method.rewards: length:{arg}: expected a positive number of characters") from None
+    n = int(arg) if arg.isdigit() else 0
+    if n <= 0:
+        raise ConfigError(f"config: method.rewards: length:{arg}: expected a positive number of characters")
     return lambda completion, reference: -min(1.0, max(0, len(completion) - n) / n)
 
 

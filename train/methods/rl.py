@@ -9,6 +9,8 @@ Trainer, so they reach metrics.jsonl and TensorBoard like SFT's loss.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from transformers import Trainer
 
 from lm.errors import ConfigError
@@ -34,6 +36,10 @@ class GRPO(TrlLoRA):
             raise ConfigError(f"config: training.batch_size: batch_size x grad_accum ({t.batch_size * t.grad_accum}) "
                               f"must be a multiple of method.num_generations ({m.num_generations})")
 
+    @cached_property
+    def reward_funcs(self) -> list:
+        return rewards.parse(self.cfg.rewards)
+
     def build_trainer(self, parts: TrainerParts) -> Trainer:
         from datasets import Dataset
         from trl import GRPOConfig, GRPOTrainer
@@ -42,11 +48,11 @@ class GRPO(TrlLoRA):
         args = parts.make_args(GRPOConfig, num_generations=m.num_generations,
                                max_completion_length=m.max_completion_length, beta=m.kl_beta, temperature=1.0,
                                eval_strategy="no", log_completions=False)
-        return GRPOTrainer(model=parts.model, reward_funcs=rewards.parse(m.rewards), args=args,
+        return GRPOTrainer(model=parts.model, reward_funcs=self.reward_funcs, args=args,
                            train_dataset=Dataset.from_list(prompt_rows(parts.splits.train)),
                            processing_class=parts.tok, callbacks=parts.callbacks,
-                          peft_config=self.lora_config)
+                           peft_config=self.lora_config)
 
     def extra_scores(self, model, tok, examples, preds) -> dict[str, float]:
-        return rewards.mean_rewards(rewards.parse(self.cfg.rewards), [ex.messages[:-1] for ex in examples], preds,
+        return rewards.mean_rewards(self.reward_funcs, [ex.messages[:-1] for ex in examples], preds,
                                     [ex.messages[-1]["content"] for ex in examples])
