@@ -1,11 +1,15 @@
-"""Model registry: the directory serving reads. One base model plus any number of named adapters.
+"""Model registry: the directory serving reads. One base model plus any number of named, versioned adapters.
 
     <root>/
       base/<name>/          HF model folder + manifest.json (kind=base)
-      adapters/<name>/      adapter_config.json, adapter_model.safetensors, manifest.json (kind=adapter)
-      models/<name>/        full-weight models (full fine-tuning, merged, exported) + manifest.json
+      adapters/<name>@v1/   adapter_config.json, adapter_model.safetensors, README.md, manifest.json (kind=adapter)
+      adapters/<name>@v2/   every publish of a name adds a version; versions never change once written
+      adapters/<name>       -> <name>@v2: a relative symlink, the version the name serves (latest that passed
+                            the gate, or the one a rollback chose); swapped atomically by rename(2)
+      models/<name>@vN/, models/<name>   full-weight models (full fine-tuning, merged, exported), versioned alike
 
-Entries appear and disappear only by rename, so a reader sees a complete entry or none.
+Entries appear and disappear only by rename, so a reader sees a complete entry or none. A reader that
+lists a kind sees the names and the pinned `name@vN` entries; both are folders with a manifest.
 Names are plain identifiers: never paths.
 """
 
@@ -15,15 +19,20 @@ import os
 import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from artifacts.atomic import atomic_dir
 from artifacts.checksums import file_checksums, sha256_file, tree_sha256
+from artifacts.gate import GatePolicy, GateResult, enforce
 from artifacts.manifest import MANIFEST_NAME, Manifest, ManifestError
 from artifacts.run_dir import RunDir
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VERSIONED = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,63})@v(?P<version>[1-9][0-9]{0,5})$")
 KINDS = ("base", "adapters", "models")
+KEEP_VERSIONS = 5  # enough to roll back a few publishes; adapter versions are small
 
 
 class RegistryError(ValueError):
@@ -36,6 +45,28 @@ def validate_name(name: str) -> str:
         raise RegistryError(
             f"invalid name {name!r}: use 1-64 of [A-Za-z0-9._-], starting with a letter or digit, no '..'")
     return name
+
+
+def split_ref(ref: str) -> tuple[str, int | None]:
+    """`chef` -> ("chef", None); `chef@v3` -> ("chef", 3); anything else is refused like a bad name."""
+    m = _VERSIONED.match(ref) if isinstance(ref, str) else None
+    if m and ".." not in ref:
+        return m["name"], int(m["version"])
+    return validate_name(ref), None
+
+
+def version_ref(name: str, version: int) -> str:
+    return f"{name}@v{version}"
+
+
+@dataclass
+class Version:
+    """One published version of a name."""
+
+    version: int
+    path: Path
+    serving: bool
+    manifest: Manifest | None  # None when unreadable (reported, never served)
 
 
 def _verified_digests(verified: dict[str, str], prefix: str, tmp: Path) -> dict[str, str]:
@@ -62,23 +93,28 @@ class Registry:
         self.root = Path(root)
 
     # -- lookup ---------------------------------------------------------------
-    def path(self, kind: str, name: str) -> Path:
+    def path(self, kind: str, ref: str) -> Path:
+        """The folder of `name` (the version it serves) or of a pinned `name@vN`; never outside the registry."""
         if kind not in KINDS:
             raise RegistryError(f"unknown registry kind {kind!r}")
-        p = (self.root / kind / validate_name(name)).resolve()
+        split_ref(ref)
+        p = (self.root / kind / ref).resolve()
         if p.parent != (self.root / kind).resolve():
-            raise RegistryError(f"{name!r} escapes the registry")
+            raise RegistryError(f"{ref!r} escapes the registry")
         return p
 
-    def names(self, kind: str) -> list[str]:
+    def names(self, kind: str, versions: bool = True) -> list[str]:
+        """Servable entries of a kind: every name and, with `versions`, every pinned `name@vN`."""
         d = self.root / kind
         if not d.is_dir():
             return []
         return sorted(p.name for p in d.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST_NAME).is_file())
+                      if not p.name.startswith(".") and (versions or "@" not in p.name)
+                      and p.is_dir() and (p / MANIFEST_NAME).is_file())
 
     def adapters(self) -> list[str]:
-        return self.names("adapters")
+        """Adapter names (each serves one version); `names("adapters")` adds the pinned `name@vN`."""
+        return self.names("adapters", versions=False)
 
     def base(self) -> tuple[str, Path] | None:
         names = self.names("base")
@@ -86,8 +122,99 @@ class Registry:
             raise RegistryError(f"{self.root}/base holds {len(names)} base models; a registry serves one")
         return (names[0], self.root / "base" / names[0]) if names else None
 
-    def manifest(self, kind: str, name: str) -> Manifest:
-        return Manifest.read(self.path(kind, name))
+    def manifest(self, kind: str, ref: str) -> Manifest:
+        return Manifest.read(self.path(kind, ref))
+
+    def serving_version(self, kind: str, name: str) -> int | None:
+        """The version `name` points at; None for an unversioned entry (published before versions existed)."""
+        link = self.root / kind / validate_name(name)
+        if not link.is_symlink():
+            return None
+        return split_ref(os.readlink(link))[1]
+
+    def versions(self, kind: str, name: str) -> list[Version]:
+        """Every kept version of `name`, oldest first, with the one the name serves marked."""
+        validate_name(name)
+        d, serving = self.root / kind, self.serving_version(kind, name)
+        out = []
+        for p in sorted(d.glob(f"{name}@v*")) if d.is_dir() else []:
+            ref = split_ref(p.name) if _VERSIONED.match(p.name) else (None, None)
+            if ref[0] != name or not (p / MANIFEST_NAME).is_file():
+                continue
+            try:
+                m = Manifest.read(p)
+            except ManifestError:
+                m = None
+            out.append(Version(ref[1], p, ref[1] == serving, m))
+        return sorted(out, key=lambda v: v.version)
+
+    # -- versions -----------------------------------------------------------------
+    def _point(self, kind: str, name: str, version: int) -> None:
+        """Make `name` serve `version`: one rename of a fresh symlink over the old one (atomic for readers)."""
+        link = self.root / kind / name
+        if link.exists() and not link.is_symlink():
+            # An entry from before versions: keep it as v1 (readers see no name for the instant in between).
+            os.rename(link, self.root / kind / version_ref(name, 1))
+        tmp = self.root / kind / f".link-{name}-{uuid.uuid4().hex[:8]}"
+        os.symlink(version_ref(name, version), tmp)
+        os.replace(tmp, link)
+
+    def _next_version(self, kind: str, name: str) -> int:
+        link = self.root / kind / name
+        have = [v.version for v in self.versions(kind, name)]
+        legacy = 1 if link.is_dir() and not link.is_symlink() else 0
+        return max(have + [legacy]) + 1
+
+    def rollback(self, kind: str, name: str, version: int) -> Path:
+        """Point `name` back (or forward) to a kept version; serving replicas follow on their next poll."""
+        target = self.root / kind / version_ref(validate_name(name), version)
+        if not (target / MANIFEST_NAME).is_file():
+            kept = ", ".join(f"v{v.version}" for v in self.versions(kind, name)) or "none"
+            raise RegistryError(f"{kind}/{name} has no version v{version} (kept: {kept})")
+        try:
+            Manifest.read(target).verify_files(target)
+        except ManifestError as e:
+            raise RegistryError(f"refusing to roll back to {kind}/{version_ref(name, version)}: {e}") from e
+        self._point(kind, name, version)
+        return target
+
+    def prune(self, kind: str, name: str, keep: int) -> list[int]:
+        """Delete the oldest versions beyond `keep`, never the one the name serves; returns what went."""
+        if keep < 1:
+            raise RegistryError(f"keep must be >= 1, got {keep}")
+        gone = []
+        for v in self.versions(kind, name)[:-keep]:
+            if not v.serving:
+                self._remove(v.path)
+                gone.append(v.version)
+        return gone
+
+    def _publish_version(self, kind: str, name: str, fill: Callable[[Path], Manifest], metrics: dict,
+                         gate: GatePolicy | None, force: bool, keep: int) -> Path:
+        """Gate, then write `name@vN` (fill writes the files and returns the manifest), point `name` at it, prune."""
+        decision: GateResult | None = None
+        if gate is not None:
+            decision = enforce(metrics, gate, name, force)
+        version = self._next_version(kind, name)
+        target = self.root / kind / version_ref(name, version)
+        try:
+            with atomic_dir(target) as tmp:
+                m = fill(tmp)
+                m.extra = {**m.extra, "version": version, "published_at": m.created_at,
+                           "gate": decision.record() if decision else {"checked": False}}
+                if decision is not None:
+                    _append_gate_to_card(tmp, m, decision)
+                if (tmp / "README.md").is_file():
+                    m.files["README.md"] = sha256_file(tmp / "README.md")
+                m.write(tmp)
+        except (FileExistsError, OSError) as e:
+            if target.exists():
+                raise RegistryError(f"{kind}/{version_ref(name, version)} appeared meanwhile "
+                                    f"(another publish of {name!r}); retry") from e
+            raise
+        self._point(kind, name, version)
+        self.prune(kind, name, keep)
+        return target
 
     # -- publish ----------------------------------------------------------------
     def register_base(self, model_dir: Path | str, name: str, sha256: str | None = None) -> Path:
@@ -112,10 +239,7 @@ class Registry:
             m.write(tmp)
         return self.path("base", name)
 
-    def publish_run(self, run: Path | str, name: str, *, replace: bool = False) -> Path:
-        """Publish a finished run's adapter (or full model) atomically; registers the base if needed."""
-        run_dir = RunDir(Path(run))
-        validate_name(name)
+    def _check_run(self, run_dir: RunDir) -> Manifest:
         try:
             rm = Manifest.read(run_dir.root)
         except ManifestError as e:
@@ -126,27 +250,40 @@ class Registry:
             rm.verify_files(run_dir.root)
         except ManifestError as e:
             raise RegistryError(f"refusing to publish: {e}") from e
+        return rm
+
+    def _check_base(self, name: str, base: dict) -> None:
+        """An adapter needs its base in the registry: register it, or refuse a different one."""
+        current = self.base()
+        if current is None:
+            src_base = Path(base.get("path", ""))
+            if not src_base.is_dir():
+                raise RegistryError(f"registry has no base model and the run's base {src_base} is not on disk")
+            self.register_base(src_base, base["name"], base["sha256"])
+            return
+        have = Manifest.read(current[1]).base_model.get("sha256")
+        if have != base.get("sha256"):
+            raise RegistryError(
+                f"adapter {name!r} was trained on base sha256 {str(base.get('sha256'))[:12]}, "
+                f"but the registry serves {current[0]!r} ({str(have)[:12]})")
+
+    def publish_run(self, run: Path | str, name: str, *, gate: GatePolicy | None = None, force: bool = False,
+                    keep: int = KEEP_VERSIONS) -> Path:
+        """Publish a finished run's adapter (or full model) as a new version of `name`, atomically.
+
+        With a gate policy the run's metrics must pass it (GateRefused otherwise, unless `force`, which
+        is recorded). Registers the base model if needed. Returns the new version's folder.
+        """
+        run_dir = RunDir(Path(run))
+        validate_name(name)
+        rm = self._check_run(run_dir)
         kind, src = ("adapters", run_dir.adapter) if run_dir.adapter.is_dir() else ("models", run_dir.model)
         if not src.is_dir():
             raise RegistryError(f"{run_dir.root}: has neither adapter/ nor model/ to publish")
-        base = rm.base_model
         if kind == "adapters":
-            src_base = Path(base.get("path", ""))
-            current = self.base()
-            if current is None:
-                if not src_base.is_dir():
-                    raise RegistryError(f"registry has no base model and the run's base {src_base} is not on disk")
-                self.register_base(src_base, base["name"], base["sha256"])
-            else:
-                have = Manifest.read(current[1]).base_model.get("sha256")
-                if have != base.get("sha256"):
-                    raise RegistryError(
-                        f"adapter {name!r} was trained on base sha256 {str(base.get('sha256'))[:12]}, "
-                        f"but the registry serves {current[0]!r} ({str(have)[:12]})")
-        target = self.path(kind, name)
-        if target.exists() and not replace:
-            raise RegistryError(f"{kind}/{name} already exists in {self.root} (use replace to overwrite)")
-        with atomic_dir(target, replace=replace) as tmp:
+            self._check_base(name, rm.base_model)
+
+        def fill(tmp: Path) -> Manifest:
             for p in sorted(src.rglob("*")):
                 if p.is_file():
                     _link_or_copy(p, tmp / p.relative_to(src))
@@ -154,17 +291,19 @@ class Registry:
             if run_dir.model_card.is_file():
                 (tmp / "README.md").unlink(missing_ok=True)  # may be a hard link into the run: never write through it
                 shutil.copy2(run_dir.model_card, tmp / "README.md")
-                files["README.md"] = sha256_file(tmp / "README.md")
-            m = Manifest(kind=kind.rstrip("s"), name=name, method=rm.method, base_model=base,
+            files.pop("README.md", None)
+            m = Manifest(kind=kind.rstrip("s"), name=name, method=rm.method, base_model=rm.base_model,
                          peft_config=rm.peft_config, dataset=rm.dataset, metrics=rm.metrics,
                          servability=rm.servability, versions=rm.versions,
                          extra={"run": str(run_dir.root.resolve()), "run_created_at": rm.created_at})
             m.files = files
-            m.write(tmp)
-        return target
+            return m
 
-    def publish_model(self, folder: Path | str, name: str, *, replace: bool = False) -> Path:
-        """Publish an exported model folder (merged, ONNX, int8, TensorRT) into models/<name>, atomically."""
+        return self._publish_version(kind, name, fill, rm.metrics, gate, force, keep)
+
+    def publish_model(self, folder: Path | str, name: str, *, gate: GatePolicy | None = None, force: bool = False,
+                      keep: int = KEEP_VERSIONS) -> Path:
+        """Publish an exported model folder (merged, ONNX, int8, TensorRT) as a new version of models/<name>."""
         folder = Path(folder)
         validate_name(name)
         try:
@@ -174,32 +313,60 @@ class Registry:
             raise RegistryError(f"refusing to publish: {e}") from e
         if src.kind != "model":
             raise RegistryError(f"{folder}: manifest kind is {src.kind!r}, expected 'model' (an export)")
-        target = self.path("models", name)
-        if target.exists() and not replace:
-            raise RegistryError(f"models/{name} already exists in {self.root} (use replace to overwrite)")
-        with atomic_dir(target, replace=replace) as tmp:
+
+        def fill(tmp: Path) -> Manifest:
             for p in sorted(folder.rglob("*")):
                 rel = p.relative_to(folder)
                 if p.is_file() and rel.name != MANIFEST_NAME and not any(s.startswith(".") for s in rel.parts):
                     _link_or_copy(p, tmp / rel)
             src.name = name
             src.extra = {**src.extra, "published_from": str(folder.resolve())}
-            src.files = _verified_digests(src.files, "", tmp)
-            src.write(tmp)
-        return target
+            src.files = {k: v for k, v in _verified_digests(src.files, "", tmp).items() if k != "README.md"}
+            return src
 
-    def unpublish(self, kind: str, name: str) -> None:
-        """Remove an entry atomically (rename out of sight, then delete)."""
-        p = self.path(kind, name)
-        if not p.is_dir():
+        return self._publish_version("models", name, fill, src.metrics, gate, force, keep)
+
+    def unpublish(self, kind: str, ref: str) -> None:
+        """Remove a name with all its versions, or one pinned `name@vN` that the name does not serve."""
+        name, version = split_ref(ref)
+        link = self.root / kind / name
+        if version is not None:
+            if self.serving_version(kind, name) == version:
+                raise RegistryError(f"{kind}/{name} serves {ref}; roll back or unpublish {name!r} first")
+            target = self.path(kind, ref)
+            if not target.is_dir():
+                raise RegistryError(f"{kind}/{ref} is not in {self.root}")
+            self._remove(target)
+            return
+        if not link.exists() and not link.is_symlink():
             raise RegistryError(f"{kind}/{name} is not in {self.root}")
-        trash = p.parent / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+        if link.is_symlink():
+            link.unlink()  # the name goes first: readers stop serving it, then its versions go
+            for v in self.versions(kind, name):
+                self._remove(v.path)
+        else:
+            self._remove(link)
+
+    @staticmethod
+    def _remove(p: Path) -> None:
+        """Rename out of sight, then delete."""
+        trash = p.parent / f".trash-{p.name}-{uuid.uuid4().hex[:8]}"
         os.rename(p, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def verify(self, kind: str, name: str) -> Manifest:
+    def verify(self, kind: str, ref: str) -> Manifest:
         """Manifest of an entry after checking every file's sha256."""
-        p = self.path(kind, name)
+        p = self.path(kind, ref)
         m = Manifest.read(p)
         m.verify_files(p)
         return m
+
+
+def _append_gate_to_card(folder: Path, m: Manifest, decision: GateResult) -> None:
+    """The model card of a published version says what the gate measured and decided."""
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else f"# {m.name}\n"
+    card.unlink(missing_ok=True)  # may be a hard link into the source: write a new file
+    verdict = "passed" if decision.passed else "REFUSED, published with --force (override recorded)"
+    text += (f"\n## Publish gate (version v{m.extra.get('version')})\n\n{verdict}: {decision.numbers()}.\n")
+    card.write_text(text, encoding="utf-8")

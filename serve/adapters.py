@@ -133,7 +133,7 @@ class AdapterSync:
 
     def sync_once(self) -> None:
         with self._lock:
-            present = set(self.registry.adapters())
+            present = set(self.registry.names("adapters"))  # names and pinned name@vN
             for name in sorted(present):
                 try:
                     version = self._version(self.registry, name)

@@ -199,12 +199,12 @@ def _admin_routes(app: Flask, state: AppState) -> None:
 
 def _registry_name(sync: AdapterSync, name: str) -> str:
     """`name` if it is a valid registry name of a published adapter; 400 or 404 otherwise."""
-    from artifacts import RegistryError, validate_name
+    from artifacts import RegistryError, split_ref
 
     try:
-        validate_name(name)
+        split_ref(name)
     except RegistryError as e:
         raise bad_request(str(e), "name") from None
-    if name not in sync.registry.adapters():
+    if name not in sync.registry.names("adapters"):
         raise APIError(404, f"adapter {name!r} is not in the registry", "name")
     return name

@@ -40,9 +40,10 @@ def registry_onnx_model(settings: Settings, verify: bool = True) -> tuple[str, P
     verify re-hashes every file (a corrupt export is refused); `python -m serve` does it once
     before forking, the worker only resolves the name."""
     reg = Registry(settings.registry)
-    onnx = [n for n in reg.names("models") if (reg.root / "models" / n / "model.onnx").is_file()]
+    onnx = [n for n in reg.names("models", versions=False) if (reg.root / "models" / n / "model.onnx").is_file()]
     if settings.model:
-        if settings.model not in onnx:
+        if settings.model not in onnx and not (settings.model in reg.names("models")
+                                               and (reg.root / "models" / settings.model / "model.onnx").is_file()):
             raise ConfigurationError(f"SERVE_MODEL: {settings.model!r} is not an ONNX model in {reg.root}/models "
                                      f"(have: {', '.join(onnx) or 'none'})")
         name = settings.model

@@ -107,7 +107,7 @@ def plan_launch(settings: Settings, metrics: Metrics) -> LaunchPlan:
     plan = LaunchPlan(reg, name, path, sha, module_names_from_config(path), settings.max_lora_rank, {},
                       settings.vllm_port or _free_port(), {})
     probe = plan.adapter_sync(settings.max_lora_rank, metrics, settings.poll_seconds)
-    for n in reg.adapters():
+    for n in reg.names("adapters"):  # every name and pinned name@vN
         try:
             plan.startup[n], plan.launched[n] = probe.checked_state(n)
         except Refused as e:

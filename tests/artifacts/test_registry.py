@@ -63,12 +63,12 @@ def test_publish_registers_base_and_adapter(finished_run, tmp_path):
     assert m.kind == "adapter" and m.base_model["sha256"] == tree_sha256(base)
     assert (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file()
     assert m.servability["vllm"]["ok"] and m.peft_config["r"] == 4
-    with pytest.raises(RegistryError, match="already exists"):
-        reg.publish_run(finished_run.root, "chef")
+    assert path.name == "chef@v1" and reg.names("adapters") == ["chef", "chef@v1"]
     reg.publish_run(finished_run.root, "chef-2")
     assert reg.adapters() == ["chef", "chef-2"]
     reg.unpublish("adapters", "chef")
     assert reg.adapters() == ["chef-2"] and not any(p.name.startswith(".") for p in (tmp_path / "reg/adapters").iterdir())
+    assert reg.names("adapters") == ["chef-2", "chef-2@v1"]
 
 
 def test_publish_refuses_unfinished_or_corrupt_runs(finished_run, tmp_path):
