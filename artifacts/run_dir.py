@@ -21,6 +21,7 @@ class RunDir:
     model = property(lambda self: self.root / "model")  # full weights: full fine-tuning, or merged adapter
     eval = property(lambda self: self.root / "eval.json")  # base vs tuned metrics
     predictions = property(lambda self: self.root / "eval_predictions.jsonl")  # per-example generations
+    retention_predictions = property(lambda self: self.root / "retention_predictions.jsonl")  # general set: base vs tuned
     data_report = property(lambda self: self.root / "data_report.json")  # cleaning/truncation counts
     model_card = property(lambda self: self.root / "README.md")
     logs = property(lambda self: self.root / "logs")

@@ -4,7 +4,7 @@
     onnx SRC                  run / model folder -> ONNX decoder with KV cache (verified with onnxruntime)
     quantize ONNX_DIR         fp32 ONNX -> int8, gated by a quality report on the run's data
     tensorrt ONNX_DIR         TensorRT engine (needs tensorrt and an NVIDIA GPU)
-    publish DIR --registry R  an exported folder -> R/models/<name>, atomically
+    publish DIR --registry R  an exported folder -> a new version of R/models/<name>, through the publish gate
     all RUN                   merge (if needed) + onnx + quantize (+ publish with --registry)
 
 Bad input exits 2 with one line naming the file and the reason, and writes nothing; a missing
@@ -16,6 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from artifacts import GatePolicy, GateRefused, Manifest, ManifestError, Registry, RegistryError
+from artifacts.registry import KEEP_VERSIONS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("folder", type=Path)
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--name", required=True)
-    p.add_argument("--replace", action="store_true")
+    p.add_argument("--force", action="store_true", help="publish even if the gate refuses (recorded in the manifest)")
     a = sub.add_parser("all", help="merge + onnx + quantize a run (and publish with --registry)")
     a.add_argument("run", type=Path)
     a.add_argument("--registry", type=Path, help="publish <name>-onnx and <name>-int8 into it")
@@ -57,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="keep fp32 the MatMuls whose input absmax exceeds this x the median (massive activations)")
     for sp in (m, o, q, t, a):
         sp.add_argument("--force", action="store_true", help="replace existing outputs")
+    a.add_argument("--force-publish", action="store_true", help="publish even if the gate refuses (recorded)")
+    for sp in (p, a):
+        sp.add_argument("--min-gain", type=float, default=GatePolicy.min_gain,
+                        help="task gain (points over the base, from the run's evaluation) the publish gate requires")
+        sp.add_argument("--max-retention-drop", type=float, default=GatePolicy.max_retention_drop,
+                        help="retention drop (points on the general set) the publish gate allows")
+        sp.add_argument("--keep", type=int, default=KEEP_VERSIONS, help="versions kept per name; never the one served")
     for sp in (o, q, a):
         sp.add_argument("--threads", type=int, default=0, help="onnxruntime threads; 0 = all cores")
     return ap
@@ -117,9 +127,7 @@ def run(args: argparse.Namespace) -> None:
                            replace=args.force)
         print(f"TensorRT engine: {res['path']}")
     elif args.cmd == "publish":
-        from artifacts import Registry
-
-        print(f"published {Registry(args.registry).publish_model(args.folder, args.name, replace=args.replace)}")
+        _publish(Registry(args.registry), args.folder, args.name, args, args.force)
     elif args.cmd == "all":
         run_dir = args.run
         if not (run_dir / "model").is_dir():
@@ -131,11 +139,17 @@ def run(args: argparse.Namespace) -> None:
         _print_quality(quantize(onnx_dir, int8_dir, limits=QualityLimits(args.max_ppl_increase, args.max_metric_drop),
                                 replace=args.force, threads=args.threads, outlier_ratio=args.outlier_ratio, method=args.method))
         if args.registry:
-            from artifacts import Registry
-
             reg, name = Registry(args.registry), args.name or run_dir.name
             for folder, suffix in ((onnx_dir, "onnx"), (int8_dir, "int8")):
-                print(f"published {reg.publish_model(folder, f'{name}-{suffix}', replace=True)}")
+                _publish(reg, folder, f"{name}-{suffix}", args, args.force_publish)
+
+
+def _publish(reg: Registry, folder: Path, name: str, args: argparse.Namespace, force: bool) -> None:
+    """A new version of models/<name>, through the same gate as training's publish (the run's metrics)."""
+    path = reg.publish_model(folder, name, gate=GatePolicy(args.min_gain, args.max_retention_drop), force=force,
+                             keep=args.keep)
+    forced = Manifest.read(path).extra["gate"]["forced"]
+    print(f"published {path} ({'gate REFUSED, forced (recorded)' if forced else 'gate passed'}); {name!r} serves {path.name}")
 
 
 def _print_onnx(res: dict) -> None:
@@ -174,14 +188,13 @@ def _quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet()
-    from artifacts import ManifestError, RegistryError
     from export.errors import ExportError
     from export.tensorrt import TensorRTUnavailable
     from lm.errors import UserError
 
     try:
         run(args)
-    except (ExportError, UserError, ManifestError, RegistryError, FileExistsError) as e:
+    except (ExportError, UserError, ManifestError, RegistryError, GateRefused, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except TensorRTUnavailable as e:

@@ -17,7 +17,7 @@ from lm.data.formats import Example
 from lm.padding import Collator, left_pad
 
 
-def _next_token_batches(model, features: list[dict], pad_id: int, batch_size: int):
+def next_token_batches(model, features: list[dict], pad_id: int, batch_size: int):
     """(logits (B, T-1, V) in fp32, labels (B, T-1)) per batch: each position's prediction of the next token."""
     collate, device = Collator(pad_id), next(model.parameters()).device
     for i in range(0, len(features), batch_size):
@@ -34,7 +34,7 @@ def loss_and_perplexity(model, features: list[dict], pad_id: int, batch_size: in
         return {"loss": float("nan"), "perplexity": float("nan")}
     model.eval()
     total, count = 0.0, 0
-    for logits, labels in _next_token_batches(model, features, pad_id, batch_size):
+    for logits, labels in next_token_batches(model, features, pad_id, batch_size):
         total += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                    ignore_index=IGNORE, reduction="sum").item()
         count += int((labels != IGNORE).sum())
@@ -96,7 +96,7 @@ def answer_logprobs(model, tokenizer, conversations: list[list[dict[str, str]]],
     model.eval()
     feats = [dict(zip(("input_ids", "labels"), encode_chat(tokenizer, msgs))) for msgs in conversations]
     out: list[float] = []
-    for logits, labels in _next_token_batches(model, feats, tokenizer.pad_token_id, batch_size):
+    for logits, labels in next_token_batches(model, feats, tokenizer.pad_token_id, batch_size):
         logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
         out += (logp * (labels != IGNORE)).sum(-1).tolist()
     return out

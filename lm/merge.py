@@ -59,7 +59,7 @@ def merge_run_adapter(run: Path | str, base_path: str, out: Path | str, *, repla
                             "reference_dtype": str(ref_dtype).replace("torch.", "")})
         if rd.is_finished():
             rm = Manifest.read(rd.root)
-            m.base_model, m.peft_config = rm.base_model, rm.peft_config
+            m.base_model, m.peft_config, m.metrics = rm.base_model, rm.peft_config, rm.metrics  # the gate reads metrics
         m.files = file_checksums(tmp)
         m.write(tmp)
     return {"max_abs_logit_diff": diff, "path": str(out)}

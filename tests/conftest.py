@@ -73,7 +73,8 @@ def tiny_overrides(model: Path, data: dict[str, Path], out: Path, **extra) -> li
     base = {"model.name_or_path": str(model), "data.train": str(data["train"]), "data.eval": str(data["eval"]),
             "output.dir": str(out), "training.max_steps": 4, "training.batch_size": 4, "training.lr": 1e-3,
             "training.eval_steps": 2, "training.save_steps": 2, "training.logging_steps": 1,
-            "eval.max_new_tokens": 4, "output.registry": None, "method.r": 4}
+            "eval.max_new_tokens": 4, "eval.retain_max_examples": 8, "eval.retain_max_new_tokens": 6,
+            "output.registry": None, "method.r": 4}
     base.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in base.items()]
 

@@ -2,7 +2,7 @@
 
   python -m train [run] [CONFIG.yaml] [section.field=value ...] [--resume]
   python -m train eval  (--run RUN | --model MODEL) --data FILE [--out FILE]
-  python -m train publish RUN --registry DIR [--name NAME] [--replace]
+  python -m train publish RUN --registry DIR [--name NAME] [--force] [--min-gain P] [--max-retention-drop P] [--keep N]
 
 Bad input exits 2 with one line naming file:line:field.
 """
@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", type=Path)
     p.add_argument("--registry", required=True, type=Path)
     p.add_argument("--name", help="default: the run directory's name")
-    p.add_argument("--replace", action="store_true", help="replace an entry of the same name")
+    p.add_argument("--force", action="store_true", help="publish even if the gate refuses (recorded in the manifest)")
+    p.add_argument("--min-gain", type=float, help="task gain in points the gate requires (default: the run's publish.min_gain)")
+    p.add_argument("--max-retention-drop", type=float, help="retention drop in points the gate allows (default: the run's publish.max_retention_drop)")
+    p.add_argument("--keep", type=int, help="versions kept per name (default: the run's publish.keep_versions)")
     return ap
 
 
@@ -62,13 +65,6 @@ def cmd_run(args) -> int:
         cfg_path = overrides.pop(0)
     cfg = load_config(cfg_path, overrides)
     rd = run(cfg, resume=args.resume)
-    ev_path = rd.eval
-    if ev_path.is_file():
-        ev = json.loads(ev_path.read_text())
-        h = ev.get("headline")
-        if h:
-            print(f"{h['metric']} on {h['eval_rows']} held-out rows: base {100 * h['base']:.1f} -> tuned "
-                  f"{100 * h['tuned']:.1f} ({h['gain_points']:+.1f} points) in {ev['train_seconds']:.0f} s")
     print(f"run: {rd.root}")
     return 0
 
@@ -104,13 +100,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from artifacts import Registry, RegistryError
+    from artifacts import GatePolicy, GateRefused, Manifest, Registry, RegistryError
+    from train.config import PublishConfig, section_from_yaml
 
+    pub: PublishConfig = section_from_yaml(args.run / "config.yaml", "publish", PublishConfig)
+    policy = GatePolicy(pub.min_gain if args.min_gain is None else args.min_gain,
+                        pub.max_retention_drop if args.max_retention_drop is None else args.max_retention_drop)
+    name = args.name or args.run.name
     try:
-        path = Registry(args.registry).publish_run(args.run, args.name or args.run.name, replace=args.replace)
-    except RegistryError as e:
+        path = Registry(args.registry).publish_run(args.run, name, gate=policy, force=args.force,
+                                                   keep=args.keep or pub.keep_versions)
+    except (RegistryError, GateRefused) as e:
         raise UserError(str(e)) from None
-    print(f"published {path}")
+    gate = Manifest.read(path).extra["gate"]
+    print(f"published {path} ({'gate REFUSED, forced (recorded)' if gate['forced'] else 'gate passed'}); "
+          f"{name!r} serves {path.name}")
     return 0
 
 

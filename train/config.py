@@ -90,6 +90,21 @@ class OutputConfig:
 
 
 @dataclass
+class PublishConfig:
+    """The gate every publish passes (train publish, the auto-publish above, export publish)."""
+
+    min_gain: float = opt(1.0, "points the task metric must beat the base by: an adapter that learnt nothing is not shipped")
+    max_retention_drop: float = opt(10.0, "points of general-set accuracy (eval.retention) the tuned model may lose vs its base")
+    force: bool = opt(False, "publish even when the gate refuses; the override is recorded in the manifest and card")
+    keep_versions: int = opt(5, "versions kept per name (older ones pruned, never the one served): enough to roll back")
+
+    def policy(self):
+        from artifacts import GatePolicy
+
+        return GatePolicy(self.min_gain, self.max_retention_drop)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -97,6 +112,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +176,10 @@ def _apply(cfg: Config, section: str, values: dict[str, Any], where: str) -> Non
         raise ConfigError(f"{where}: {section}: unknown section; known: {', '.join(SECTIONS)}")
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: {section}: expected a mapping of fields")
-    obj = getattr(cfg, section)
+    _apply_to(getattr(cfg, section), section, values, where)
+
+
+def _apply_to(obj, section: str, values: dict[str, Any], where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         if key not in hints:
@@ -211,6 +230,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: training.{name}: must be >= 1")
     if cfg.training.lr <= 0:
         raise ConfigError(f"{where}: training.lr: must be > 0")
+    if not 0.0 <= cfg.data.replay <= 4.0:
+        raise ConfigError(f"{where}: data.replay: must be in [0, 4] (a fraction of the training rows)")
+    if cfg.data.replay > 0 and cfg.method.name in ("dpo", "orpo", "grpo"):
+        raise ConfigError(f"{where}: data.replay: not for {cfg.method.name} (replay rows are plain answers, "
+                          "not preference pairs or prompts to sample); use it with supervised methods")
+    if cfg.publish.keep_versions < 1:
+        raise ConfigError(f"{where}: publish.keep_versions: must be >= 1")
     if cfg.data.max_length < 8:
         raise ConfigError(f"{where}: data.max_length: must be >= 8")
     if cfg.method.r < 1:
@@ -219,6 +245,19 @@ def validate(cfg: Config) -> None:
     if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"{where}: method.target_modules: 'all-linear' or a non-empty list of module names")
     METHODS[cfg.method.name].check(cfg)
+
+
+def section_from_yaml(path: Path, section: str, cls):
+    """One section of a run's resolved config.yaml (defaults for what it lacks: runs from older versions)."""
+    if not Path(path).is_file():
+        return cls()
+    try:
+        raw = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get(section) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: unreadable run config: {e}".splitlines()[0]) from None
+    obj = cls()
+    _apply_to(obj, section, raw, str(path))
+    return obj
 
 
 def help_text() -> str:

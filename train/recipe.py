@@ -27,18 +27,18 @@ from typing import Any
 import torch
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 
-from artifacts import Manifest, Registry, RunDir, atomic_dir, atomic_write_text
+from artifacts import GateRefused, Manifest, Registry, RegistryError, RunDir, atomic_dir, atomic_write_text
 from artifacts.checksums import file_checksums
-from lm import evaluation
+from lm import evaluation, retention
 from lm.adapters import servability
 from lm.architectures import architecture_name
 from lm.data.prepare import Splits, prepare
-from lm.errors import ConfigError
+from lm.errors import ConfigError, UserError
 from lm.features import TokenReport, pack, tokenize
 from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
 from lm.merge import merge_run_adapter
-from train import reporting
-from train.base_model import ResolvedModel, resolve
+from train import replay, reporting
+from train.base_model import ResolvedModel, cache_dir, resolve
 from train.config import Config
 from train.methods import Method, TrainerParts, get_method
 
@@ -145,6 +145,9 @@ class FineTuneRecipe:
         splits = prepare(cfg.data, cfg.training.seed)  # validates every row: DataError before any write
         ref = resolve(cfg.model.name_or_path)
         tok = load_tokenizer(ref.path, cfg.model.trust_remote_code)
+        base_sha = ref.sha256()
+        if cfg.data.replay > 0:
+            self._add_replay(splits, ref, tok, base_sha)
         train_feats, train_tok = tokenize(tok, splits.train, cfg.data.max_length)
         val_feats, val_tok = tokenize(tok, splits.validation, cfg.data.max_length)
         if cfg.data.packing:
@@ -159,9 +162,18 @@ class FineTuneRecipe:
         # No KV cache in training; it also lets transformers derive block-diagonal masks for packed rows.
         model.config.use_cache = False
         model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
-        self.p = Prepared(splits, ref, tok, train_feats, val_feats, train_tok, val_tok, method, model,
-                          ref.sha256(), vocab)
+        self.p = Prepared(splits, ref, tok, train_feats, val_feats, train_tok, val_tok, method, model, base_sha, vocab)
         return self.p
+
+    def _add_replay(self, splits: Splits, ref: ResolvedModel, tok, base_sha: str) -> None:
+        """The base's own answers to general prompts join the training rows (validation stays the task's)."""
+        cfg = self.cfg
+        rep = replay.build(cfg.data, len(splits.train), cfg.training.seed, tok, base_sha, cache_dir(),
+                           lambda: load_model(ref.path, torch.float32, cfg.model.trust_remote_code).to(device()))
+        splits.train = splits.train + rep.examples
+        splits.report["replay"] = rep.report
+        print(f"replay: {rep.report['rows']} rows of the base's own answers to general prompts "
+              f"({'cached' if rep.report['cache_reused'] else 'generated'}; {rep.report['cache']})", flush=True)
 
     def data_report(self) -> dict[str, Any]:
         p = self.p
@@ -236,12 +248,18 @@ class FineTuneRecipe:
                               "train_steps": out.train_steps, "train_loss": out.train_loss}
         if cfg.eval.enabled:
             examples = p.splits.eval[: cfg.eval.max_examples or None]
-            ev["tuned"], preds = self._score(load_run_weights(self.rd, p.ref.path, self._eval_dtype()), examples)
+            tuned = load_run_weights(self.rd, p.ref.path, self._eval_dtype())
+            ev["tuned"], preds = self._score(tuned, examples)
             preds_base: list[str] = []
             if cfg.eval.compare_base:
                 base = load_model(p.ref.path, self._eval_dtype(), cfg.model.trust_remote_code).to(device())
                 ev["base"], preds_base = self._score(base, examples)
-                ev["headline"] = _headline(ev["tuned"], ev["base"], len(examples))
+                ev["headline"] = h = _headline(ev["tuned"], ev["base"], len(examples))
+                print(f"{h['metric']} on {h['eval_rows']} held-out rows: base {100 * h['base']:.1f} -> tuned "
+                      f"{100 * h['tuned']:.1f} ({h['gain_points']:+.1f} points) in {ev['train_seconds']:.0f} s", flush=True)
+                if cfg.eval.retention:
+                    ev["retention"] = self._retention(tuned, base)
+                    _print_retention(ev["retention"])
             atomic_write_text(self.rd.predictions, "".join(
                 json.dumps({"where": ex.where, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"],
                             "tuned": preds[i], "base": preds_base[i] if preds_base else None}) + "\n"
@@ -249,6 +267,18 @@ class FineTuneRecipe:
         atomic_write_text(self.rd.eval, json.dumps(ev, indent=2) + "\n")
         out.evaluation = ev
         return ev
+
+    def _retention(self, tuned, base) -> dict[str, Any]:
+        """Base vs tuned on the general set, with and without the training system prompt; KL(tuned || base)."""
+        e, tok = self.cfg.eval, self.p.tok
+        items = retention.retain_set(e.retain, e.retain_max_examples)
+        conds = retention.conditions(retention.training_system_prompt(self.p.splits.train))
+        replies_base = retention.ask_all(base, tok, items, conds, e.retain_max_new_tokens, e.batch_size)
+        replies_tuned = retention.ask_all(tuned, tok, items, conds, e.retain_max_new_tokens, e.batch_size)
+        kl = retention.drift_kl(tuned, base, tok, items, replies_base["no_system"], max(1, e.batch_size // 2))
+        atomic_write_text(self.rd.retention_predictions, "".join(
+            json.dumps(r) + "\n" for r in retention.predictions(items, replies_base, replies_tuned)))
+        return retention.report(items, replies_base, replies_tuned, kl, conds)
 
     def _eval_dtype(self) -> torch.dtype:
         return torch.bfloat16 if mixed_precision(self.cfg.model.dtype) == "bf16" else torch.float32
@@ -276,7 +306,8 @@ class FineTuneRecipe:
             base_model={"name": p.ref.name, "source": p.ref.source, "path": p.ref.path, "sha256": p.base_sha,
                         "architecture": architecture_name(p.ref.path), "vocab_size": p.vocab_size},
             peft_config=out.peft_config, dataset=p.splits.report, servability=serv,
-            metrics={"headline": ev.get("headline"), "tuned": ev.get("tuned"), "base": ev.get("base")})
+            metrics={"headline": ev.get("headline"), "tuned": ev.get("tuned"), "base": ev.get("base"),
+                     "retention": _retention_summary(ev.get("retention"))})
         for folder in (rd.adapter, rd.model):
             if folder.is_dir():
                 manifest.files.update({f"{folder.name}/{k}": v for k, v in file_checksums(folder).items()})
@@ -288,10 +319,28 @@ class FineTuneRecipe:
         reg = self.cfg.output.registry
         if not reg:
             return None
-        name = self.cfg.output.adapter_name or self.rd.root.name
-        path = Registry(reg).publish_run(self.rd.root, name, replace=True)
-        print(f"published adapter {name!r} to {path}", flush=True)
+        name, pub = self.cfg.output.adapter_name or self.rd.root.name, self.cfg.publish
+        path = Registry(reg).publish_run(self.rd.root, name, gate=pub.policy(), force=pub.force, keep=pub.keep_versions)
+        gate = Manifest.read(path).extra["gate"]
+        note = "gate REFUSED, forced (recorded)" if gate["forced"] else "gate passed"
+        print(f"published {name!r} as {path.name} ({note}) to {path.parent}; it serves as {name!r} and {path.name!r}",
+              flush=True)
         return path
+
+
+def _retention_summary(r: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest keeps of the retention report (eval.json has it all): what the gate and serving read."""
+    if not r:
+        return None
+    return {k: r[k] for k in ("base", "tuned", "drop_points", "kl", "rows")} | {
+        "conditions": {c: {"base": v["base"], "tuned": v["tuned"]} for c, v in r["conditions"].items()}}
+
+
+def _print_retention(r: dict[str, Any]) -> None:
+    conds = ", ".join(f"{c} {100 * v['base']:.1f} -> {100 * v['tuned']:.1f} %" for c, v in r["conditions"].items())
+    print(f"retention on {r['rows']} general prompts: {100 * r['base']:.1f} -> {100 * r['tuned']:.1f} % "
+          f"(drop {r['drop_points']:.1f} points; {conds}); KL(tuned || base) "
+          f"{'n/a' if r['kl'] is None else format(r['kl'], '.3f')} nats/token", flush=True)
 
 
 def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[str, Any]:
@@ -310,5 +359,9 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
     del trainer
     recipe.evaluate()
     recipe.record()
-    recipe.publish()
+    try:
+        recipe.publish()
+    except (GateRefused, RegistryError) as e:
+        hint = "; data.replay keeps general skills" if "retention dropped" in str(e) else ""
+        raise UserError(f"{e}{hint} (the run is complete: {recipe.rd.root})") from None
     return recipe.rd

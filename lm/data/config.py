@@ -30,6 +30,9 @@ class DataConfig:
     max_length: int = opt(512, "longer rows are truncated (and reported); 512 covers chat QA rows")
     packing: bool = opt(False, "pack short rows into max_length blocks (padding-free); off keeps batches simple")
     pad_to_multiple_of: int | None = opt(None, "8 helps GPU tensor cores; None avoids useless padding on CPU")
+    replay: float = opt(0.0, "add this fraction of the training rows as the base model's own answers to general prompts (keeps it a chat model; the demo uses 0.25); 0 = off")
+    replay_prompts: str | None = opt(None, "your own prompts (JSONL rows with a prompt) to replay beside the bundled general ones")
+    replay_max_new_tokens: int = opt(48, "the base's replay answers are short; longer ones cost generation time once")
 
 
 @dataclass
@@ -39,6 +42,10 @@ class EvalConfig:
     batch_size: int = opt(16, "generation batch; larger is faster until memory runs out")
     max_examples: int = opt(0, "0 = all rows of the eval set")
     compare_base: bool = opt(True, "score the untouched base model too, so the gain is visible")
+    retention: bool = opt(True, "score base and tuned on the bundled general set too: the gate refuses a model that forgot")
+    retain: str | None = opt(None, "your own general prompts (JSONL prompt + answers), scored beside the bundled set")
+    retain_max_examples: int = opt(0, "0 = the whole bundled set; a cap (spread over all categories) for quick runs")
+    retain_max_new_tokens: int = opt(24, "general answers are a few words; enough for 'The capital of France is Paris.'")
 
 
 @dataclass

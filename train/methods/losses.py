@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lm.divergence import kl_div
+
 
 def kl_full(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Mean over tokens of KL(teacher_T || student_T), both softened by the temperature (online mode)."""
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return kl_div(teacher_logits, student_logits, temperature)
 
 
 def kl_topk(student_logits: torch.Tensor, teacher_idx: torch.Tensor, teacher_logp: torch.Tensor,
