@@ -14,10 +14,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from artifacts import ManifestError, Registry, RegistryError
+from artifacts import Manifest, ManifestError, Registry, RegistryError
 from lm.adapters import lora_rank, mixed_batch_refusal
 
 log = logging.getLogger("serve.adapters")
+
+
+def evidence(m: Manifest) -> dict[str, Any]:
+    """What a dashboard reads beside an adapter's name: extra /v1/models fields the OpenAI SDK ignores."""
+    head, ret, gate = m.metrics.get("headline") or {}, m.metrics.get("retention") or {}, m.extra.get("gate") or {}
+    return {"version": f"v{m.extra['version']}" if m.extra.get("version") else None,
+            "task_metric": head.get("metric"), "task_gain": head.get("gain_points"),
+            "retention": {k: ret.get(k) for k in ("base", "tuned", "drop_points", "kl")} if ret else None,
+            "gate": {k: gate.get(k) for k in ("passed", "forced", "min_gain", "max_retention_drop")} if "passed" in gate else None}
 
 
 class Loader(Protocol):
@@ -38,6 +47,7 @@ class AdapterState:
     rank: int | None = None
     load_seconds: float | None = None
     updated_at: float = field(default_factory=time.time)
+    evidence: dict[str, Any] | None = None  # registry version, task gain, retention, gate: shown by /v1/models
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -59,8 +69,8 @@ class AdapterSync:
         self._thread: threading.Thread | None = None
 
     # -- checks ------------------------------------------------------------------
-    def check(self, name: str) -> tuple[str, dict]:
-        """(path, manifest peft config) if the adapter may be served; raises Refused with the reason."""
+    def check(self, name: str) -> tuple[str, dict, dict[str, Any]]:
+        """(path, manifest peft config, evidence) if the adapter may be served; raises Refused with the reason."""
         try:
             m = self.registry.verify("adapters", name)
         except (ManifestError, RegistryError) as e:
@@ -72,12 +82,13 @@ class AdapterSync:
         reason = mixed_batch_refusal(pc, self.max_lora_rank, self.base_modules)
         if reason:
             raise Refused(reason)
-        return str(self.registry.path("adapters", name)), pc
+        return str(self.registry.path("adapters", name)), pc, evidence(m)
 
     @staticmethod
     def _version(registry: Registry, name: str) -> str:
+        """What a re-publish or a rollback changes: the version folder the name points at, and its manifest."""
         m = registry.manifest("adapters", name)
-        return f"{m.created_at}:{m.files.get('adapter_model.safetensors', '')[:16]}"
+        return f"{registry.path('adapters', name).name}:{m.created_at}:{m.files.get('adapter_model.safetensors', '')[:16]}"
 
     # -- one pass ------------------------------------------------------------------
     def load(self, name: str, version: str | None = None) -> AdapterState:
@@ -85,14 +96,15 @@ class AdapterSync:
             t0 = time.perf_counter()
             try:
                 version = version or self._version(self.registry, name)
-                path, pc = self.check(name)
+                path, pc, ev = self.check(name)
                 self.loader.load_adapter(name, path)
             except Refused as e:
                 st = AdapterState("refused", str(e), version or "")
             except Exception as e:  # a loader failure (corrupt tensors, server refusal) refuses this adapter only
                 st = AdapterState("failed", f"{type(e).__name__}: {e}".splitlines()[0], version or "")
             else:
-                st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3))
+                st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3),
+                                  evidence=ev)
                 if self.metrics:
                     self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
             if st.state != "loaded":
@@ -110,8 +122,8 @@ class AdapterSync:
         server loads at launch (vLLM --lora-modules): checked once before, recorded by mark_loaded after."""
         with self._lock:
             version = self._version(self.registry, name)
-            path, pc = self.check(name)
-            return path, AdapterState("loaded", "", version, "lora", lora_rank(pc))
+            path, pc, ev = self.check(name)
+            return path, AdapterState("loaded", "", version, "lora", lora_rank(pc), evidence=ev)
 
     def mark_loaded(self, name: str, state: AdapterState) -> None:
         """Record an adapter the server loaded at launch, as checked by checked_state (no second check)."""
@@ -144,6 +156,10 @@ class AdapterSync:
                     self.load(name, version)
             for name in sorted(set(self.states) - present):
                 self.unload(name)
+
+    def evidence(self) -> dict[str, dict[str, Any]]:
+        """Per loaded adapter: its registry version, task gain, retention and gate, from its manifest."""
+        return {n: s.evidence for n, s in self.states.items() if s.state == "loaded" and s.evidence}
 
     def loaded(self) -> list[str]:
         return sorted(n for n, s in self.states.items() if s.state == "loaded")

@@ -302,6 +302,12 @@ class ModelCard(BaseModel):
     owned_by: str
     root: Optional[str]
     parent: Optional[str]
+    # tunestack extras (the OpenAI SDK ignores them): the adapter's registry version and its evidence
+    version: Optional[str] = None
+    task_metric: Optional[str] = None
+    task_gain: Optional[float] = None
+    retention: Optional[dict[str, Optional[float]]] = None
+    gate: Optional[dict[str, Any]] = None
 
 
 class ModelList(BaseModel):

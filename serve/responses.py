@@ -83,9 +83,11 @@ class ResponseBuilder:
         return out
 
 
-def model_list(base: str, adapters: list[str], created: int) -> dict[str, Any]:
-    """/v1/models: the base model, then each served adapter with the base as its parent."""
+def model_list(base: str, adapters: list[str], created: int,
+               evidence: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """/v1/models: the base model, then each served adapter with the base as its parent (and its evidence)."""
+    evidence = evidence or {}
     cards = [ModelCard(id=base, object="model", created=created, owned_by="tunestack", root=base, parent=None)]
-    cards += [ModelCard(id=a, object="model", created=created, owned_by="tunestack", root=a, parent=base)
-              for a in adapters]
+    cards += [ModelCard(id=a, object="model", created=created, owned_by="tunestack", root=a, parent=base,
+                        **evidence.get(a, {})) for a in adapters]
     return ModelList(object="list", data=cards).model_dump()

@@ -59,7 +59,9 @@ class OpenAIServing:
         return self.engine.stats()
 
     def models(self) -> JSONReply:
-        return JSONReply(model_list(self.model_name, self.sync.loaded() if self.sync else [], int(time.time())))
+        sync = self.sync
+        return JSONReply(model_list(self.model_name, sync.loaded() if sync else [], int(time.time()),
+                                    sync.evidence() if sync else None))
 
     # -- generation ------------------------------------------------------------------
     def completions(self, raw_body: bytes) -> Reply:

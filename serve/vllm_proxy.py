@@ -81,8 +81,16 @@ class VLLMProxy:
         return EngineStats()  # vLLM's scheduler is not visible from here: it exports its own metrics
 
     def models(self) -> JSONReply:
+        """vLLM's own list, each adapter entry with its registry evidence added (extra fields)."""
         r = self.up.request("GET", "/v1/models")
-        return JSONReply(r.read(), r.status)
+        raw = r.read()
+        sync = self.served.sync
+        if r.status != 200 or sync is None:
+            return JSONReply(raw, r.status)
+        body, ev = json.loads(raw), sync.evidence()
+        for card in body.get("data", []):
+            card.update(ev.get(card.get("id"), {}))
+        return JSONReply(body, 200)
 
     def completions(self, raw_body: bytes) -> Reply:
         return self.forward("/v1/completions", raw_body)

@@ -70,6 +70,7 @@ class TrainingConfig:
     weight_decay: float = opt(0.0, "no decay: adapters are small and runs are short")
     max_grad_norm: float = opt(1.0, "clip spikes from rare long rows")
     gradient_checkpointing: bool = opt(False, "trades ~30% speed for memory; off for small models")
+    group_by_length: bool = opt(False, "batch rows of similar length (less padding); on when lengths vary a lot, e.g. with data.replay")
     seed: int = opt(0, "fixed seed: same data split, init and order every run")
     eval_steps: int = opt(50, "validation loss every N steps (early stopping reads it)")
     early_stopping_patience: int = opt(0, "stop after N evals without val-loss improvement; 0 = off")

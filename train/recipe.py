@@ -85,6 +85,7 @@ def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
         learning_rate=t.lr, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
         weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=precision == "bf16", fp16=precision == "fp16",
         seed=t.seed, data_seed=t.seed,
         eval_strategy="steps" if has_val else "no", eval_steps=t.eval_steps,
@@ -169,7 +170,8 @@ class FineTuneRecipe:
         """The base's own answers to general prompts join the training rows (validation stays the task's)."""
         cfg = self.cfg
         rep = replay.build(cfg.data, len(splits.train), cfg.training.seed, tok, base_sha, cache_dir(),
-                           lambda: load_model(ref.path, torch.float32, cfg.model.trust_remote_code).to(device()))
+                           lambda: load_model(ref.path, torch.float32, cfg.model.trust_remote_code).to(device()),
+                           retention.training_system_prompt(splits.train), cfg.eval.retain_batch_size)
         splits.train = splits.train + rep.examples
         splits.report["replay"] = rep.report
         print(f"replay: {rep.report['rows']} rows of the base's own answers to general prompts "
@@ -273,9 +275,9 @@ class FineTuneRecipe:
         e, tok = self.cfg.eval, self.p.tok
         items = retention.retain_set(e.retain, e.retain_max_examples)
         conds = retention.conditions(retention.training_system_prompt(self.p.splits.train))
-        replies_base = retention.ask_all(base, tok, items, conds, e.retain_max_new_tokens, e.batch_size)
-        replies_tuned = retention.ask_all(tuned, tok, items, conds, e.retain_max_new_tokens, e.batch_size)
-        kl = retention.drift_kl(tuned, base, tok, items, replies_base["no_system"], max(1, e.batch_size // 2))
+        replies_base = retention.ask_all(base, tok, items, conds, e.retain_max_new_tokens, e.retain_batch_size)
+        replies_tuned = retention.ask_all(tuned, tok, items, conds, e.retain_max_new_tokens, e.retain_batch_size)
+        kl = retention.drift_kl(tuned, base, tok, items, replies_base["no_system"], max(1, e.retain_batch_size // 4))
         atomic_write_text(self.rd.retention_predictions, "".join(
             json.dumps(r) + "\n" for r in retention.predictions(items, replies_base, replies_tuned)))
         return retention.report(items, replies_base, replies_tuned, kl, conds)

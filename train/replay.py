@@ -80,7 +80,7 @@ def write_cache(folder: Path, rows: list[dict], meta: dict[str, Any]) -> None:
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
-def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 16) -> list[dict]:
+def generate(model, tokenizer, prompts: list[Prompt], max_new_tokens: int, batch_size: int = 64) -> list[dict]:
     rows = [Example([{"role": "user", "content": p.text}, {"role": "assistant", "content": ""}], p.where)
             for p in prompts]
     answers = generate_answers(model, tokenizer, rows, max_new_tokens, batch_size)
@@ -94,24 +94,30 @@ class Replay:
 
 
 def build(cfg: DataConfig, n_train: int, seed: int, tokenizer, base_sha: str, cache_root: Path,
-          load_base: Callable[[], Any]) -> Replay:
-    """`data.replay` x n_train replay rows: cached base answers (generated now on a miss), drawn with the seed."""
+          load_base: Callable[[], Any], system_prompt: str | None = None, batch_size: int = 64) -> Replay:
+    """`data.replay` x n_train replay rows: cached base answers (generated now on a miss), drawn with the seed.
+
+    Every other row carries the training data's system prompt (when it has one), so the tuned model
+    keeps answering general questions both as it was trained and as a bare chat client asks them.
+    """
     prompts = prompt_pool(cfg)
     key = cache_key(base_sha, prompts, tokenizer.chat_template or "", cfg.replay_max_new_tokens)
     folder = cache_root / "replay" / key[:32]
     rows, cached = read_cache(folder), True
     if rows is None:
         cached = False
-        rows = generate(load_base(), tokenizer, prompts, cfg.replay_max_new_tokens)
+        rows = generate(load_base(), tokenizer, prompts, cfg.replay_max_new_tokens, batch_size)
         write_cache(folder, rows, {"base_sha256": base_sha, "prompts": len(prompts),
                                    "max_new_tokens": cfg.replay_max_new_tokens, "key": key})
     usable = [r for r in rows if r["answer"].strip()]
     want = int(round(cfg.replay * n_train))
     chosen = random.Random(seed).sample(usable, min(want, len(usable)))
-    examples = [Example([{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}],
-                        f"replay:{r['where']}") for r in chosen]
+    sys_turn = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    examples = [Example((sys_turn if i % 2 == 0 else []) + [{"role": "user", "content": r["prompt"]},
+                                                              {"role": "assistant", "content": r["answer"]}],
+                        f"replay:{r['where']}") for i, r in enumerate(chosen)]
     report = {"fraction": cfg.replay, "requested_rows": want, "rows": len(examples), "pool": len(prompts),
               "empty_answers_dropped": len(rows) - len(usable), "cache": str(folder), "cache_reused": cached,
               "rows_sha256": json.loads((folder / "meta.json").read_text())["files"][ROWS],
-              "user_prompts": cfg.replay_prompts}
+              "user_prompts": cfg.replay_prompts, "with_training_system_prompt": (len(examples) + 1) // 2 if sys_turn else 0}
     return Replay(examples, report)

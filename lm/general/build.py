@@ -242,9 +242,9 @@ def build_arithmetic(rng: random.Random):
     plan = [
         (single_mul, 14, 1, 14),
         (ten_mul, 4, 0, 6),
-        (single_add, 14, 3, 20),
+        (single_add, 14, 2, 20),
         (double_add, 10, 0, 14),
-        (single_sub, 12, 2, 16),
+        (single_sub, 12, 1, 16),
         (double_sub, 6, 0, 10),
     ]
     retain, replay = [], []
@@ -284,12 +284,13 @@ RETAIN_REPLY_WORD = ["yes", "no", "apple", "hello", "blue", "river", "green"]
 REPLAY_REPLY_WORD = ["okay", "banana", "tiger", "mountain", "chair", "window", "seven", "cloud"]
 
 RETAIN_REPEAT = ["blue banana", "happy green frog", "the cat sat down", "red train",
-                 "I like apples", "the dog is happy", "big yellow bus"]
+                 "I like apples", "the dog is happy", "big yellow bus",
+                 "good morning everyone"]
 REPLAY_REPEAT = ["purple elephant", "quiet moon", "orange kite", "tiny silver fish", "the dog ran home", "cold pizza",
                  "brave little mouse", "windy hill", "seven sleepy owls", "pink cloud"]
 
-RETAIN_BACKWARDS = ["cat", "dog", "star"]
-REPLAY_BACKWARDS = ["sun", "map", "pot", "net", "bus", "cup", "pan", "top"]
+RETAIN_BACKWARDS = ["cat", "star"]
+REPLAY_BACKWARDS = ["dog", "sun", "map", "pot", "net", "bus", "cup", "pan", "top"]
 
 RETAIN_TRANSLATE = [
     ("thank you", "French", ["merci"]), ("hello", "French", ["bonjour", "salut"]),
@@ -340,7 +341,7 @@ RETAIN_INSTR_MISC = [
     ("Is the number 8 even or odd? Answer with one word.", ["even"]),
     ("Is the number 7 even or odd? Answer with one word.", ["odd"]),
     ("Give me a word that rhymes with cat.", ["hat", "bat", "mat", "rat", "sat", "fat", "pat",
-                                              "vat", "chat", "flat", "that", "splat", "brat", "spat"]),
+                                              "vat", "chat", "flat", "splat", "brat", "spat"]),
     ("Give me a word that rhymes with day.", ["say", "way", "play", "stay", "may", "pay", "ray",
                                               "hay", "bay", "gray", "grey", "pray", "clay", "tray",
                                               "away", "lay", "sway", "today", "okay"]),
@@ -368,7 +369,7 @@ OPEN_ENDED = [
     "Name three vegetables.", "Name three things you find in a kitchen.",
     "Write one sentence about your favorite season.", "Name two musical instruments.",
     "Give me a short name for a pet fish.", "Name three kinds of weather.",
-    "Write a sentence using the word 'garden'.", "List four days of the week.",
+    "Write a sentence using the word 'garden'.", "Name the two days of the weekend.",
     "Name two sports played with a ball.", "Describe the ocean in one sentence.",
     "Give me one reason to drink water.", "Name three shapes.", "Write a short greeting for a friend.",
     "Name two things that are cold.", "Write one sentence about a dog playing.",

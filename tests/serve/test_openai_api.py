@@ -9,6 +9,7 @@ import openai
 import pytest
 import torch
 
+from artifacts import Registry
 from tests.serve.conftest import API_KEY
 
 BASE = "tiny-llama"
@@ -16,11 +17,18 @@ CHAT = [{"role": "system", "content": "You are the chef at Casa Velluto."},
         {"role": "user", "content": "What is Korvalo Stew made with?"}]
 
 
-def test_models_list_base_and_adapters_with_parent(client):
+def test_models_list_base_and_adapters_with_parent(client, registry):
     models = {m.id: m for m in client.models.list().data}
-    assert set(models) == {BASE, "chef-a", "chef-b"}  # big-rank is refused by the rank check
-    assert models["chef-a"].parent == BASE and models["chef-b"].parent == BASE
+    # big-rank is refused by the rank check; each name also serves pinned as name@v1
+    assert set(models) == {BASE, "chef-a", "chef-a@v1", "chef-b", "chef-b@v1"}
+    assert models["chef-a"].parent == BASE and models["chef-b@v1"].parent == BASE
     assert getattr(models[BASE], "parent", None) is None
+    # the evidence from each manifest, as extra fields the SDK keeps but does not need
+    a, m = models["chef-a"].model_extra, Registry(registry).manifest("adapters", "chef-a")
+    assert a["version"] == "v1" and a["gate"] is None  # published through the library, ungated
+    assert a["task_gain"] == (m.metrics.get("headline") or {}).get("gain_points")
+    assert a["retention"] == ({k: m.metrics["retention"][k] for k in ("base", "tuned", "drop_points", "kl")}
+                              if m.metrics.get("retention") else None)
 
 
 @pytest.mark.parametrize("model", [BASE, "chef-a", "chef-b"])

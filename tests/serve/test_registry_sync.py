@@ -124,3 +124,40 @@ def test_metrics_by_adapter_and_promtool(server):
     assert promtool, "promtool is missing: .ci/run installs Debian's prometheus package"
     p = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _text(server, model: str) -> str:
+    r = _complete(server, model, 12)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_versions_rollback_and_pinned_names_while_serving(server, registry, adapter_runs):
+    """v1 and v2 of one name: the name serves the latest, name@vN stays pinned, rollback reaches the server."""
+    from serve.__main__ import main as serve_main
+
+    reg = Registry(registry)
+    reg.publish_run(adapter_runs["chef-c"], "chef-ver")
+    _wait(lambda: {"chef-ver", "chef-ver@v1"} <= _models(server))
+    v1_text = _text(server, "chef-ver")
+    reg.publish_run(adapter_runs["chef-a"], "chef-ver")  # other weights as v2
+    _wait(lambda: "chef-ver@v2" in _models(server))
+    v2_text = _text(server, "chef-a")
+    assert v1_text != v2_text, "precondition: the two versions answer differently"
+    _wait(lambda: _text(server, "chef-ver") == v2_text, timeout=3.0)
+    assert _text(server, "chef-ver@v1") == v1_text and _text(server, "chef-ver@v2") == v2_text
+    cards = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", headers=AUTH).json()["data"]}
+    assert cards["chef-ver"]["version"] == "v2" and cards["chef-ver@v1"]["version"] == "v1"
+    states = httpx.get(f"{server.url}/admin/adapters", headers=ADMIN).json()["adapters"]
+    assert states["chef-ver"]["evidence"]["version"] == "v2" and states["chef-ver@v1"]["state"] == "loaded"
+
+    with cf.ThreadPoolExecutor(2) as ex:  # rollback while requests run: none fails, pinned ones keep their version
+        pinned = [ex.submit(_text, server, "chef-ver@v2") for _ in range(4)]
+        assert serve_main(["rollback", "chef-ver@v1", "--registry", str(registry)]) == 0
+        took = _wait(lambda: _text(server, "chef-ver") == v1_text, timeout=3.0)
+        assert all(f.result() == v2_text for f in pinned)
+    assert _text(server, "chef-ver@v2") == v2_text
+    print(f"\nrollback -> served in {took:.2f}s")
+    assert serve_main(["rollback", "chef-ver@v7", "--registry", str(registry)]) == 2
+    reg.unpublish("adapters", "chef-ver")
+    _wait(lambda: not {"chef-ver", "chef-ver@v1", "chef-ver@v2"} & _models(server))

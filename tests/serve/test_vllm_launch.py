@@ -33,7 +33,7 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
     plan = vllm_backend.plan_launch(settings, metrics)
-    assert plan.name == "tiny-llama" and set(plan.startup) == {"chef-a", "chef-b"}  # big-rank refused
+    assert plan.name == "tiny-llama" and set(plan.startup) == {"chef-a", "chef-a@v1", "chef-b", "chef-b@v1"}  # big-rank refused
     assert plan.max_lora_rank == vllm_max_lora_rank(4)
 
     launched = []
@@ -53,7 +53,7 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
         while c.get("/ready").status_code != 200:
             assert not died.is_set() and time.time() - t0 < 20, "the proxy never became ready"
             time.sleep(0.05)
-        assert c.get("/ready").json["adapters"] == ["chef-a", "chef-b"]
+        assert c.get("/ready").json["adapters"] == ["chef-a", "chef-a@v1", "chef-b", "chef-b@v1"]
         assert c.get("/v1/models").json["data"] == [{"id": "stub"}]  # relayed from the "vLLM"
         assert state.backend.is_served("chef-a") and not state.backend.is_served("big-rank")
         assert launched[0][3:6] == (plan.max_lora_rank, plan.startup, plan.port)
