@@ -77,6 +77,26 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _retention_lines(r: dict | None, replay: dict | None, publish: dict) -> list[str]:
+    """What the tuned model kept of the base's general skills, and the gate it must pass to publish."""
+    out = ["", "## Retention (general prompts)", ""]
+    if not r:
+        return out + ["Not measured (eval.retention off, or no base comparison): the publish gate will refuse it.", ""]
+    out += [f"{r['rows']} general prompts (facts, arithmetic, instructions, refusals, chat), asked "
+            + " and ".join(r["conditions"]) + ": accuracy base "
+            f"{100 * r['base']:.1f} % -> tuned {100 * r['tuned']:.1f} % (drop {r['drop_points']:.1f} points); "
+            + ("" if r["kl"] is None else f"KL(tuned || base) {r['kl']:.3f} nats/token."), "",
+            "| category | base | tuned |", "|---|---|---|"]
+    out += [f"| {c} | {100 * v['base']:.1f} % | {100 * v['tuned']:.1f} % |" for c, v in r["by_category"].items()]
+    if replay:
+        out += ["", f"Replay: {replay['rows']} rows of the base model's own answers to general prompts mixed in "
+                    f"(data.replay {replay['fraction']})."]
+    if publish:
+        out += ["", f"Publish gate: task gain >= {publish.get('min_gain')} points, retention drop <= "
+                    f"{publish.get('max_retention_drop')} points."]
+    return out
+
+
 def model_card(rd: RunDir, cfg: dict, evaluation: dict, data_report: dict, servability: dict) -> str:
     lines = [f"# {rd.root.name}", "",
              f"Fine-tuned from `{cfg['model']['name_or_path']}` with **{cfg['method']['name']}**.", ""]
@@ -93,6 +113,7 @@ def model_card(rd: RunDir, cfg: dict, evaluation: dict, data_report: dict, serva
     for k, v in tuned.items():
         if isinstance(v, (int, float)):
             lines.append(f"| {k} | {_fmt(base.get(k, '-'))} | {_fmt(v)} |")
+    lines += _retention_lines(evaluation.get("retention"), data_report.get("replay"), cfg.get("publish", {}))
     vl = servability.get("vllm", {})
     lines += ["", "## Serving", ""]
     if not cfg["method"]["name"] in ("lora", "dora", "ia3", "prompt_tuning"):

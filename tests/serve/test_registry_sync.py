@@ -132,7 +132,22 @@ def _text(server, model: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-def test_versions_rollback_and_pinned_names_while_serving(server, registry, adapter_runs):
+def _amplified(run, out):
+    """A copy of a run whose LoRA B weights are 40x: an adapter that surely answers differently."""
+    from safetensors.torch import load_file, save_file
+
+    from artifacts import Manifest
+
+    shutil.copytree(run, out)
+    f = out / "adapter" / "adapter_model.safetensors"
+    save_file({k: v * 40 if "lora_B" in k else v for k, v in load_file(str(f)).items()}, str(f))
+    m = Manifest.read(out)
+    m.record_files(out, ["adapter/adapter_model.safetensors"])
+    m.write(out)
+    return out
+
+
+def test_versions_rollback_and_pinned_names_while_serving(server, registry, adapter_runs, tmp_path):
     """v1 and v2 of one name: the name serves the latest, name@vN stays pinned, rollback reaches the server."""
     from serve.__main__ import main as serve_main
 
@@ -140,9 +155,9 @@ def test_versions_rollback_and_pinned_names_while_serving(server, registry, adap
     reg.publish_run(adapter_runs["chef-c"], "chef-ver")
     _wait(lambda: {"chef-ver", "chef-ver@v1"} <= _models(server))
     v1_text = _text(server, "chef-ver")
-    reg.publish_run(adapter_runs["chef-a"], "chef-ver")  # other weights as v2
+    reg.publish_run(_amplified(adapter_runs["chef-c"], tmp_path / "loud"), "chef-ver")  # other weights as v2
     _wait(lambda: "chef-ver@v2" in _models(server))
-    v2_text = _text(server, "chef-a")
+    v2_text = _text(server, "chef-ver@v2")
     assert v1_text != v2_text, "precondition: the two versions answer differently"
     _wait(lambda: _text(server, "chef-ver") == v2_text, timeout=3.0)
     assert _text(server, "chef-ver@v1") == v1_text and _text(server, "chef-ver@v2") == v2_text
