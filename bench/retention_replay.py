@@ -1,6 +1,6 @@
 """The demo recipe with replay and without, in one run: task score, retention, KL and the publish gate.
 
-Trains configs/smollm2_lora_chef.yaml twice on the embedded SmolLM2, once as it is (data.replay 0.2)
+Trains configs/smollm2_lora_chef.yaml twice on the embedded SmolLM2, once as it is (data.replay 0.15)
 and once with data.replay=0, both for the same number of optimizer steps (the replay arm's), then
 asks the gate of each run what `train publish` would do. Prints one table and the ratios; writes
 results.json. A finished arm (its manifest.json present) is reused, so an interrupted bench resumes.
@@ -52,7 +52,7 @@ def main() -> None:
     steps = with_replay["train_steps"]
     without = train(args.work / "no-replay", "data.replay=0", "training.group_by_length=false",
                     f"training.max_steps={steps}")
-    rows = [row("replay 0.2", with_replay, args.work / "replay"), row("no replay", without, args.work / "no-replay")]
+    rows = [row("replay 0.15", with_replay, args.work / "replay"), row("no replay", without, args.work / "no-replay")]
     print(f"{'arm':<11} {'steps':>5} {'menu base->tuned':>17} {'retention base->tuned':>22} {'drop':>6} {'KL':>6}  gate")
     for r in rows:
         print(f"{r['arm']:<11} {r['steps']:>5} {r['menu_base']:>7.1f} -> {r['menu_tuned']:>5.1f} "

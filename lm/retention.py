@@ -13,7 +13,9 @@ model's drift is also measured as KL(tuned || base) per token on the base's own 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from typing import Any
 import torch
 
 from lm.chat import IGNORE, encode_chat
-from lm.data.formats import Example
+from lm.data.formats import Example, read_rows
 from lm.divergence import kl_div
 from lm.errors import DataError
 from lm.evaluation import generate_answers, next_token_batches
@@ -42,20 +44,9 @@ class RetainItem:
 
 def load_items(path: Path | str, default_category: str = "user") -> list[RetainItem]:
     """Every row validated; DataError names the file, line and field of the first bad one."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: retention file not found")
     items = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for i, row in read_rows(path):
         where = f"{path}:{i}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: -: invalid JSON: {e.msg}") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: -: expected an object with prompt and answers")
         prompt, answers = row.get("prompt"), row.get("answers")
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: prompt: must be a non-empty string")
@@ -63,8 +54,6 @@ def load_items(path: Path | str, default_category: str = "user") -> list[RetainI
             raise DataError(f"{where}: answers: must be a non-empty list of non-empty strings")
         items.append(RetainItem(prompt.strip(), [a.strip() for a in answers],
                                 str(row.get("category") or default_category), where))
-    if not items:
-        raise DataError(f"{path}:1: -: no rows")
     return items
 
 
@@ -103,6 +92,34 @@ def ask(model, tokenizer, items: list[RetainItem], system: str | None, max_new_t
 def ask_all(model, tokenizer, items: list[RetainItem], conds: dict[str, str | None], max_new_tokens: int,
             batch_size: int) -> dict[str, list[str]]:
     return {name: ask(model, tokenizer, items, system, max_new_tokens, batch_size) for name, system in conds.items()}
+
+
+def replies_key(model_sha: str, tokenizer, items: list[RetainItem], conds: dict[str, str | None],
+                max_new_tokens: int) -> str:
+    """What a model's greedy replies to the set depend on: its weights, template, the prompts and conditions."""
+    parts = [model_sha, tokenizer.chat_template or "", max_new_tokens, sorted(conds.items(), key=str),
+             [it.prompt for it in items]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def cached_replies(folder: Path, key: str, compute) -> dict[str, list[str]]:
+    """The base's replies are the same for every run on that base: computed once, kept with their checksum.
+
+    A file whose checksum does not match is recomputed and rewritten, never trusted."""
+    path = folder / f"{key[:32]}.json"
+    if path.is_file():
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        body = json.dumps(raw.get("replies"), sort_keys=True)
+        if raw.get("key") == key and raw.get("sha256") == hashlib.sha256(body.encode()).hexdigest():
+            return raw["replies"]
+    replies = compute()
+    body = json.dumps(replies, sort_keys=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{key[:32]}-{os.getpid()}"
+    tmp.write_text(json.dumps({"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest(), "replies": replies}),
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return replies
 
 
 @torch.no_grad()

@@ -275,7 +275,12 @@ class FineTuneRecipe:
         e, tok = self.cfg.eval, self.p.tok
         items = retention.retain_set(e.retain, e.retain_max_examples)
         conds = retention.conditions(retention.training_system_prompt(self.p.splits.train))
-        replies_base = retention.ask_all(base, tok, items, conds, e.retain_max_new_tokens, e.retain_batch_size)
+        def ask_base():
+            return retention.ask_all(base, tok, items, conds, e.retain_max_new_tokens, e.retain_batch_size)
+
+        # The base's replies are the same for every run on it (greedy): cached by its weights' sha256.
+        replies_base = (retention.cached_replies(cache_dir() / "retention", retention.replies_key(
+            self.p.base_sha, tok, items, conds, e.retain_max_new_tokens), ask_base) if self.p.base_sha else ask_base())
         replies_tuned = retention.ask_all(tuned, tok, items, conds, e.retain_max_new_tokens, e.retain_batch_size)
         kl = retention.drift_kl(tuned, base, tok, items, replies_base["no_system"], max(1, e.retain_batch_size // 4))
         atomic_write_text(self.rd.retention_predictions, "".join(

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from artifacts import atomic_dir, sha256_file
 from lm.data.config import DataConfig
-from lm.data.formats import Example
+from lm.data.formats import Example, read_rows
 from lm.errors import ConfigError, DataError
 from lm.evaluation import generate_answers
 from lm.retention import GENERAL
@@ -36,17 +36,9 @@ class Prompt:
 
 def load_prompts(path: Path) -> list[Prompt]:
     """Rows with a non-empty `prompt` (other fields ignored); DataError names the file, line and field."""
-    if not path.is_file():
-        raise DataError(f"{path}: replay prompts file not found")
     out = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: -: invalid JSON: {e.msg}") from None
-        text = row.get("prompt") if isinstance(row, dict) else None
+    for i, row in read_rows(path):
+        text = row.get("prompt")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{path}:{i}: prompt: must be a non-empty string")
         out.append(Prompt(text.strip(), f"{path}:{i}"))

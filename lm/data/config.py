@@ -30,7 +30,7 @@ class DataConfig:
     max_length: int = opt(512, "longer rows are truncated (and reported); 512 covers chat QA rows")
     packing: bool = opt(False, "pack short rows into max_length blocks (padding-free); off keeps batches simple")
     pad_to_multiple_of: int | None = opt(None, "8 helps GPU tensor cores; None avoids useless padding on CPU")
-    replay: float = opt(0.0, "add this fraction of the training rows as the base model's own answers to general prompts (keeps it a chat model; the demo uses 0.25); 0 = off")
+    replay: float = opt(0.0, "add this fraction of the training rows as the base model's own answers to general prompts (keeps it a chat model; the demo uses 0.15); 0 = off")
     replay_prompts: str | None = opt(None, "your own prompts (JSONL rows with a prompt) to replay beside the bundled general ones")
     replay_max_new_tokens: int = opt(48, "the base's replay answers are short; longer ones cost generation time once")
 

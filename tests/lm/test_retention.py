@@ -87,3 +87,27 @@ def test_ask_and_kl_on_a_real_tiny_model(tiny_model):
         tuned.lm_head.weight.add_(0.5 * torch.randn_like(tuned.lm_head.weight))
     assert retention.drift_kl(tuned, base, tok, ITEMS, forced) > 0.01
     assert retention.drift_kl(tuned, base, tok, ITEMS, ["", "", "", ""]) is None
+
+
+def test_base_replies_are_cached_by_key_and_a_tampered_file_is_recomputed(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"no_system": ["Paris."]}
+
+    assert retention.cached_replies(tmp_path, "k" * 64, compute) == {"no_system": ["Paris."]}
+    assert retention.cached_replies(tmp_path, "k" * 64, compute) == {"no_system": ["Paris."]} and calls == [1]
+    f = tmp_path / ("k" * 32 + ".json")
+    f.write_text(f.read_text().replace("Paris.", "Lyon."))
+    assert retention.cached_replies(tmp_path, "k" * 64, compute) == {"no_system": ["Paris."]} and calls == [1, 1]
+
+
+def test_the_replies_key_changes_with_weights_prompts_and_conditions(tiny_model):
+    tok = load_tokenizer(str(tiny_model))
+    conds = {"no_system": None}
+    k = retention.replies_key("sha-a", tok, ITEMS, conds, 24)
+    assert k == retention.replies_key("sha-a", tok, ITEMS, conds, 24)
+    assert k != retention.replies_key("sha-b", tok, ITEMS, conds, 24)
+    assert k != retention.replies_key("sha-a", tok, ITEMS[:2], conds, 24)
+    assert k != retention.replies_key("sha-a", tok, ITEMS, {**conds, "train_system": "chef"}, 24)

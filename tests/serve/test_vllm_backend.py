@@ -53,6 +53,11 @@ def test_launched_from_the_registry(servers):
     assert "--enable-lora" in log and "--max-lora-rank 16" in log and "chef=" in log and "chef-2=" in log
     models = {m.id: m for m in _client(servers["vllm"]).models.list().data}
     assert models["chef"].parent == "SmolLM2-135M-Instruct" and "chef-2" in models
+    # pinned versions are served too, and the proxy adds each adapter's evidence to vLLM's own list
+    assert {"chef@v1", "chef-2@v1"} <= set(models) and "chef@v1=" in log
+    ev = models["chef"].model_extra
+    assert ev["version"] == "v1" and ev["task_metric"] == "keyword_accuracy" and ev["task_gain"] > 60
+    assert ev["retention"]["drop_points"] <= 10 and models["SmolLM2-135M-Instruct"].model_extra.get("version") is None
 
 
 def test_same_greedy_output_as_flask_backend(servers):
