@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from artifacts import atomic_write_text
 from lm.chat import IGNORE, encode_chat
 from lm.data.formats import Example, read_rows
 from lm.divergence import kl_div
@@ -114,11 +114,8 @@ def cached_replies(folder: Path, key: str, compute) -> dict[str, list[str]]:
             return raw["replies"]
     replies = compute()
     body = json.dumps(replies, sort_keys=True)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".tmp-{key[:32]}-{os.getpid()}"
-    tmp.write_text(json.dumps({"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest(), "replies": replies}),
-                   encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest(),
+                                        "replies": replies}))
     return replies
 
 
