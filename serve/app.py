@@ -9,13 +9,17 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import socket
+import threading
+import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator
 
 from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
+from werkzeug.wsgi import ClosingIterator
 
 from serve.adapters import AdapterSync
 from serve.backend import Backend, EventStream, JSONReply, RelayedStream, Reply
@@ -27,16 +31,95 @@ from serve.settings import Settings
 log = logging.getLogger("serve.app")
 PLAYGROUND = Path(__file__).with_name("playground.html")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+# Open without a key: probes (kubelet), the Prometheus scrape, the API description, the playground page
+# (it asks the user for the key). Every other path needs a key when one is set: a new route is closed by default.
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
+
+
+class Drain:
+    """HTTP requests in progress, and the draining flag that SIGTERM sets (server.DrainingWorker).
+
+    While draining, /ready is 503 and new API requests get 503 "draining"; the worker stops once no
+    request is in progress or after `seconds`. Any process serving this app can drive it: begin(), then
+    wait_idle(seconds), then stop."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.draining = False  # a plain attribute: a signal handler may set it without taking a lock
+        self._active = 0
+        self._idle = threading.Condition()
+
+    def begin(self) -> None:
+        self.draining = True
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def enter(self) -> Callable[[], None]:
+        """Count a request in; the returned release counts it out (once, however often it is called)."""
+        with self._idle:
+            self._active += 1
+        done = []
+
+        def release() -> None:
+            with self._idle:
+                if not done:
+                    done.append(True)
+                    self._active -= 1
+                    self._idle.notify_all()
+        return release
+
+    def wait_idle(self, timeout: float) -> bool:
+        """True once no request is in progress; False if `timeout` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+
+class DeadlineInput:
+    """wsgi.input with one deadline for the whole body: each read waits at most the time left, then 408.
+
+    gunicorn reads a body from a blocking socket with no timeout, so a client that sends its headers and
+    then trickles the body (or stops) would hold an HTTP thread for ever."""
+
+    def __init__(self, stream: Any, sock: socket.socket | None, seconds: float):
+        self._stream, self._sock, self._seconds = stream, sock, seconds
+        self._deadline = time.monotonic() + seconds
+
+    def read(self, *size: int) -> bytes:
+        return self._bounded(self._stream.read, *size)
+
+    def readline(self, *size: int) -> bytes:
+        return self._bounded(self._stream.readline, *size)
+
+    def _bounded(self, read: Callable[..., bytes], *size: int) -> bytes:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout(f"request body not received within {self._seconds:g} s")
+        if self._sock is None:  # not under gunicorn (the test client): the deadline is checked between reads
+            return read(*size)
+        prior = self._sock.gettimeout()
+        self._sock.settimeout(left)
+        try:
+            return read(*size)
+        except TimeoutError:  # socket.timeout
+            raise RequestTimeout(f"request body not received within {self._seconds:g} s") from None
+        finally:
+            self._sock.settimeout(prior)  # the response is written as before, blocking
 
 
 @dataclass
 class AppState:
-    """The backend and its adapter sync: None until the model has loaded (set_serving)."""
+    """The backend and its adapter sync (None until the model has loaded), a load failure, the drain."""
 
     backend: Backend | None = None
     sync: AdapterSync | None = None
+    failed: str | None = None  # why the model could not be loaded: /health and /ready say it (503)
+    drain: Drain = field(default_factory=lambda: Drain(0.0))
 
     def ready_backend(self) -> Backend:
+        if self.failed is not None:
+            raise APIError(503, self.failed, code="load_failed")
         if self.backend is None:
             raise APIError(503, "model is loading; retry shortly", code="not_ready")
         return self.backend
@@ -50,13 +133,14 @@ class AppState:
 def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
               sync: AdapterSync | None = None) -> Flask:
     """`serving` may be None while the engine loads: /ready and /v1/* answer 503 until set_serving()."""
-    app = Flask("tunestack")
+    app = Flask("tunestack", static_folder=None)  # no /static route serving whatever the working directory holds
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.url_map.merge_slashes = False  # "//etc/passwd" must reach the name check, not redirect
-    state = AppState(serving, sync)
+    state = AppState(serving, sync, drain=Drain(settings.drain_seconds))
     app.extensions["tunestack"] = state
+    app.wsgi_app = _counted_with_deadline(app.wsgi_app, state.drain, settings.body_timeout)  # type: ignore[method-assign]
     _error_handlers(app, settings.max_body_bytes)
-    app.before_request(_authenticator(settings))
+    app.before_request(_authenticator(settings, state.drain))
     _probe_routes(app, state, metrics)
     _api_routes(app, state)
     _admin_routes(app, state)
@@ -66,6 +150,32 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
 def set_serving(app: Flask, serving: Backend, sync: AdapterSync | None) -> None:
     state: AppState = app.extensions["tunestack"]
     state.sync, state.backend = sync, serving  # sync first: a ready backend always has its adapters
+
+
+def set_failed(app: Flask, reason: str) -> None:
+    """The model will never load: /health and /ready answer 503 with `reason` (the process exits next)."""
+    app.extensions["tunestack"].failed = reason
+
+
+def drain_of(app: Any) -> Drain | None:
+    """The Drain of an app build_app made (None for any other WSGI app)."""
+    state = getattr(app, "extensions", {}).get("tunestack")
+    return state.drain if isinstance(state, AppState) else None
+
+
+def _counted_with_deadline(wsgi_app: Callable, drain: Drain, body_timeout: float) -> Callable:
+    """WSGI middleware: every request counts as in progress until its response is closed (streams
+    included), and its body must arrive within body_timeout."""
+    def counted(environ: dict, start_response: Callable) -> Any:
+        environ["wsgi.input"] = DeadlineInput(environ["wsgi.input"], environ.get("gunicorn.socket"), body_timeout)
+        release = drain.enter()
+        try:
+            body = wsgi_app(environ, start_response)
+        except BaseException:
+            release()
+            raise
+        return ClosingIterator(body, release)  # the server closes the body once sent or abandoned
+    return counted
 
 
 # -- replies as responses -------------------------------------------------------------------------
@@ -119,17 +229,22 @@ def _bearer_ok(expected: str) -> bool:
     return hmac.compare_digest(token.encode(), expected.encode())  # constant time
 
 
-def _authenticator(settings: Settings) -> Callable[[], None]:
-    """/admin needs the admin key (and is off without one); /v1 needs the API key when one is set."""
+def _authenticator(settings: Settings, drain: Drain) -> Callable[[], None]:
+    """/admin needs the admin key (and is off without one); every path but OPEN_PATHS needs the API key
+    when one is set. Then, while draining, new requests get 503 so clients retry on another replica."""
     def check() -> None:
         p = request.path
+        if p in OPEN_PATHS:
+            return
         if p.startswith("/admin"):
             if not settings.admin_key:
                 raise APIError(404, "admin API is off (set SERVE_ADMIN_KEY)")
             if not _bearer_ok(settings.admin_key):
                 raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
-        elif p.startswith("/v1") and settings.api_key and not _bearer_ok(settings.api_key):
+        elif settings.api_key and not _bearer_ok(settings.api_key):
             raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
+        if drain.draining:
+            raise APIError(503, "server is shutting down; retry on another replica", code="draining")
     return check
 
 
@@ -138,10 +253,16 @@ def _probe_routes(app: Flask, state: AppState, metrics: Metrics) -> None:
     """Open paths: liveness, readiness, Prometheus metrics, the OpenAPI description, the playground."""
     @app.get("/health")
     def health():
+        if state.failed is not None:  # alive, but never going to serve: say so, the process is exiting
+            return json_response({"status": "failed", "reason": state.failed}, 503)
         return json_response({"status": "ok"})
 
     @app.get("/ready")
     def ready():
+        if state.failed is not None:
+            return json_response({"status": "failed", "reason": state.failed}, 503)
+        if state.drain.draining:  # at once, so Kubernetes takes the pod out of the Service's endpoints
+            return json_response({"status": "draining"}, 503)
         if state.backend is None:
             return json_response({"status": "loading"}, 503)
         return json_response({"status": "ready", "adapters": state.sync.loaded() if state.sync else []})

@@ -7,6 +7,7 @@ the request metrics; the app only frames what it returns.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import time
 from contextlib import closing
@@ -22,6 +23,8 @@ from serve.protocol import ChatCompletionRequest, CompletionRequest
 from serve.responses import ResponseBuilder, model_list, usage
 
 EVENT_TIMEOUT_S = 600  # a request that sees no token for this long is failed, never left hanging
+INTERNAL = APIError(500, "internal error")  # what a client sees of a bug: the traceback goes to the log only
+log = logging.getLogger("serve.serving")
 
 Request = Union[CompletionRequest, ChatCompletionRequest]
 
@@ -42,11 +45,13 @@ class Job:
 class OpenAIServing:
     """The Backend over an Engine: parse, check, submit, and shape the engine's events into responses."""
 
-    def __init__(self, engine: Engine, sync: AdapterSync | None, metrics: Metrics):
+    def __init__(self, engine: Engine, sync: AdapterSync | None, metrics: Metrics,
+                 event_timeout_s: float = EVENT_TIMEOUT_S):
         self.engine = engine
         self.sync = sync
         self.metrics = metrics
         self.served = ServedModels(engine.model_name, sync)
+        self.event_timeout_s = event_timeout_s
 
     @property
     def model_name(self) -> str:
@@ -71,10 +76,22 @@ class OpenAIServing:
         return self._generate(raw_body, chat=True)
 
     def _generate(self, raw_body: bytes, chat: bool) -> Reply:
+        """The in-flight gauge is up from here until this returns, unless a started stream took it over:
+        a started generator's `finally` runs when it is closed or collected, so no path can leak it."""
         t0 = time.perf_counter()
-        self.metrics.in_flight.inc()  # decremented once the request is rejected, answered or its stream closed
-        job = self._start(raw_body, chat, t0)
-        return EventStream(self._stream(job)) if job.req.stream else self._complete(job)
+        self.metrics.in_flight.inc()
+        handed_over = False
+        try:
+            job = self._start(raw_body, chat, t0)
+            if not job.req.stream:
+                return self._complete(job)
+            stream = self._stream(job)
+            next(stream)  # runs to the stream's first yield, inside its try: it owns the gauge now
+            handed_over = True
+            return EventStream(stream)
+        finally:
+            if not handed_over:
+                self.metrics.in_flight.dec()
 
     def _start(self, raw_body: bytes, chat: bool, t0: float) -> Job:
         """Parse and check the request and build its sequences; a rejection is counted here."""
@@ -83,15 +100,17 @@ class OpenAIServing:
             body = json_body(raw_body)
             req, ids = self._parse_chat(body) if chat else self._parse_completion(body)
             gens = self._sequences(req, ids)
-        except APIError as e:
-            self.metrics.in_flight.dec()
+        except Exception as e:
+            status = e.status if isinstance(e, APIError) else 500
             model = body.get("model") if isinstance(body, dict) else None
-            self.metrics.requests.labels(self.served.label(model), "", str(e.status)).inc()
+            self.metrics.requests.labels(self.served.label(model), "", str(status)).inc()
             raise
         return Job(req, gens, ResponseBuilder(chat, req.model, req.include_usage), t0)
 
     def _parse_completion(self, body: Any) -> tuple[CompletionRequest, list[int]]:
         req = CompletionRequest.parse(body)
+        if not req.prompt:  # checked on the text: a tokenizer that adds BOS makes "" a non-empty id list
+            raise bad_request("prompt must not be empty", "prompt")
         ids = self.engine.tokenize(req.prompt)
         if not ids:
             raise bad_request("prompt must not be empty", "prompt")
@@ -134,31 +153,32 @@ class OpenAIServing:
                 texts, reasons, completion = _collect(events, job.req.n)
             self.record(job, 200, completion)
             return JSONReply(job.out.body(texts, reasons, job.usage(completion)))
-        except APIError as e:
-            self.record(job, e.status, 0)
+        except Exception as e:
+            self.record(job, e.status if isinstance(e, APIError) else 500, 0)
             raise
-        finally:
-            self.metrics.in_flight.dec()
 
     def _stream(self, job: Job) -> Generator[dict[str, Any], None, None]:
-        """The chunks of a streamed response. Closing it early (the client left) cancels the rows: status 499."""
+        """The chunks of a streamed response, after one priming yield of {} that _generate consumes.
+
+        Closing it early (the client left) cancels the rows: status 499. An error after the headers
+        went out (a timeout, an engine failure, a bug) is sent as an error event and ends the stream."""
         completion, status = 0, 200
         try:
+            yield {}  # priming: from here on the finally below owns the in-flight gauge
             if job.out.chat:
                 yield job.out.role_chunk(job.req.n)
-            with closing(self.run(job.gens)) as events:
-                try:
-                    for ev in events:
-                        if isinstance(ev, TextDelta):
-                            yield job.out.text_chunk(ev.index, ev.text)
-                        elif isinstance(ev, Finished):
-                            completion += ev.completion_tokens
-                            yield job.out.finish_chunk(ev.index, ev.reason)
-                        else:
-                            raise APIError(503, ev.message, code="engine_error")
-                except APIError as e:  # headers are sent: the error goes out as an event, the stream ends cleanly
-                    status = e.status
-                    yield e.body()
+            try:
+                with closing(self._stream_events(job)) as chunks:  # closing it cancels the rows at once
+                    for chunk, tokens in chunks:
+                        completion += tokens
+                        yield chunk
+            except Exception as e:  # noqa: BLE001 - headers are sent: the error goes out as an event
+                if not isinstance(e, APIError):
+                    log.exception("stream failed")
+                err = e if isinstance(e, APIError) else INTERNAL
+                status = err.status
+                yield err.body()
+                return
             if job.req.include_usage:
                 yield job.out.usage_chunk(job.usage(completion))
         except GeneratorExit:
@@ -167,6 +187,17 @@ class OpenAIServing:
         finally:
             self.record(job, status, completion)
             self.metrics.in_flight.dec()
+
+    def _stream_events(self, job: Job) -> Iterator[tuple[dict[str, Any], int]]:
+        """(chunk, completion tokens it finishes) for each engine event; an engine failure raises 503."""
+        with closing(self.run(job.gens)) as events:
+            for ev in events:
+                if isinstance(ev, TextDelta):
+                    yield job.out.text_chunk(ev.index, ev.text), 0
+                elif isinstance(ev, Finished):
+                    yield job.out.finish_chunk(ev.index, ev.reason), ev.completion_tokens
+                else:
+                    raise APIError(503, ev.message, code="engine_error")
 
     def run(self, gens: list[GenRequest]) -> Generator[EngineEvent, None, None]:
         """Submit and yield engine events until every choice has ended. Closing the iterator cancels."""
@@ -177,7 +208,7 @@ class OpenAIServing:
         try:
             while pending:
                 try:
-                    ev = events.get(timeout=EVENT_TIMEOUT_S)
+                    ev = events.get(timeout=self.event_timeout_s)
                 except queue.Empty:
                     raise APIError(503, "generation timed out", code="timeout") from None
                 if isinstance(ev, (Finished, Failed)):

@@ -33,6 +33,8 @@ class Settings:
     forward: str = field(default="lean", metadata={"help": "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
+    body_timeout: float = field(default=30.0, metadata={"help": "seconds a request body may take to arrive; a client that trickles or stalls gets 408 and frees its thread (a 64 KiB chat arrives in ms)"})
+    drain_seconds: float = field(default=25.0, metadata={"help": "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20"})
     vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)"})
     vllm_args: str = field(default="", metadata={"help": "extra vLLM server arguments, space-separated"})
 
@@ -71,6 +73,8 @@ class Settings:
             raise ValueError("SERVE_DTYPE=float16 is for vLLM on a GPU; on a CPU use bfloat16")
         if self.forward not in ("lean", "transformers"):
             raise ValueError(f"SERVE_FORWARD: {self.forward!r}; choose lean or transformers")
+        if self.body_timeout <= 0 or self.drain_seconds < 0:
+            raise ValueError("SERVE_BODY_TIMEOUT must be > 0 and SERVE_DRAIN_SECONDS >= 0")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 
