@@ -37,9 +37,10 @@ from lm.errors import ConfigError, UserError
 from lm.features import TokenReport, pack, tokenize
 from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
 from lm.merge import merge_run_adapter
-from train import replay, reporting
+from train import checkpoints, replay, reporting
 from train.base_model import ResolvedModel, cache_dir, resolve
 from train.config import Config
+from train.disk import check_writable, writing
 from train.methods import Method, TrainerParts, get_method
 
 
@@ -47,12 +48,15 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def check_output(rd: RunDir, overwrite: bool, resume: bool) -> None:
+def check_output(rd: RunDir, overwrite: bool, resume: bool, registry: str | None = None) -> None:
+    """Refuse, before anything is trained, an output.dir (or registry) this run cannot or must not write."""
+    check_writable(rd.root, "output.dir")
+    if registry:
+        check_writable(registry, "output.registry")
     if resume:
         if rd.is_finished():
             raise ConfigError(f"{rd.root}: run already finished; nothing to resume")
-        if rd.last_checkpoint() is None:
-            raise ConfigError(f"{rd.root}: no checkpoint to resume from")
+        checkpoints.resume_point(rd)  # ConfigError when no checkpoint is complete
         return
     if rd.root.exists() and any(rd.root.iterdir()):
         if not overwrite:
@@ -142,7 +146,7 @@ class FineTuneRecipe:
         if cfg.training.num_threads > 0:
             torch.set_num_threads(cfg.training.num_threads)
         set_seed(cfg.training.seed)
-        check_output(self.rd, cfg.output.overwrite, self.resume)
+        check_output(self.rd, cfg.output.overwrite, self.resume, cfg.output.registry)
         splits = prepare(cfg.data, cfg.training.seed)  # validates every row: DataError before any write
         ref = resolve(cfg.model.name_or_path)
         tok = load_tokenizer(ref.path, cfg.model.trust_remote_code)
@@ -164,6 +168,8 @@ class FineTuneRecipe:
         model.config.use_cache = False
         model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
         self.p = Prepared(splits, ref, tok, train_feats, val_feats, train_tok, val_tok, method, model, base_sha, vocab)
+        if self.resume:
+            checkpoints.check_same_run(self.rd, cfg.to_dict(), self.data_report())
         return self.p
 
     def _add_replay(self, splits: Splits, ref: ResolvedModel, tok, base_sha: str) -> None:
@@ -214,8 +220,13 @@ class FineTuneRecipe:
         if self.is_main:
             self._write_inputs()
         trainer = self._trainer()
-        ckpt = self.rd.last_checkpoint() if self.resume else None
-        result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+        ckpt = None
+        if self.resume:
+            ckpt, skipped = checkpoints.resume_point(self.rd)
+            if self.is_main:
+                checkpoints.discard(skipped, ckpt)
+                checkpoints.trim_metrics(self.rd.metrics_log, ckpt.step)
+        result = trainer.train(resume_from_checkpoint=str(ckpt.path) if ckpt else None)
         self.out.train_steps, self.out.train_loss = result.global_step, result.training_loss
         return trainer
 
@@ -228,16 +239,19 @@ class FineTuneRecipe:
         if trainer.is_world_process_zero() and staging.exists():
             shutil.rmtree(staging)
         trainer.accelerator.wait_for_everyone()
-        trainer.save_model(str(staging))
-        trainer.accelerator.wait_for_everyone()
-        if trainer.is_world_process_zero():
-            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config is in config.yaml
-            if not method.saves_adapter:
-                self.p.tok.save_pretrained(staging)
-            with atomic_dir(final, replace=True) as tmp:
-                for f in staging.iterdir():
-                    shutil.move(str(f), tmp / f.name)
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            trainer.save_model(str(staging))
+            trainer.accelerator.wait_for_everyone()
+            if trainer.is_world_process_zero():
+                (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the resolved config is in config.yaml
+                if not method.saves_adapter:
+                    self.p.tok.save_pretrained(staging)
+                with atomic_dir(final, replace=True) as tmp:
+                    for f in staging.iterdir():
+                        shutil.move(str(f), tmp / f.name)
+        finally:  # a full disk mid-save must not leave a hidden half copy of the weights behind
+            if trainer.is_world_process_zero():
+                shutil.rmtree(staging, ignore_errors=True)
         self.out.train_seconds = time.time() - self.t0
         self.out.peft_config = method.peft_config(trainer.model)
         self.p.model = None  # evaluation reloads the weights from disk: proves what was saved loads
@@ -358,17 +372,21 @@ def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[st
 
 def run(cfg: Config, resume: bool = False) -> RunDir:
     recipe = FineTuneRecipe(cfg, resume)
-    recipe.setup()
-    trainer = recipe.train()
-    recipe.save(trainer)
-    if not trainer.is_world_process_zero():
-        return recipe.rd
-    del trainer
-    recipe.evaluate()
-    recipe.record()
+    rd = recipe.rd
+    unfinished = f" (the run is not finished; fix the cause, then --resume {rd.root} continues it)"
+    with writing(rd.root, unfinished):
+        recipe.setup()
+        trainer = recipe.train()
+        recipe.save(trainer)
+        if not trainer.is_world_process_zero():
+            return rd
+        del trainer
+        recipe.evaluate()
+        recipe.record()
     try:
-        recipe.publish()
+        with writing(cfg.output.registry or rd.root, f" (nothing was published; the run is complete: {rd.root})"):
+            recipe.publish()
     except (GateRefused, RegistryError) as e:
         hint = "; data.replay keeps general skills" if "retention dropped" in str(e) else ""
-        raise UserError(f"{e}{hint} (the run is complete: {recipe.rd.root})") from None
-    return recipe.rd
+        raise UserError(f"{e}{hint} (the run is complete: {rd.root})") from None
+    return rd

@@ -59,7 +59,7 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except (StopIteration, csv.Error) as e:
             raise DataError(f"{path}:1: -: unreadable CSV header ({e})") from None
         header = [h.strip() for h in header]
-        for values in reader:
+        for values in _csv_records(reader, path):
             line = reader.line_num
             if not any(v.strip() for v in values):
                 continue
@@ -71,16 +71,43 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for i, text in _lines(path):
             if not text.strip():
                 continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: -: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{i}: -: expected a JSON object, got {type(row).__name__}")
+            row = _json_row(text, f"{path}:{i}")
             any_row = True
             yield i, row
     if not any_row:
         raise DataError(f"{path}:1: -: file has no rows")
+
+
+def _csv_records(reader, path: Path) -> Iterator[list[str]]:
+    """The reader's records; a record it cannot parse (e.g. a field over csv's size limit) is a DataError."""
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: -: unreadable CSV row ({e})") from None
+
+
+def _json_row(text: str, where: str) -> dict[str, Any]:
+    """One JSONL line as an object. json raises more than JSONDecodeError on hostile input: a number over
+    Python's 4300-digit limit is a ValueError, deep nesting a RecursionError; both are bad rows, not bugs."""
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: -: invalid JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise DataError(f"{where}: -: invalid JSON ({str(e).split(':')[0]})") from None
+    except RecursionError:
+        raise DataError(f"{where}: -: invalid JSON (nested too deeply)") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: -: expected a JSON object, got {type(row).__name__}")
+    try:  # "\ud800" escapes decode to lone surrogates, which no tokenizer can encode
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{where}: -: a string holds an unpaired surrogate ({e.object[e.start:e.end]!r}): "
+                        "not valid Unicode") from None
+    return row
 
 
 def detect_format(row: dict[str, Any], where: str) -> str:

@@ -72,7 +72,7 @@ def _check_labels(examples: list[Example], labels: list[str]) -> None:
     for ex in examples:
         if ex.label not in allowed:
             field_name = ex.where  # where = file:line
-            raise DataError(f"{field_name}: label: unknown label {ex.label!r}; known: {', '.join(labels)}")
+            raise DataError(f"{field_name}: label: unknown label {ex.label!r}; known: {', '.join(map(repr, labels))}")
 
 
 def prepare(cfg: DataConfig, seed: int) -> Splits:
@@ -110,6 +110,9 @@ def prepare(cfg: DataConfig, seed: int) -> Splits:
         if cfg.validation_fraction > 0:
             n_val = max(1, min(n_val, len(train) - 1))
         val_idx = set(order[:n_val])
+        if n_val and len(train) < 2:
+            raise DataError(f"{cfg.train}:1: -: one usable row: nothing left to train on after splitting off "
+                            f"validation_fraction {cfg.validation_fraction}; add rows or set data.validation")
         validation = [ex for i, ex in enumerate(train) if i in val_idx]
         train = [ex for i, ex in enumerate(train) if i not in val_idx]
         report["validation"] = {"split_from": "train", "fraction": cfg.validation_fraction, "seed": seed,
