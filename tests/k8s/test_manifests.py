@@ -36,6 +36,7 @@ USER_SECRETS = {"tunestack-serve-keys": {"api-key", "admin-key"}}
 CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 WORKLOADS = ("Deployment", "Job", "StatefulSet", "DaemonSet")
 GPU = "nvidia.com/gpu"
+VLLM_CHILD_STOP_S = 20  # serve/vllm_backend.py waits this long for the vLLM child after SIGTERM
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -258,6 +259,30 @@ def test_serve_probes(overlay):
     assert start["httpGet"]["path"] in ("/health", "/ready")
     grace = start["failureThreshold"] * start.get("periodSeconds", 10)
     assert grace >= (600 if name in GPU_OVERLAYS else 120), f"startup grace {grace}s is too short for {name}"
+
+
+def _configmap_env(docs, prefix: str = "tunestack-serve") -> dict[str, str]:
+    [cm] = [o for o in objs(docs, "ConfigMap") if o["metadata"]["name"].startswith(prefix)]
+    return cm["data"]
+
+
+def test_shutdown_budget_fits_the_grace_period(overlay):
+    """preStop sleep + the server's drain + the worker's stop (+ the vLLM child's stop) <= the grace period,
+    so SIGKILL never cuts a request the drain promised to finish (tests/reliability/test_drain.py)."""
+    from serve.server import STOP_MARGIN_S
+    from serve.settings import Settings
+
+    name, docs = overlay
+    spec = serve_deployment(docs)["spec"]["template"]["spec"]
+    [c] = spec["containers"]
+    pre = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre[0] == "sleep", pre
+    env = _configmap_env(docs)
+    drain = Settings.from_env({k: v for k, v in env.items() if k.startswith("SERVE_")}).drain_seconds
+    child_stop = VLLM_CHILD_STOP_S if env.get("SERVE_BACKEND") == "vllm" else 0
+    budget = int(pre[1]) + drain + STOP_MARGIN_S + child_stop
+    assert 5 <= int(pre[1]) and drain >= 10, (pre, drain)
+    assert budget <= spec["terminationGracePeriodSeconds"], (name, budget, spec["terminationGracePeriodSeconds"])
 
 
 def test_references_exist(overlay):
