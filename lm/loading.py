@@ -34,9 +34,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
                attn_implementation: str = "sdpa"):
+    """Weights from safetensors only: a pickle checkpoint (pytorch_model.bin) can run code when loaded."""
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+            path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            use_safetensors=True)
+    except OSError as e:  # no *.safetensors in the folder (a .bin-only checkpoint), or no weights at all
+        raise ConfigError(f"model.name_or_path: {path}: no safetensors weights; pickle checkpoints (.bin, .pt) are "
+                          "refused: convert with save_pretrained(safe_serialization=True)") from None
     except ValueError as e:
         if "trust_remote_code" in str(e):
             raise ConfigError(f"model.name_or_path: {path} needs custom code; set model.trust_remote_code=true "
