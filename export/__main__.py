@@ -14,8 +14,10 @@ TensorRT/GPU exits 3.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
+from typing import Iterator
 
 from artifacts import GatePolicy, GateRefused, Manifest, ManifestError, Registry, RegistryError
 from artifacts.registry import KEEP_VERSIONS
@@ -167,33 +169,52 @@ def _print_quality(res: dict) -> None:
           f"on {q['fp32']['eval_rows']} rows)")
 
 
-def _quiet() -> None:
-    """Exporter chatter (unused torchvision ops, axis renames, progress bars) hides the one-line results."""
+# Loggers whose chatter (unused torchvision ops, axis renames, per-node notes) hides the one-line results.
+NOISY_LOGGERS = ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export",
+                 "torch.fx", "onnxscript", "onnx_ir", "onnxruntime", "absl")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' chatter for one export call, then restore every level and filter it touched.
+
+    Scoped, not process-wide: export is also called in-process (tests, notebooks, the training stack),
+    and a root logger left at ERROR would hide everyone's warnings afterwards."""
     import logging
     import warnings
 
     import torch.onnx  # noqa: F401  (its loggers are configured on import: silence them after)
-
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._registration", "torch._dynamo", "torch.export", "absl"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    logging.getLogger().setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _quiet()
     from export.errors import ExportError
     from export.tensorrt import TensorRTUnavailable
     from lm.errors import UserError
 
     try:
-        run(args)
+        with _quiet():
+            run(args)
     except (ExportError, UserError, ManifestError, RegistryError, GateRefused, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
