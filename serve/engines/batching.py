@@ -6,13 +6,16 @@
     running batch ──decode step (1 token per row, adapter per row)──> events per request
                                  │ drop finished/cancelled rows (index KV cache)
 
-All model work happens on one thread; HTTP threads only enqueue requests and read events.
+All model work happens on one thread; HTTP threads only enqueue requests, tokenize (each with a
+tokenizer of its own, tokenizer_pool.py) and read events. Every submitted request ends with exactly
+one Finished or Failed event, whatever raises where: a request that never hears back hangs its client.
 A subclass supplies `_forward` (PyTorch + LoRA, or ONNX Runtime) and its KV cache, which only
 needs `.layers[i].keys` / `.values` tensors of shape (batch, kv_heads, time, head_dim).
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -24,6 +27,8 @@ from typing import Any, Callable
 import torch
 
 from serve.engines.base import Engine, EngineStats, Failed, Finished, GenRequest, TextDelta
+from serve.engines.detokenize import Detokenizer, cleans_up_spaces
+from serve.engines.tokenizer_pool import TokenizerPool
 from lm.chat import encode_generation_prompt, encode_text
 from lm.padding import left_pad
 
@@ -31,12 +36,16 @@ log = logging.getLogger("serve.engine")
 BASE = "__base__"  # peft's name for "no adapter" in adapter_names
 
 
+STOPPED = "engine stopped"  # the message of requests and commands the engine will never run
+
+
 @dataclass
 class _Row:
     req: GenRequest
+    detok: Detokenizer
     generated: list[int] = field(default_factory=list)
     length: int = 0  # real (unpadded) tokens in the cache for this row
-    emitted: int = 0  # characters of text already sent
+    unsent: str = ""  # settled text not sent yet: a possible start of a stop string
     gen: torch.Generator | None = None
 
 
@@ -46,7 +55,8 @@ class _Command:
 
     fn: Callable[..., Any]
     args: tuple
-    adapter: str | None = None  # an adapter the call swaps: it waits until no running row uses that adapter
+    adapter: str | None = None  # an adapter the call swaps: it waits until no running row uses that adapter,
+    # and meanwhile no new row for it is admitted, so the wait ends within one generation's length
     done: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=1))
 
 
@@ -60,17 +70,22 @@ class BatchingEngine(Engine):
 
     def _start(self, tokenizer, model_name: str, max_batch: int, max_model_len: int, eos_ids: set[int]) -> None:
         """tokenizer: as lm.loading.load_tokenizer returns it (the chat template training used, a pad token)."""
-        self.tok = tokenizer
+        self.tok = tokenizer  # the engine thread's own: HTTP threads borrow copies from self._tokenizers
+        self._tokenizers = TokenizerPool(tokenizer)
+        self._whole_text = cleans_up_spaces(tokenizer)  # such a tokenizer cannot be decoded by windows
         self.model_name = model_name
         self.max_batch = max_batch
         self.max_model_len = max_model_len
         self.eos_ids = {i for i in eos_ids if i is not None}
-        self._waiting: queue.Queue[GenRequest] = queue.Queue()
+        self._waiting: queue.Queue[GenRequest] = queue.Queue()  # submitted by HTTP threads
+        self._backlog: collections.deque[GenRequest] = collections.deque()  # taken from _waiting, not yet admitted
         self._commands: queue.Queue[_Command] = queue.Queue()
+        self._pending: list[_Command] = []  # commands waiting for their adapter's rows to finish
         self._rows: list[_Row] = []
         self._cache = None
         self._mask: torch.Tensor | None = None  # (B, T) 1 = real token
         self._stop = threading.Event()
+        self._closed = threading.Event()  # set once the loop has failed everything left: nothing runs after
         self._thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}-loop", daemon=True)
         self._thread.start()
 
@@ -81,15 +96,19 @@ class BatchingEngine(Engine):
     # -- thread-safe API -------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
         self._waiting.put(req)
+        if self._closed.is_set():  # the loop is gone: fail it here (and anything else that slipped in)
+            self._fail(_drain(self._waiting), STOPPED)
 
     def tokenize(self, text: str) -> list[int]:
-        return encode_text(self.tok, text)
+        with self._tokenizers.lend() as tok:
+            return encode_text(tok, text)
 
     def tokenize_chat(self, messages: list[dict]) -> list[int]:
-        return encode_generation_prompt(self.tok, messages)
+        with self._tokenizers.lend() as tok:
+            return encode_generation_prompt(tok, messages)
 
     def stats(self) -> EngineStats:
-        return EngineStats(running=len(self._rows), waiting=self._waiting.qsize())
+        return EngineStats(running=len(self._rows), waiting=self._waiting.qsize() + len(self._backlog))
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -101,41 +120,56 @@ class BatchingEngine(Engine):
         adapter: fn swaps that adapter's weights, so it waits until no running row uses it."""
         cmd = _Command(fn, args, adapter)
         self._commands.put(cmd)
-        ok, value = cmd.done.get()
+        while True:
+            try:
+                ok, value = cmd.done.get(timeout=0.5)
+                break
+            except queue.Empty:
+                if self._closed.is_set() and cmd.done.empty():  # the loop died or stopped meanwhile
+                    raise RuntimeError(STOPPED) from None
         if not ok:
             raise value
         return value
 
     # -- engine thread -----------------------------------------------------------
     def _run_commands(self) -> None:
-        pending = []
-        while True:
-            try:
-                cmd = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            if cmd.adapter is not None and any(r.req.adapter == cmd.adapter for r in self._rows):
-                pending.append(cmd)  # never swap an adapter out from under a running row
+        self._pending += _drain(self._commands)
+        busy = {r.req.adapter for r in self._rows}
+        still = []
+        for cmd in self._pending:
+            if cmd.adapter is not None and cmd.adapter in busy:
+                still.append(cmd)  # never swap an adapter out from under a running row
                 continue
             try:
                 cmd.done.put((True, cmd.fn(*cmd.args)))
             except Exception as e:  # reported to the caller (admin API / registry watcher), the loop goes on
                 cmd.done.put((False, e))
-        for cmd in pending:
-            self._commands.put(cmd)
+        self._pending = still
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            admitted: list[GenRequest] = []
-            try:
-                self._run_commands()
-                admitted = self._admit()
-                self._step(admitted)
-            except Exception as e:  # a bug must not kill the server silently: fail the batch, keep serving
-                log.exception("engine step failed")
-                # Admitted requests may not be rows yet (prefill raised): fail them too, or they would hang.
-                self._fail([r.req for r in self._rows] + admitted, f"engine error: {e}")
-                self._rows, self._cache, self._mask = [], None, None
+        try:
+            while not self._stop.is_set():
+                admitted: list[GenRequest] = []
+                try:
+                    self._run_commands()
+                    self._admit(admitted)
+                    self._step(admitted)
+                except Exception as e:  # a bug must not kill the server silently: fail the batch, keep serving
+                    log.exception("engine step failed")
+                    # Admitted requests may not be rows yet (prefill raised): fail them too, or they would hang.
+                    self._fail([r.req for r in self._rows] + admitted, f"engine error: {e}")
+                    self._rows, self._cache, self._mask = [], None, None
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """The loop ends (shutdown, or a BaseException): every request and command still here fails."""
+        self._closed.set()
+        self._fail([r.req for r in self._rows] + list(self._backlog) + _drain(self._waiting), STOPPED)
+        self._rows, self._cache, self._mask = [], None, None
+        for cmd in self._pending + _drain(self._commands):
+            cmd.done.put((False, RuntimeError(STOPPED)))
+        self._pending = []
 
     def _step(self, admitted: list[GenRequest]) -> None:
         """Prefill what was admitted, then one decode step for every running row (or wait for work)."""
@@ -143,40 +177,73 @@ class BatchingEngine(Engine):
             self._prefill(admitted)
         if self._rows:
             self._decode()
-        elif not admitted:
+        elif not admitted and not self._backlog:
             try:
-                self._waiting.put(self._waiting.get(timeout=0.02))
+                self._backlog.append(self._waiting.get(timeout=0.02))  # idle: sleep until a request comes
             except queue.Empty:
                 pass
 
-    def _admit(self) -> list[GenRequest]:
-        out: list[GenRequest] = []
+    def _admit(self, out: list[GenRequest]) -> None:
+        """Move waiting requests into `out` while there are free slots (out is the caller's: on an
+        exception it still holds what was taken). Requests for an adapter being swapped wait in the backlog."""
+        swapping = {c.adapter for c in self._pending if c.adapter is not None}
+        held: list[GenRequest] = []
         while len(self._rows) + len(out) < self.max_batch:
-            try:
-                req = self._waiting.get_nowait()
-            except queue.Empty:
+            req = self._next_waiting()
+            if req is None:
                 break
             if req.cancelled.is_set():
                 continue
-            if not req.prompt_ids:  # nothing to condition on: the model must never see an empty row
+            if req.adapter in swapping:
+                held.append(req)  # admitting it would keep the swap waiting for as long as traffic lasts
+            elif not req.prompt_ids:  # nothing to condition on: the model must never see an empty row
                 self._fail([req], "prompt must not be empty")
             elif req.adapter is not None and req.adapter not in self.adapters:
                 self._fail([req], f"adapter {req.adapter!r} is not loaded")
             else:
                 out.append(req)
-        return out
+        self._backlog.extendleft(reversed(held))  # first in line once the swap is done
+
+    def _next_waiting(self) -> GenRequest | None:
+        if self._backlog:
+            return self._backlog.popleft()
+        try:
+            return self._waiting.get_nowait()
+        except queue.Empty:
+            return None
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
-        ids, mask, pos = left_pad([r.prompt_ids for r in reqs], self.tok.pad_token_id)
-        logits, cache = self._forward(ids, mask, pos, None, [r.adapter or BASE for r in reqs])
+        """Prefill `reqs` and add them to the running batch. A forward that raises fails the requests it
+        was for, one by one (a poisoned request does not take its neighbours down); the running rows'
+        cache is untouched by a prefill, so they go on."""
         rows = []
         for r in reqs:
-            row = _Row(r, length=len(r.prompt_ids))
-            if r.params.seed is not None:
-                row.gen = torch.Generator().manual_seed(r.params.seed)
-            rows.append(row)
+            try:
+                rows.append(self._new_row(r))
+            except Exception as e:  # e.g. a seed torch refuses: this request's own fault
+                self._fail([r], f"engine error: {e}")
+        reqs = [row.req for row in rows]
+        if not reqs:
+            return
+        ids, mask, pos = left_pad([r.prompt_ids for r in reqs], self.tok.pad_token_id)
+        try:
+            logits, cache = self._forward(ids, mask, pos, None, [r.adapter or BASE for r in reqs])
+        except Exception as e:
+            if len(reqs) == 1:
+                log.exception("prefill failed")
+                self._fail(reqs, f"engine error: {e}")
+                return
+            for r in reqs:
+                self._prefill([r])
+            return
         self._merge(rows, cache, mask)
         self._emit(rows, logits)
+
+    def _new_row(self, req: GenRequest) -> _Row:
+        row = _Row(req, Detokenizer(self.tok, whole=self._whole_text), length=len(req.prompt_ids))
+        if req.params.seed is not None:
+            row.gen = torch.Generator().manual_seed(req.params.seed)
+        return row
 
     def _merge(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
         if self._cache is None:
@@ -212,12 +279,19 @@ class BatchingEngine(Engine):
         return int(torch.multinomial(probs, 1, generator=row.gen))
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Sample each row's next token, send the text it settles; finished and cancelled rows leave."""
+        """Sample each row's next token, send the text it settles; finished and cancelled rows leave.
+        A row whose sampling or text raises fails alone (NaN logits, a tokenizer error)."""
         finished = set()
         now = time.perf_counter()
         greedy = logits.argmax(-1).tolist()  # one batched argmax; sampled rows are drawn per row below
         for i, row in enumerate(rows):
-            if row.req.cancelled.is_set() or self._advance(row, self._sample(row, logits[i], greedy[i]), now):
+            try:
+                done = row.req.cancelled.is_set() or self._advance(row, self._sample(row, logits[i], greedy[i]), now)
+            except Exception as e:
+                log.exception("row failed")
+                self._fail([row.req], f"engine error: {e}")
+                done = True
+            if done:
                 finished.add(id(row))
         if finished:
             self._drop(finished)
@@ -232,17 +306,17 @@ class BatchingEngine(Engine):
             reason = "stop"
         else:
             row.generated.append(tok)
-        text = self.tok.decode(row.generated, skip_special_tokens=True)
-        cut = _find_stop(text, req.params.stop)
-        if cut is not None:
-            text, reason = text[:cut], "stop"
         if reason is None and (len(row.generated) >= req.params.max_tokens or row.length + 1 >= self.max_model_len):
             reason = "length"
-        # Hold back a possible stop-string prefix and incomplete UTF-8 until they resolve.
-        safe = len(text) if reason else _safe_len(text, req.params.stop)
-        if safe > row.emitted:
-            req.events.put(TextDelta(req.index, text[row.emitted:safe]))
-            row.emitted = safe
+        row.unsent += row.detok.step(row.generated, final=reason is not None)
+        # Sent text never holds the start of a stop string (held back below), so a stop lies in `unsent`.
+        cut = _find_stop(row.unsent, req.params.stop)
+        if cut is not None:
+            row.unsent, reason = row.unsent[:cut], "stop"
+        safe = len(row.unsent) if reason else _safe_len(row.unsent, req.params.stop)
+        if safe > 0:
+            req.events.put(TextDelta(req.index, row.unsent[:safe]))
+            row.unsent = row.unsent[safe:]
         if reason:
             _end(req, Finished(req.index, reason, len(row.generated)))
         return reason is not None
@@ -266,11 +340,25 @@ class BatchingEngine(Engine):
             layer.values = layer.values[idx, :, first:]
 
 
+_END_LOCK = threading.Lock()  # submit() may fail a request from an HTTP thread while the loop closes
+
+
 def _end(req: GenRequest, event: Finished | Failed) -> None:
     """Put a request's last event, once: a request failed after it finished must not end twice."""
-    if not req.ended:
+    with _END_LOCK:
+        if req.ended:
+            return
         req.ended = True
-        req.events.put(event)
+    req.events.put(event)
+
+
+def _drain(q: queue.Queue) -> list:
+    out = []
+    while True:
+        try:
+            out.append(q.get_nowait())
+        except queue.Empty:
+            return out
 
 
 def _lpad(x: torch.Tensor, t: int, dim: int = 2) -> torch.Tensor:

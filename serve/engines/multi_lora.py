@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lm.adapters import lora_rank
+
 _PREFIX = "base_model.model."
 
 
@@ -38,6 +40,11 @@ class MultiLoRA:
 
     # -- adapters ----------------------------------------------------------------
     def load(self, name: str, path: str | Path) -> None:
+        self.install(name, self.read(name, path))
+
+    def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """An adapter's checked weights, module -> (A, B*scale); touches no served state, so it may run
+        on any thread while the model serves (only `install` must wait for the engine thread)."""
         path = Path(path)
         cfg = json.loads((path / "adapter_config.json").read_text())
         if str(cfg.get("peft_type", "")).upper() != "LORA" or cfg.get("use_dora"):
@@ -53,20 +60,30 @@ class MultiLoRA:
             if kind not in ("lora_A", "lora_B"):
                 raise ValueError(f"{name}: unsupported tensor {key} (only lora_A/lora_B)")
             mods.setdefault(module, {})[kind] = t
-        weights = {}
-        for module, ab in mods.items():
-            lin = self.linears.get(module)
-            if lin is None:
-                raise ValueError(f"{name}: target {module} is not a Linear of the base model")
-            a, b = ab["lora_A"], ab["lora_B"]
-            if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
-                raise ValueError(f"{name}: {module} LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base")
-            leaf = module.rsplit(".", 1)[-1]
-            r = a.shape[0]
-            alpha = _pattern(cfg.get("alpha_pattern"), module, leaf, cfg.get("lora_alpha", r))
-            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-            dtype = lin.weight.dtype
-            weights[module] = (a.to(dtype).contiguous(), (b * scale).to(dtype).contiguous())
+        declared = lora_rank(cfg)  # what the server's rank limit was checked against
+        return {module: self._weights(name, module, ab, cfg, declared) for module, ab in mods.items()}
+
+    def _weights(self, name: str, module: str, ab: dict[str, torch.Tensor], cfg: dict,
+                 declared: int) -> tuple[torch.Tensor, torch.Tensor]:
+        lin = self.linears.get(module)
+        if lin is None:
+            raise ValueError(f"{name}: target {module} is not a Linear of the base model")
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{name}: {module} has {sorted(ab)}, needs lora_A and lora_B")
+        a, b = ab["lora_A"], ab["lora_B"]
+        if a.shape[1] != lin.in_features or b.shape[0] != lin.out_features or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{name}: {module} LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit the base")
+        r = a.shape[0]
+        if r > declared:  # tensors larger than adapter_config.json says would slip past the rank limit
+            raise ValueError(f"{name}: {module} has LoRA rank {r}, adapter_config.json declares {declared}")
+        leaf = module.rsplit(".", 1)[-1]
+        alpha = _pattern(cfg.get("alpha_pattern"), module, leaf, cfg.get("lora_alpha", r))
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        dtype = lin.weight.dtype
+        return a.to(dtype).contiguous(), (b * scale).to(dtype).contiguous()
+
+    def install(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Serve `weights` as `name` (replacing a same-named adapter in one step). Engine thread only."""
         self.adapters[name] = weights
         if name not in self.order:
             self.order.append(name)

@@ -23,9 +23,24 @@ from serve.engines.multi_lora import MultiLoRA
 log = logging.getLogger("serve.engine")
 
 
+class GPUHostRefused(ValueError):
+    """The torch engine runs on the CPU only: on a GPU machine it would leave the GPU idle, silently."""
+
+
+def refuse_gpu_host(cpu_on_gpu_host: bool) -> None:
+    """Raise GPUHostRefused on a machine with a CUDA GPU, unless CPU serving there was asked for."""
+    if torch.cuda.is_available() and not cpu_on_gpu_host:
+        raise GPUHostRefused(
+            "this machine has a CUDA GPU, but the Flask backend's torch engine runs on the CPU only; serve on the "
+            "GPU with the vLLM backend (SERVE_BACKEND=vllm), or pass cpu_on_gpu_host=True to serve on the CPU anyway")
+
+
 class TorchEngine(BatchingEngine):
     def __init__(self, base_path: str, model_name: str, max_batch: int = 32, max_model_len: int = 2048,
-                 threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True):
+                 threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True,
+                 cpu_on_gpu_host: bool = False):
+        """cpu_on_gpu_host: serve on the CPU although a GPU is present (refused by default: vLLM uses it)."""
+        refuse_gpu_host(cpu_on_gpu_host)
         if threads:
             torch.set_num_threads(threads)
         tok = load_tokenizer(base_path)  # the chat template training used (ChatML where the model has none)
@@ -48,19 +63,22 @@ class TorchEngine(BatchingEngine):
         self._start(tok, model_name, max_batch, min(max_model_len, cfg_len), eos)
 
     def load_adapter(self, name: str, path: str) -> None:
-        self._call(self._load_adapter, name, path, adapter=name)
+        if self.lora is not None:  # files are read and checked here, off the engine thread: decoding goes on
+            self._call(self._install_adapter, name, path, self.lora.read(name, path), adapter=name)
+        else:
+            self._call(self._load_adapter, name, path, adapter=name)
 
     def unload_adapter(self, name: str) -> None:
         self._call(self._unload_adapter, name, adapter=name)
 
     # -- engine thread -----------------------------------------------------------
+    def _install_adapter(self, name: str, path: str, weights: dict) -> None:
+        self.lora.install(name, weights)  # replaces a same-named adapter in one step
+        self.adapters[name] = path
+
     def _load_adapter(self, name: str, path: str) -> None:
         from peft import PeftModel
 
-        if self.lora is not None:
-            self.lora.load(name, path)  # replaces a same-named adapter atomically (validated before swapping)
-            self.adapters[name] = path
-            return
         if name in self.adapters:
             self._unload_adapter(name)
         if self.model is self.base:

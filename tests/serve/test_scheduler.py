@@ -54,6 +54,9 @@ class ByteTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return b"".join(self.pieces[i] for i in ids if i != EOS).decode("utf-8", "replace")
 
+    def __len__(self) -> int:
+        return len(self.pieces)
+
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
         return {"input_ids": self.encode(text)}
 
@@ -66,11 +69,12 @@ class ScriptedEngine(BatchingEngine):
 
     def __init__(self, tok: ByteTokenizer, replies: dict[tuple[int, ...], list[int]], max_batch: int = 4,
                  max_model_len: int = 64, on_step: Callable[[ScriptedEngine, str], None] | None = None,
-                 poison: int | None = None):
+                 poison: int | None = None, nan: int | None = None):
         self.adapters = {}
         self.replies = replies
         self.on_step = on_step
         self.poison = poison  # a token whose prefill raises
+        self.nan = nan  # a token that makes its row's logits NaN (sampling them raises)
         self.steps: list[tuple[str, int]] = []  # (prefill | decode, rows) of each forward
         self._start(tok, "scripted", max_batch, max_model_len, {EOS})
 
@@ -93,10 +97,12 @@ class ScriptedEngine(BatchingEngine):
         else:
             for layer in cache.layers:
                 layer.keys, layer.values = torch.cat([layer.keys, new], 2), torch.cat([layer.values, -new], 2)
-        logits = torch.full((ids.shape[0], len(self.tok.pieces)), -1e9)
+        logits = torch.full((ids.shape[0], len(self.tok)), -1e9)
         for b in range(ids.shape[0]):
             history = cache.layers[1].keys[b, 0, :, 0][mask[b].bool()].long().tolist()
             logits[b, self._next(history)] = 0.0
+            if self.nan in history:
+                logits[b] = float("nan")
         return logits, cache
 
     def _next(self, history: list[int]) -> int:
@@ -220,7 +226,7 @@ def test_cancelled_row_is_dropped_and_frees_its_slot(engines):
 
 
 # -- failures ------------------------------------------------------------------------------------
-def test_failing_prefill_fails_every_request_involved(engines):
+def test_failing_prefill_fails_only_the_poisoned_request(engines):
     tok = ByteTokenizer()
     run_p, bad_p, ok_p = (tuple(tok.encode(p)) for p in ("run", "bad!", "fine"))
     poison = tok.encode("!")[0]
@@ -235,13 +241,72 @@ def test_failing_prefill_fails_every_request_involved(engines):
                      on_step=admit_bad, poison=poison)
     running = request(run_p)
     engine.submit(running)
-    for req in (running, bad, joining):
-        _, last = outcome(req)
-        assert last == Failed(0, "engine error: prefill exploded")
-        assert_no_more_events(req)
+    assert outcome(bad) == ([], Failed(0, "engine error: prefill exploded"))
+    assert_no_more_events(bad)
+    # The neighbour is prefilled again on its own, and the running row's cache was never touched.
+    assert "".join(outcome(joining)[0]) == "fine"
+    texts, last = outcome(running)
+    assert "".join(texts) == "r" * 20 and last == Finished(0, "stop", 20)
     after = request(ok_p)  # the engine keeps serving
     engine.submit(after)
     assert "".join(outcome(after)[0]) == "fine"
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone(engines):
+    tok = ByteTokenizer()
+    nan_p, ok_p = tuple(tok.encode("nan#")), tuple(tok.encode("ok"))
+    engine = engines(tok, {nan_p: tok.encode("x"), ok_p: tok.encode("y" * 6)}, nan=tok.encode("#")[0])
+    doomed = GenRequest(list(nan_p), None, SamplingParams(max_tokens=8, temperature=1.0, seed=1))
+    fine = request(ok_p)
+    engine.submit(fine)
+    engine.submit(doomed)
+    _, last = outcome(doomed)
+    assert isinstance(last, Failed) and last.message.startswith("engine error: ")
+    assert outcome(fine)[0] == ["y"] * 6 and engine.stats().running == 0
+
+
+def test_shutdown_fails_running_waiting_and_later_requests(engines):
+    tok = ByteTokenizer()
+    slow_p = tuple(tok.encode("slow"))
+    started = []
+
+    def stall(engine: ScriptedEngine, kind: str) -> None:
+        started.append(kind)
+        if len(engine.steps) == 3:
+            engine._stop.set()  # shutdown lands mid-generation
+
+    engine = engines(tok, {slow_p: tok.encode("z" * 40)}, max_batch=1, on_step=stall)
+    running, waiting = request(slow_p), request(slow_p)
+    engine.submit(running)
+    engine.submit(waiting)  # no free slot: still queued when the engine stops
+    for req in (running, waiting):
+        assert outcome(req)[1] == Failed(0, "engine stopped")
+    late = request(slow_p)
+    engine.submit(late)
+    assert outcome(late) == ([], Failed(0, "engine stopped"))
+    with pytest.raises(RuntimeError, match="engine stopped"):
+        engine._call(lambda: None)  # a command (adapter load) after the end is refused, not left waiting
+
+
+class _Killed(BaseException):
+    """Not an Exception: the loop's step handler does not catch it, the thread ends."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_loop_killed_by_a_base_exception_still_ends_every_request(engines):
+    tok = ByteTokenizer()
+    prompt = tuple(tok.encode("boom"))
+
+    def die(engine: ScriptedEngine, kind: str) -> None:
+        if kind == "decode":
+            raise _Killed
+
+    engine = engines(tok, {prompt: tok.encode("abc")}, on_step=die)
+    reqs = [request(prompt) for _ in range(3)]
+    for r in reqs:
+        engine.submit(r)
+    for r in reqs:
+        assert outcome(r)[1] == Failed(0, "engine stopped")
 
 
 def test_empty_prompt_never_reaches_the_model(engines):
