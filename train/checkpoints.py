@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from transformers import TrainerCallback
 
 from artifacts import RunDir, atomic_write_text
 from lm.errors import ConfigError
 
-WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")  # never a .bin pickle
-STATE = ("optimizer.pt", "scheduler.pt")  # HF's formats; the Trainer torch.loads them with weights_only=True
+WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",  # never a .bin pickle
+           "pytorch_model_fsdp_0")  # FSDP's sharded state (torch.distributed.checkpoint), under torchrun
+# HF's formats; the Trainer torch.loads them with weights_only=True. Under FSDP the optimizer is sharded.
+STATE = {"optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0"), "scheduler": ("scheduler.pt",)}
 # Settings a resumed run may change: they decide when it stops, logs or saves, not the trajectory it follows.
 RESUME_MAY_CHANGE = {"training": {"max_steps", "epochs", "eval_steps", "save_steps", "save_total_limit",
                                   "logging_steps", "early_stopping_patience", "num_threads"},
@@ -40,13 +43,20 @@ def step_of(path: Path) -> int | None:
     return int(tail) if path.name.startswith("checkpoint-") and tail.isdigit() else None
 
 
+def _present(p: Path) -> bool:
+    """A non-empty file, or a non-empty folder (FSDP shards)."""
+    if p.is_dir():
+        return any(p.iterdir())
+    return p.is_file() and p.stat().st_size > 0
+
+
 def incomplete(path: Path, step: int) -> str | None:
     """Why `path` cannot be resumed from, or None when every file a resume reads is there and parses."""
-    if not any((path / w).is_file() and (path / w).stat().st_size > 0 for w in WEIGHTS):
+    if not any(_present(path / w) for w in WEIGHTS):
         return f"no safetensors weights ({' or '.join(WEIGHTS[:2])})"
-    for name in STATE:
-        if not (path / name).is_file() or (path / name).stat().st_size == 0:
-            return f"no {name}"
+    for names in STATE.values():
+        if not any(_present(path / n) for n in names):
+            return f"no {names[0]}"
     if not any(p.stat().st_size > 0 for p in path.glob("rng_state*.pth")):
         return "no rng_state.pth"
     try:
@@ -116,3 +126,12 @@ def trim_metrics(path: Path, step: int) -> None:
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             kept.append(line + "\n")
     atomic_write_text(path, "".join(kept))
+
+
+class DropPickledArgs(TrainerCallback):
+    """The Trainer pickles its TrainingArguments into every checkpoint (training_args.bin). A resume never
+    reads it and config.yaml holds the resolved settings, so checkpoints keep no pickle at all."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            (Path(args.output_dir) / f"checkpoint-{state.global_step}" / "training_args.bin").unlink(missing_ok=True)

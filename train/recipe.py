@@ -207,7 +207,7 @@ class FineTuneRecipe:
 
     def _trainer(self) -> Trainer:
         cfg, p = self.cfg, self.p
-        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log)]
+        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log), checkpoints.DropPickledArgs()]
         if cfg.training.early_stopping_patience > 0 and p.val_feats:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
         has_val = bool(p.val_feats)

@@ -38,9 +38,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     with open(path, "rb") as f:
         for i, raw in enumerate(f, start=1):
             try:
-                yield i, raw.decode("utf-8")
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}:{i}: -: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            yield i, text.removeprefix("\ufeff") if i == 1 else text  # a BOM (Excel's CSV export) is no field
 
 
 def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -53,7 +54,8 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     any_row = False
     if path.suffix.lower() == ".csv":
         lines = list(_lines(path))
-        reader = csv.reader(io.StringIO("".join(t for _, t in lines)))
+        # strict: an unclosed quote would otherwise swallow every later row into one field, silently
+        reader = csv.reader(io.StringIO("".join(t for _, t in lines)), strict=True)
         try:
             header = next(reader)
         except (StopIteration, csv.Error) as e:
@@ -79,14 +81,17 @@ def read_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _csv_records(reader, path: Path) -> Iterator[list[str]]:
-    """The reader's records; a record it cannot parse (e.g. a field over csv's size limit) is a DataError."""
+    """The reader's records; one it cannot parse (an unclosed quote, a field over csv's size limit) is a
+    DataError naming the line the record starts on."""
     while True:
+        start = reader.line_num + 1
         try:
             yield next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{path}:{reader.line_num}: -: unreadable CSV row ({e})") from None
+            hint = ": an unclosed quote?" if "end of data" in str(e) else ""
+            raise DataError(f"{path}:{start}: -: unreadable CSV row ({e}{hint})") from None
 
 
 def _json_row(text: str, where: str) -> dict[str, Any]:
