@@ -5,6 +5,9 @@
 The fast path reads the body once (for the model name, the context check and usage) and relays
 vLLM's bytes untouched; a stream's body is rewritten only to ask vLLM for the usage chunk the
 metrics need, which is then kept from a client that did not ask for it.
+
+Under failure every request ends, as an OpenAI-style error: vLLM unreachable is a 503, silent past
+the timeout a 504, broken off mid-answer a 502 (in a stream: an error event, then [DONE]).
 """
 
 from __future__ import annotations
@@ -23,21 +26,27 @@ from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 
 Labels = tuple[str, str]  # (model, adapter) metric labels
+UPSTREAM_TIMEOUT = 600.0  # s of silence from vLLM before a request fails (504): a long unstreamed answer fits
+STATS_TIMEOUT = 1.0  # s: a /metrics scrape must not wait long on a stuck vLLM
+STATS_TTL = 1.0  # s a reading of vLLM's queue is reused: Prometheus and KEDA poll every few seconds
+VLLM_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}  # vllm/v1/metrics/loggers.py
+UPSTREAM_ERRORS = (http.client.HTTPException, OSError)  # what http.client raises when vLLM fails (TimeoutError is an OSError)
 
 
 class _Upstream:
     """Keep-alive HTTP/1.1 connections to vLLM, one per proxy thread (http.client: ~10x less work than httpx)."""
 
-    def __init__(self, base_url: str):
+    def __init__(self, base_url: str, timeout: float = UPSTREAM_TIMEOUT):
         hostport = base_url.split("//", 1)[1]
         self.host, port = hostport.rsplit(":", 1)
         self.port = int(port)
+        self.timeout = timeout
         self._local = threading.local()
 
     def _conn(self) -> http.client.HTTPConnection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=600)
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
@@ -50,44 +59,109 @@ class _Upstream:
             self._local.conn = None
 
     def request(self, method: str, path: str, body: bytes | None = None) -> http.client.HTTPResponse:
-        for attempt in (0, 1):  # a keep-alive connection vLLM closed meanwhile: reconnect once
+        """One exchange. Retried once only when a kept-alive connection had been closed by vLLM meanwhile:
+        never after a timeout or on a fresh connection, where vLLM may be running the request already."""
+        reused = getattr(self._local, "conn", None) is not None
+        try:
+            return self._exchange(method, path, body)
+        except TimeoutError:
+            raise
+        except UPSTREAM_ERRORS:
+            if not reused:
+                raise
+        return self._exchange(method, path, body)
+
+    def _exchange(self, method: str, path: str, body: bytes | None) -> http.client.HTTPResponse:
+        try:
+            conn = self._conn()
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
+            return conn.getresponse()
+        except BaseException:
+            self.drop()
+            raise
+
+
+class _SchedulerGauges:
+    """vLLM's own running and waiting counts, from its /metrics: the queue KEDA scales on.
+
+    Read with a short timeout and reused for STATS_TTL, so scrapes cost vLLM little and never hang;
+    zeros when vLLM does not answer (its /ready is 503 then)."""
+
+    def __init__(self, host: str, port: int):
+        self.host, self.port = host, port
+        self._lock = threading.Lock()
+        self._at = float("-inf")
+        self._last = EngineStats()
+
+    def read(self) -> EngineStats:
+        with self._lock:  # concurrent scrapes share one reading
+            if time.monotonic() - self._at >= STATS_TTL:
+                self._last = self._scrape()
+                self._at = time.monotonic()
+            return self._last
+
+    def _scrape(self) -> EngineStats:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=STATS_TIMEOUT)
+        try:
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            text = r.read().decode("utf-8", "replace")
+        except UPSTREAM_ERRORS:
+            return EngineStats()
+        finally:
+            conn.close()
+        return scheduler_counts(text) if r.status == 200 else EngineStats()
+
+
+def scheduler_counts(prometheus_text: str) -> EngineStats:
+    """vLLM's running and waiting gauges, summed over engines (each data-parallel rank reports its own)."""
+    sums = {"running": 0.0, "waiting": 0.0}
+    for line in prometheus_text.splitlines():
+        key = VLLM_GAUGES.get(line.split("{", 1)[0].split(" ", 1)[0])
+        if key is not None:
             try:
-                conn = self._conn()
-                conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body else {})
-                return conn.getresponse()
-            except (http.client.HTTPException, OSError):
-                self.drop()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
+                sums[key] += float(line.rsplit("}", 1)[-1].split()[0])
+            except (ValueError, IndexError):
+                continue
+    return EngineStats(running=int(sums["running"]), waiting=int(sums["waiting"]))
+
+
+def upstream_error(e: BaseException, timeout: float, answered: bool) -> APIError:
+    """What a failure talking to vLLM is for the client: 504 silent too long, 502 broken off, 503 unreachable."""
+    if isinstance(e, TimeoutError):
+        return APIError(504, f"vLLM did not answer within {timeout:g} s", code="upstream_timeout")
+    if answered:
+        return APIError(502, f"vLLM broke off its answer ({type(e).__name__})", code="upstream_error")
+    return APIError(503, f"vLLM is unavailable: {e}", code="upstream_unavailable")
 
 
 class VLLMProxy:
     """The Backend in front of vLLM: forwards OpenAI requests, recording per-adapter metrics on the way."""
 
     def __init__(self, base_url: str, served_name: str, sync: AdapterSync | None, metrics: Metrics,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, timeout: float = UPSTREAM_TIMEOUT):
         self.base_url = base_url
         self.max_model_len = max_model_len
         self.model_name = served_name
         self.metrics = metrics
         self.served = ServedModels(served_name, sync)
-        self.up = _Upstream(base_url)
+        self.up = _Upstream(base_url, timeout)
+        self.scheduler = _SchedulerGauges(self.up.host, self.up.port)
 
     def is_served(self, model: object) -> bool:
         return self.served.is_served(model)
 
     def stats(self) -> EngineStats:
-        return EngineStats()  # vLLM's scheduler is not visible from here: it exports its own metrics
+        return self.scheduler.read()
 
     def models(self) -> JSONReply:
         """vLLM's own list, each adapter entry with its registry evidence added (extra fields)."""
-        r = self.up.request("GET", "/v1/models")
-        raw = r.read()
+        status, raw = self._get_whole("GET", "/v1/models")
         sync = self.served.sync
-        if r.status != 200 or sync is None:
-            return JSONReply(raw, r.status)
-        body, ev = json.loads(raw), sync.evidence()
+        body = _json_or_none(raw)
+        if status != 200 or sync is None or not isinstance(body, dict):
+            return JSONReply(raw if status == 200 else _openai_error(status, raw), status)
+        ev = sync.evidence()
         for card in body.get("data", []):
             card.update(ev.get(card.get("id"), {}))
         return JSONReply(body, 200)
@@ -110,30 +184,52 @@ class VLLMProxy:
         wants_usage = not stream or _include_usage(body)
         if not wants_usage:
             raw = _asking_for_usage(body)
-        self.metrics.in_flight.inc()  # decremented once the answer is read or the stream closed
+        self.metrics.in_flight.inc()  # decremented by _finish: once the answer is read, failed or the stream closed
         before = time.perf_counter() - t0
-        up = self._send(path, raw, labels)
+        up = self._send(path, raw, labels, t0)
         if not stream or up.status != 200:
             return self._whole(up, labels, t0, before)
         self.metrics.proxy_overhead.observe(before)
         return RelayedStream(self._relay(up, labels, t0, wants_usage))
 
-    def _send(self, path: str, raw: bytes, labels: Labels) -> http.client.HTTPResponse:
+    def _finish(self, labels: Labels, status: int, t0: float, usage: dict | None = None,
+                first: float | None = None) -> None:
+        """The one place a forwarded request ends: recorded, and out of the in-flight gauge."""
+        self.metrics.record_request(labels, status, t0, usage, first)
+        self.metrics.in_flight.dec()
+
+    def _send(self, path: str, raw: bytes, labels: Labels, t0: float) -> http.client.HTTPResponse:
         try:
             return self.up.request("POST", path, raw)
-        except (http.client.HTTPException, OSError) as e:
-            self.metrics.in_flight.dec()
-            self.metrics.record_request(labels, 503, 0.0)
-            raise APIError(503, f"vLLM is unavailable: {e}", code="upstream_unavailable") from None
+        except UPSTREAM_ERRORS as e:
+            err = upstream_error(e, self.up.timeout, answered=False)
+            self._finish(labels, err.status, t0)
+            raise err from None
 
     def _whole(self, up: http.client.HTTPResponse, labels: Labels, t0: float, before: float) -> JSONReply:
         """A whole answer (any non-streamed one, and every error): relayed as it came, its usage recorded."""
         t1 = time.perf_counter()
-        data = up.read()
-        self.metrics.record_request(labels, up.status, t0, _usage(data) if up.status == 200 else None)
-        self.metrics.in_flight.dec()
+        try:
+            data = up.read()
+        except UPSTREAM_ERRORS as e:
+            self.up.drop()
+            err = upstream_error(e, self.up.timeout, answered=True)
+            self._finish(labels, err.status, t0)
+            raise err from None
+        self._finish(labels, up.status, t0, _usage(data) if up.status == 200 else None)
         self.metrics.proxy_overhead.observe(before + time.perf_counter() - t1)
+        if up.status != 200:
+            return JSONReply(_openai_error(up.status, data), up.status)
         return JSONReply(data, up.status, up.getheader("content-type", "application/json"))
+
+    def _get_whole(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        """(status, body) of a small exchange with vLLM (model list, token count); 503/504 when it fails."""
+        try:
+            r = self.up.request(method, path, body)
+            return r.status, r.read()
+        except UPSTREAM_ERRORS as e:
+            self.up.drop()
+            raise upstream_error(e, self.up.timeout, answered=False) from None
 
     def _check_context(self, path: str, body: dict) -> None:
         """400 for prompt + max_tokens beyond the context, as the Flask backend does (vLLM would clamp).
@@ -158,19 +254,22 @@ class VLLMProxy:
 
     def _token_count(self, model: Any, key: str, text: Any) -> int | None:
         """vLLM's token count of the prompt or messages; None when vLLM refuses (it reports that itself)."""
-        r = self.up.request("POST", "/tokenize", json.dumps({"model": model, key: text}).encode())
-        data = r.read()
-        return json.loads(data).get("count", 0) if r.status == 200 else None
+        status, data = self._get_whole("POST", "/tokenize", json.dumps({"model": model, key: text}).encode())
+        obj = _json_or_none(data) if status == 200 else None
+        return obj.get("count", 0) if isinstance(obj, dict) else None
 
     def _relay(self, up: http.client.HTTPResponse, labels: Labels, t0: float,
                wants_usage: bool) -> Generator[bytes, None, None]:
-        """vLLM's SSE lines as they come, noting the first token and the usage; the client leaving is a 499."""
-        first, usage, status, finished = None, None, 200, False
+        """vLLM's SSE lines as they come, noting the first token and the usage; the client leaving is a 499.
+
+        vLLM failing mid-stream (timeout, reset, a stream cut before [DONE]) ends it with an error event."""
+        first, usage, status, finished, done = None, None, 200, False, False
         try:
             while raw := up.readline():
                 line = raw.decode("utf-8", "replace").rstrip("\r\n")
                 if not line:
                     continue
+                done = done or line == "data: [DONE]"
                 if line.startswith("data: {"):
                     compact = line.replace(" ", "")
                     if first is None and '"choices":[{' in compact:
@@ -182,16 +281,20 @@ class VLLMProxy:
                             continue  # the usage chunk we asked for ourselves
                 yield (line + "\n\n").encode()
             finished = True
+            if not done:
+                raise http.client.IncompleteRead(b"")  # vLLM closed the stream without [DONE]: it failed
         except GeneratorExit:
             status = 499  # client left: closing the upstream connection makes vLLM abort the request
             raise
+        except UPSTREAM_ERRORS as e:
+            err = upstream_error(e, self.up.timeout, answered=True)
+            status, finished = err.status, False
+            yield f"data: {json.dumps(err.body())}\n\ndata: [DONE]\n\n".encode()
         finally:
             if not finished:
-                self.up.drop()
-            self.metrics.record_request(labels, status, t0, usage, first)
-            self.metrics.in_flight.dec()
-
-
+                self.up.drop()  # the connection is mid-answer: close it (vLLM aborts) rather than reuse it
+            up.close()
+            self._finish(labels, status, t0, usage if status == 200 else None, first)
 def _include_usage(body: dict) -> bool:
     so = body.get("stream_options")
     return isinstance(so, dict) and bool(so.get("include_usage"))
@@ -214,3 +317,12 @@ def _json_or_none(text: str | bytes) -> Any:
 def _usage(data: bytes) -> dict | None:
     obj = _json_or_none(data)
     return obj.get("usage") if isinstance(obj, dict) else None
+
+
+def _openai_error(status: int, data: bytes) -> bytes:
+    """vLLM's error body when it is OpenAI-style; otherwise (a plain-text 500 from its HTTP layer) one made so."""
+    obj = _json_or_none(data)
+    if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
+        return data
+    text = data.decode("utf-8", "replace").strip()[:300] or http.client.responses.get(status, "error")
+    return json.dumps(APIError(status, f"vLLM: {text}").body()).encode()

@@ -1,9 +1,11 @@
-"""The vLLM backend's proxy against a stub vLLM (no model): relaying, usage it asks for itself, labels, errors."""
+"""The vLLM backend's proxy against a stub vLLM (no model): relaying, usage it asks for itself, labels, errors,
+vLLM's queue in /metrics, and vLLM failing (stalls, cut streams, plain-text 500s): every request ends."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from serve.app import build_app, set_serving
 from serve.metrics import Metrics
 from serve.settings import Settings
-from serve.vllm_proxy import VLLMProxy
+from serve.vllm_proxy import VLLMProxy, scheduler_counts
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 WHOLE = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "base",
@@ -19,17 +21,40 @@ WHOLE = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "
                     "usage": USAGE}).encode()
 
 
+VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{engine="0",model_name="base"} 2.0
+vllm:num_requests_running{engine="1",model_name="base"} 1.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{engine="0",model_name="base"} 5.0
+vllm:num_requests_waiting_by_reason{engine="0",model_name="base",reason="capacity"} 5.0
+"""
+STALL_SECONDS = 3.0  # the stub's silence in the stall faults: well past the proxy's test timeout of 0.5 s
+
+
 class StubVLLM(BaseHTTPRequestHandler):
-    """Answers like vLLM's OpenAI server; remembers the last body it got."""
+    """Answers like vLLM's OpenAI server; remembers the last body it got and counts prompts it saw.
+
+    Prompts starting "fault:" make it fail like a broken vLLM does (see _fault)."""
 
     protocol_version = "HTTP/1.1"
     last_body: dict = {}
+    seen: dict = {}
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path == "/metrics":
+            return self._send(VLLM_METRICS.encode(), "text/plain")
+        self._send(json.dumps({"object": "list", "data": [{"id": "base"}]}).encode(), "application/json")
 
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
         if self.path == "/tokenize":
             return self._send(json.dumps({"count": len(body["prompt"].split())}).encode(), "application/json")
         type(self).last_body = body
+        prompt = str(body.get("prompt", ""))
+        type(self).seen[prompt] = type(self).seen.get(prompt, 0) + 1
+        if prompt.startswith("fault:"):
+            return self._fault(prompt[6:])
         if not body.get("stream"):
             return self._send(WHOLE, "application/json")
         chunks = [{"id": "c", "object": "text_completion", "choices": [{"index": 0, "text": t}]} for t in ("h", "i")]
@@ -38,8 +63,30 @@ class StubVLLM(BaseHTTPRequestHandler):
         self._send(b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n",
                    "text/event-stream")
 
-    def _send(self, data: bytes, mimetype: str) -> None:
+    def _fault(self, kind: str) -> None:
+        """stall: silent; stall-mid-stream / cut-stream: one chunk, then silent / gone; drop: closes at once;
+        plain-500: the plain-text 500 an HTTP layer gives."""
+        if kind == "drop":
+            self.close_connection = True
+            return
+        if kind == "plain-500":
+            return self._send(b"Internal Server Error", "text/plain", 500)
+        if kind == "stall":
+            time.sleep(STALL_SECONDS)
+            return
         self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b'data: {"id":"c","object":"text_completion","choices":[{"index":0,"text":"h"}]}\n\n'
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.flush()
+        if kind == "stall-mid-stream":
+            time.sleep(STALL_SECONDS)
+        self.close_connection = True
+
+    def _send(self, data: bytes, mimetype: str, status: int = 200) -> None:
+        self.send_response(status)
         self.send_header("Content-Type", mimetype)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -57,10 +104,10 @@ def stub_url():
     server.shutdown()
 
 
-def _client(url: str):
+def _client(url: str, timeout: float = 30):
     metrics = Metrics()
     app = build_app(Settings(), None, metrics)
-    set_serving(app, VLLMProxy(url, "base", None, metrics, max_model_len=64), None)
+    set_serving(app, VLLMProxy(url, "base", None, metrics, max_model_len=64, timeout=timeout), None)
     return app.test_client(), metrics
 
 
@@ -119,3 +166,73 @@ def test_vllm_down_is_a_503():
     r = c.post("/v1/chat/completions", json={"model": "base", "messages": []})
     assert r.status_code == 503 and r.json["error"]["code"] == "upstream_unavailable"
     assert _count(m, "base", "503") == 1 and m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+
+
+def test_vllm_queue_reaches_the_metrics(stub_url):
+    """KEDA scales on tunestack_requests_queued: the proxy reports vLLM's own waiting and running counts."""
+    c, m = _client(stub_url)
+    text = c.get("/metrics").get_data(as_text=True)
+    assert "tunestack_requests_queued 5.0" in text and "tunestack_requests_running 3.0" in text
+    assert scheduler_counts("garbage\nvllm:num_requests_waiting{x=\"1\"} not-a-number\n").waiting == 0
+
+
+def test_vllm_queue_unreadable_is_zero_not_an_error():
+    c, _ = _client("http://127.0.0.1:9")
+    r = c.get("/metrics")
+    assert r.status_code == 200 and "tunestack_requests_queued 0.0" in r.get_data(as_text=True)
+
+
+def test_vllm_silent_past_the_timeout_is_a_504(stub_url):
+    c, m = _client(stub_url, timeout=0.5)
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "fault:stall"})
+    assert r.status_code == 504 and r.json["error"]["code"] == "upstream_timeout"
+    assert StubVLLM.seen["fault:stall"] == 1, "a timed-out POST must not be sent again"
+    assert _count(m, "base", "504") == 1 and m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+
+
+def _events(r) -> list[str]:
+    return [line for line in r.get_data(as_text=True).split("\n\n") if line]
+
+
+def test_stream_stalled_mid_answer_ends_with_an_error_event(stub_url):
+    c, m = _client(stub_url, timeout=0.5)
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "fault:stall-mid-stream", "stream": True})
+    events = _events(r)
+    assert len(events) == 3 and events[-1] == "data: [DONE]", events
+    assert json.loads(events[1][6:])["error"]["code"] == "upstream_timeout"
+    assert _count(m, "base", "504") == 1 and _count(m, "base", "200") is None
+    assert m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+
+
+def test_stream_cut_before_done_ends_with_an_error_event(stub_url):
+    c, m = _client(stub_url)
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "fault:cut-stream", "stream": True})
+    events = _events(r)
+    assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["error"]["code"] == "upstream_error"
+    assert _count(m, "base", "502") == 1 and m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+    # the connection is not reused half-read: the next request on this thread is answered normally
+    assert c.post("/v1/completions", json={"model": "base", "prompt": "a"}).data == WHOLE
+
+
+def test_plain_text_500_becomes_an_openai_error(stub_url):
+    c, m = _client(stub_url)
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "fault:plain-500"})
+    assert r.status_code == 500 and r.json["error"]["message"] == "vLLM: Internal Server Error"
+    assert _count(m, "base", "500") == 1 and m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+
+
+def test_vllm_closing_a_fresh_connection_is_a_503_sent_once(stub_url):
+    """Only a kept-alive connection vLLM closed while idle is retried: a fresh one may have run the request."""
+    c, m = _client(stub_url)
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "fault:drop"})
+    assert r.status_code == 503 and r.json["error"]["code"] == "upstream_unavailable"
+    assert StubVLLM.seen["fault:drop"] == 1
+    assert m.registry.get_sample_value("tunestack_requests_in_flight") == 0
+
+
+def test_models_and_context_check_with_vllm_down_are_503s():
+    c, _ = _client("http://127.0.0.1:9")
+    r = c.get("/v1/models")
+    assert r.status_code == 503 and r.json["error"]["code"] == "upstream_unavailable"
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "w " * 40, "max_tokens": 40})  # asks /tokenize
+    assert r.status_code == 503 and r.json["error"]["code"] == "upstream_unavailable"
