@@ -1,17 +1,20 @@
 """Keeps a server's adapters equal to the registry's: check each one, load it, unload removed ones.
 
 Publishing into the registry is an atomic rename, so a poll sees complete entries only. Every
-adapter is checked before loading (checksums, base model identity, LoRA rank within the server's
-limit, target modules present in the base); a refused adapter is logged and reported by the admin
-API, and the others keep serving. Used by both backends through the small `Loader` protocol.
+adapter is checked before loading (checksums, base model identity, no pickled weights, LoRA rank
+within the server's limit and target modules present in the base, by the manifest and by the
+adapter_config.json the loader reads); a refused adapter is logged and reported by the admin API,
+and the others keep serving. Used by both backends through the small `Loader` protocol.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from artifacts import Manifest, ManifestError, Registry, RegistryError
@@ -40,7 +43,7 @@ class Refused(Exception):
 
 @dataclass
 class AdapterState:
-    state: str  # loaded | refused | failed | disabled
+    state: str  # loaded | refused | failed | disabled | unloading
     reason: str = ""
     version: str = ""  # manifest created_at + weights sha: a re-publish under the same name reloads
     method: str | None = None
@@ -53,7 +56,14 @@ class AdapterState:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")  # torch.load runs code: never loaded
+
+
 class AdapterSync:
+    """Loads and unloads adapters to follow the registry. Locking: `_lock` only guards the states
+    table (short); one lock per name orders that name's loads and unloads, and is the only one held
+    while the engine swaps weights, so the admin API and the other names never wait on the engine."""
+
     def __init__(self, registry: Registry, loader: Loader, base_sha256: str, base_modules: set[str],
                  max_lora_rank: int, metrics=None, poll_seconds: float = 0.5):
         self.registry = registry
@@ -63,8 +73,9 @@ class AdapterSync:
         self.max_lora_rank = max_lora_rank
         self.metrics = metrics
         self.poll_seconds = poll_seconds
-        self.states: dict[str, AdapterState] = {}
+        self.states: dict[str, AdapterState] = {}  # replaced, never changed in place: readers iterate freely
         self._lock = threading.RLock()
+        self._name_locks: dict[str, threading.Lock] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -78,11 +89,26 @@ class AdapterSync:
         if m.base_model.get("sha256") != self.base_sha256:
             raise Refused(f"trained on base {m.base_model.get('name')} (sha256 {str(m.base_model.get('sha256'))[:12]}), "
                           f"this server runs sha256 {self.base_sha256[:12]}")
+        path = self.registry.path("adapters", name)
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise Refused(f"{', '.join(pickles)}: pickled weights can run code when loaded; publish safetensors only")
         pc = m.peft_config or {}
-        reason = mixed_batch_refusal(pc, self.max_lora_rank, self.base_modules)
+        reason = mixed_batch_refusal(pc, self.max_lora_rank, self.base_modules) or self._disk_config_refusal(path)
         if reason:
             raise Refused(reason)
-        return str(self.registry.path("adapters", name)), pc, evidence(m)
+        return str(path), pc, evidence(m)
+
+    def _disk_config_refusal(self, path: Path) -> str | None:
+        """The loader reads adapter_config.json, not the manifest: it must pass the same checks."""
+        try:
+            disk = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            return f"adapter_config.json is unreadable: {e}"
+        if not isinstance(disk, dict):
+            return "adapter_config.json is not a JSON object"
+        reason = mixed_batch_refusal(disk, self.max_lora_rank, self.base_modules)
+        return f"adapter_config.json: {reason}" if reason else None
 
     @staticmethod
     def _version(registry: Registry, name: str) -> str:
@@ -90,72 +116,93 @@ class AdapterSync:
         m = registry.manifest("adapters", name)
         return f"{registry.path('adapters', name).name}:{m.created_at}:{m.files.get('adapter_model.safetensors', '')[:16]}"
 
+    # -- the states table ------------------------------------------------------------
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def _set_state(self, name: str, st: AdapterState | None) -> None:
+        with self._lock:
+            states = dict(self.states)
+            if st is None:
+                states.pop(name, None)
+            else:
+                states[name] = st
+            self.states = states
+            self._update_gauge()
+
     # -- one pass ------------------------------------------------------------------
     def load(self, name: str, version: str | None = None) -> AdapterState:
-        with self._lock:
-            t0 = time.perf_counter()
-            try:
-                version = version or self._version(self.registry, name)
-                path, pc, ev = self.check(name)
-                self.loader.load_adapter(name, path)
-            except Refused as e:
-                st = AdapterState("refused", str(e), version or "")
-            except Exception as e:  # a loader failure (corrupt tensors, server refusal) refuses this adapter only
-                st = AdapterState("failed", f"{type(e).__name__}: {e}".splitlines()[0], version or "")
-            else:
-                st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3),
-                                  evidence=ev)
-                if self.metrics:
-                    self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
-            if st.state != "loaded":
-                log.warning("adapter %s refused: %s", name, st.reason)
-                if self.metrics:
-                    self.metrics.adapter_load_failures.labels(name).inc()
-            else:
-                log.info("adapter %s loaded in %.2fs", name, st.load_seconds)
-            self.states[name] = st
-            self._update_gauge()
-            return st
+        with self._name_lock(name):
+            return self._load(name, version)
+
+    def _load(self, name: str, version: str | None) -> AdapterState:
+        t0 = time.perf_counter()
+        try:
+            version = version or self._version(self.registry, name)
+            path, pc, ev = self.check(name)
+            self.loader.load_adapter(name, path)
+        except Refused as e:
+            st = AdapterState("refused", str(e), version or "")
+        except FileNotFoundError as e:  # unpublished (or rolled back and pruned) while it was being read
+            st = AdapterState("failed", f"adapter files disappeared during the load: {e.filename}", version or "")
+        except Exception as e:  # a loader failure (corrupt tensors, server refusal) refuses this adapter only
+            st = AdapterState("failed", f"{type(e).__name__}: {e}".splitlines()[0], version or "")
+        else:
+            st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3),
+                              evidence=ev)
+            if self.metrics:
+                self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
+        if st.state != "loaded":
+            log.warning("adapter %s refused: %s", name, st.reason)
+            if self.metrics:
+                self.metrics.adapter_load_failures.labels(name).inc()
+        else:
+            log.info("adapter %s loaded in %.2fs", name, st.load_seconds)
+        self._set_state(name, st)
+        return st
 
     def checked_state(self, name: str) -> tuple[str, AdapterState]:
         """(path, the state it will have once loaded) after one check; raises Refused. For adapters a
         server loads at launch (vLLM --lora-modules): checked once before, recorded by mark_loaded after."""
-        with self._lock:
-            version = self._version(self.registry, name)
-            path, pc, ev = self.check(name)
-            return path, AdapterState("loaded", "", version, "lora", lora_rank(pc), evidence=ev)
+        version = self._version(self.registry, name)
+        path, pc, ev = self.check(name)
+        return path, AdapterState("loaded", "", version, "lora", lora_rank(pc), evidence=ev)
 
     def mark_loaded(self, name: str, state: AdapterState) -> None:
         """Record an adapter the server loaded at launch, as checked by checked_state (no second check)."""
-        with self._lock:
-            self.states[name] = state
-            self._update_gauge()
+        self._set_state(name, state)
 
     def unload(self, name: str, state: str | None = None) -> None:
-        with self._lock:
+        with self._name_lock(name):
             st = self.states.get(name)
             if st and st.state == "loaded":
-                self.loader.unload_adapter(name)
+                # Not servable from here on (new requests get 404), then the engine lets its rows finish.
+                self._set_state(name, AdapterState("unloading", "", st.version))
+                try:
+                    self.loader.unload_adapter(name)
+                except Exception:
+                    self._set_state(name, st)  # still held by the engine: still served
+                    raise
                 log.info("adapter %s unloaded", name)
             if state:
-                self.states[name] = AdapterState(state, "unloaded by admin", st.version if st else "")
+                self._set_state(name, AdapterState(state, "unloaded by admin", st.version if st else ""))
             else:
-                self.states.pop(name, None)
-            self._update_gauge()
+                self._set_state(name, None)
 
     def sync_once(self) -> None:
-        with self._lock:
-            present = set(self.registry.names("adapters"))  # names and pinned name@vN
-            for name in sorted(present):
-                try:
-                    version = self._version(self.registry, name)
-                except (ManifestError, RegistryError):
-                    version = "unreadable"
+        present = set(self.registry.names("adapters"))  # names and pinned name@vN
+        for name in sorted(present):
+            try:
+                version = self._version(self.registry, name)
+            except (ManifestError, RegistryError, OSError):
+                version = "unreadable"
+            with self._name_lock(name):  # decided under the name's lock: an admin call may have just acted
                 st = self.states.get(name)
                 if st is None or (st.version != version and st.state != "disabled"):
-                    self.load(name, version)
-            for name in sorted(set(self.states) - present):
-                self.unload(name)
+                    self._load(name, version)
+        for name in sorted(set(self.states) - present):
+            self.unload(name)
 
     def evidence(self) -> dict[str, dict[str, Any]]:
         """Per loaded adapter: its registry version, task gain, retention and gate, from its manifest."""
