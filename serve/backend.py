@@ -8,6 +8,7 @@ authenticates and turns replies into HTTP responses; each backend records its ow
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator, Protocol, Union
 
@@ -91,10 +92,20 @@ class ServedModels:
         return label, "" if label in (self.base, "_unknown") else label
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a "\ud800"-style escape: maybe half a pair
+
+
 def json_body(raw: bytes) -> Any:
-    """The request body as JSON; 400 for bytes that are not."""
+    """The request body as JSON; 400 for bytes that are not, or that are not UTF-8 text.
+
+    json.loads alone takes UTF-16/32 bodies and lets lone surrogates through (as encoded bytes with
+    surrogatepass, or as "\ud800" escapes): such strings are not text, and tokenizers fail on them."""
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = raw.decode("utf-8")  # strict: RFC 8259 JSON between systems is UTF-8
+        obj = json.loads(text)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+        return obj
+    except (json.JSONDecodeError, UnicodeError) as e:
         raise bad_request(f"invalid JSON body: {e}") from None
 

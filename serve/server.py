@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -164,7 +165,7 @@ def run_gunicorn(app_factory, settings: Settings, on_exit=None) -> None:
         def load_config(self):
             for k, v in {"bind": f"{settings.host}:{settings.port}", "workers": 1,
                          "worker_class": "serve.server.DrainingWorker", "threads": settings.http_threads,
-                         "timeout": 300, "graceful_timeout": settings.drain_seconds + STOP_MARGIN_S,
+                         "timeout": 300, "graceful_timeout": math.ceil(settings.drain_seconds) + STOP_MARGIN_S,
                          "keepalive": 5, "accesslog": None, "loglevel": "warning"}.items():
                 self.cfg.set(k, v)
             if on_exit is not None:

@@ -106,6 +106,24 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def base_registry(tiny_model: Path, work: Path) -> Path:
+    """A registry holding only the tiny base model (no adapters to train): enough for HTTP-level tests."""
+    reg_dir = work / "registry"
+    Registry(reg_dir).register_base(tiny_model, "tiny-llama")
+    return reg_dir
+
+
+def start_server(registry: Path, env: dict[str, str]) -> Server:
+    """A started, ready server (stopped again if it never gets ready)."""
+    s = Server(registry, env, free_port())
+    try:
+        s.wait_ready()
+    except Exception:
+        s.stop()
+        raise
+    return s
+
+
 @pytest.fixture(scope="session")
 def registry(adapter_runs, tmp_path_factory) -> Path:
     reg_dir = tmp_path_factory.mktemp("registry") / "registry"
