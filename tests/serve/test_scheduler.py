@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
+import time
 from types import SimpleNamespace
 from typing import Callable
 
@@ -118,8 +120,8 @@ def engines():
     """make(tok, replies, ...) -> a running ScriptedEngine, shut down after the test."""
     made: list[ScriptedEngine] = []
 
-    def make(*args, **kw) -> ScriptedEngine:
-        made.append(ScriptedEngine(*args, **kw))
+    def make(*args, cls=None, **kw) -> ScriptedEngine:
+        made.append((cls or ScriptedEngine)(*args, **kw))
         return made[-1]
 
     yield make
@@ -400,3 +402,95 @@ def test_app_frames_the_stream_and_reads_stats(serving):
     assert c.get("/ready").json == {"status": "ready", "adapters": []}
     assert b"tunestack_requests_running 0.0" in c.get("/metrics").data
     assert c.get("/v1/models").json["data"][0]["id"] == "scripted"
+
+
+# -- incremental text and adapter swaps ------------------------------------------------------------
+class CountingTokenizer:
+    """A real tokenizer that records how many ids each decode call gets."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.decoded: list[int] = []
+        self.pad_token_id = inner.pad_token_id
+
+    def __call__(self, *args, **kw):
+        return self.inner(*args, **kw)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def decode(self, ids, **kw) -> str:
+        self.decoded.append(len(ids))
+        return self.inner.decode(ids, **kw)
+
+
+def test_incremental_text_equals_whole_decode_and_decoding_is_bounded(engines, tiny_model):
+    import random
+
+    from lm.loading import load_tokenizer
+    from serve.engines.detokenize import MAX_PENDING
+
+    hf = load_tokenizer(str(tiny_model))  # byte-level BPE: characters beyond ASCII span several tokens
+    rng = random.Random(0)
+    outs = [hf(t, add_special_tokens=False)["input_ids"] for t in
+            ("Soupe à l'oignon, crème brûlée \N{POT OF FOOD} 日本語のメニュー", "ñandú \N{SHALLOW PAN OF FOOD}\N{SHALLOW PAN OF FOOD} Grüße")]
+    outs += [[rng.randrange(1, len(hf)) for _ in range(150)] for _ in range(4)]  # stray bytes and special tokens
+    prompts = [tuple(hf(f"prompt {i} :", add_special_tokens=False)["input_ids"]) for i in range(len(outs))]
+    tok = CountingTokenizer(hf)
+    engine = engines(tok, dict(zip(prompts, outs)), max_batch=8, max_model_len=512)
+    assert not engine._whole_text
+    tok.decoded.clear()
+    reqs = [request(p, max_tokens=400) for p in prompts]
+    for r in reqs:
+        engine.submit(r)
+    for r, out in zip(reqs, outs):
+        texts, last = outcome(r)
+        assert "".join(texts) == hf.decode(out, skip_special_tokens=True)
+        assert last == Finished(0, "stop", len(out))
+    steps = sum(len(out) + 1 for out in outs)
+    assert max(tok.decoded) <= MAX_PENDING + 1, "a step decoded a row's whole output"
+    assert sum(tok.decoded) <= 2 * (MAX_PENDING + 1) * steps
+
+
+class SwappingEngine(ScriptedEngine):
+    """The scripted engine with one adapter whose weights a command swaps (what a re-publish does)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.adapters = {"a": "v1"}
+        self.swapped_at: int | None = None
+
+    def load_adapter(self, name: str, path: str) -> None:
+        self._call(self._swap, name, path, adapter=name)
+
+    def _swap(self, name: str, path: str) -> None:
+        self.adapters[name] = path
+        self.swapped_at = len(self.steps)
+
+
+def test_adapter_swap_under_steady_traffic_completes_within_one_generation(engines):
+    tok = ByteTokenizer()
+    prompt = tuple(tok.encode("q"))
+    reply = tok.encode("0123456789")
+    sent: list[GenRequest] = []
+    swap: list[threading.Thread] = []
+
+    def traffic(engine: SwappingEngine, kind: str) -> None:
+        n = len(engine.steps)
+        if n < 300:  # a new request on the adapter every step: a running row always uses it
+            sent.append(GenRequest(list(prompt), "a", SamplingParams(max_tokens=32, temperature=0)))
+            engine.submit(sent[-1])
+        if n == 20:
+            swap.append(threading.Thread(target=engine.load_adapter, args=("a", "v2")))
+            swap[0].start()
+
+    engine = engines(tok, {prompt: reply}, max_batch=16, on_step=traffic, cls=SwappingEngine)
+    engine.submit(GenRequest(list(prompt), "a", SamplingParams(max_tokens=32, temperature=0)))
+    deadline = time.monotonic() + TIMEOUT
+    while not swap and time.monotonic() < deadline:
+        time.sleep(0.01)
+    swap[0].join(timeout=TIMEOUT)
+    assert engine.swapped_at is not None and engine.swapped_at < 20 + 3 * len(reply), engine.swapped_at
+    for req in sent:  # held back during the swap, then served: none fails
+        assert outcome(req) == ([c for c in "0123456789"], Finished(0, "stop", 10))
+    assert engine.adapters["a"] == "v2"
