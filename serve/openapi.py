@@ -1,21 +1,47 @@
 """The OpenAPI description of the served API (/openapi.json), generated from serve/protocol.py's models.
 
 Clients and fuzzers (Schemathesis) trust it, so every body schema comes from the pydantic model that
-parses or builds that body: the spec cannot say something the server does not do.
+parses or builds that body: the spec cannot say something the server does not do. It names every route
+the app serves (tests/serve/test_openapi.py enumerates the app's url_map), each with the key it needs.
+Given what a server serves (`Served`), it also names the models and the context limit, so that a body
+the spec allows can succeed.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 
 from serve import protocol as p
 
 REF = "#/components/schemas/{model}"
-ERRORS = {400: "Invalid request: error.param names the offending field.", 401: "Missing or wrong API key.",
-          404: "Unknown model.", 413: "Request body too large.", 503: "Model still loading, or an engine failure."}
+ERRORS = {400: "Invalid request: error.param names the offending field.", 401: "Missing or wrong key.",
+          404: "Unknown model, or unknown adapter.", 413: "Request body too large.",
+          503: "Model still loading, or an engine failure."}
 SSE = ("Server-sent events when the request sets `stream`: one `data: <{chunk} JSON>` event per chunk, a last "
        "usage-only chunk with `stream_options.include_usage`, then `data: [DONE]`. An engine failure mid-stream "
        "is sent as a `data: <ErrorResponse JSON>` event.")
+API_KEY = [{"bearer": []}]
+ADMIN_KEY = [{"admin": []}]
+SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer",
+               "description": "SERVE_API_KEY, for /v1/*; without one set, /v1/* is open (local use only)."},
+    "admin": {"type": "http", "scheme": "bearer",
+              "description": "SERVE_ADMIN_KEY, for /admin/*; without one set, the admin API is off (404)."}}
+# artifacts/registry.py's names: `name` or `name@vN` (split_ref), never a path; ".." is refused there too
+ADAPTER_NAME = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@v[1-9][0-9]{0,5})?$"
+REQUESTS = ("CompletionRequest", "ChatCompletionRequest")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What one server serves now. Both change only with the registry, so a fetched spec stays true."""
+
+    models: tuple[str, ...]  # the base model and the loaded adapters: any other `model` is a 404
+    max_model_len: int  # prompt tokens + max_tokens; more is a 400 context_length_exceeded
+    adapters: tuple[str, ...] = ()  # the registry's adapter names: the admin API 404s any other
 
 
 def _ref(model: type[BaseModel]) -> dict:
@@ -46,41 +72,100 @@ def _errors(*codes: int) -> dict:
 
 def _generate(summary: str, request: type[BaseModel], response: type[BaseModel], chunk: type[BaseModel]) -> dict:
     """A POST endpoint answering JSON, or an SSE stream of chunks."""
-    stream = {"schema": {"type": "string", "description": SSE.format(chunk=chunk.__name__)}}
+    stream = {"schema": _event(chunk)}
     return {"post": {
-        "summary": summary, "security": [{"bearer": []}],
+        "summary": summary, "security": API_KEY,
         "requestBody": {"required": True, "content": _json(request)},
         "responses": {"200": {"description": f"A {response.__name__}, or a stream of {chunk.__name__}s.",
                               "content": {**_json(response), "text/event-stream": stream}},
                       **_errors(400, 401, 404, 413, 503)}}}
 
 
-def _get(summary: str, responses: dict, secured: bool = False) -> dict:
-    """A GET endpoint; a secured one needs the API key (when one is set)."""
-    return {"get": {"summary": summary, **({"security": [{"bearer": []}]} if secured else {}), "responses": responses}}
+def _event(chunk: type[BaseModel]) -> dict:
+    """One server-sent event of a stream (OpenAPI 3.1: an event-stream schema describes each event)."""
+    json_data = {"contentMediaType": "application/json",
+                 "contentSchema": {"anyOf": [_ref(chunk), _ref(p.ErrorResponse)]}}
+    data = {"type": "string", "if": {"const": "[DONE]"}, "else": json_data}  # [DONE] is not JSON: never parsed
+    return {"type": "object", "required": ["data"], "properties": {"data": data},
+            "description": SSE.format(chunk=chunk.__name__)}
 
 
-def openapi_spec() -> dict:
-    """The OpenAPI 3.1 document."""
-    models = [p.CompletionRequest, p.ChatCompletionRequest, p.CompletionResponse, p.CompletionChunk,
-              p.ChatCompletionResponse, p.ChatCompletionChunk, p.ModelList, p.ErrorResponse]
-    models_op = _get("The base model and the loaded adapters (adapters carry `parent`).",
-                     {"200": {"description": "Model list.", "content": _json(p.ModelList)}, **_errors(401, 503)}, True)
+def _get(summary: str, responses: dict, security: list | None = None) -> dict:
+    """A GET endpoint; one with `security` needs that key (when one is set)."""
+    return {"get": {"summary": summary, **({"security": security} if security else {}), "responses": responses}}
+
+
+def _text(description: str, media: str) -> dict:
+    """A 200 whose body is text of this media type."""
+    return {"200": {"description": description, "content": {media: {"schema": {"type": "string"}}}}}
+
+
+def _admin_action(summary: str, refused: bool) -> dict:
+    """POST /admin/adapters/{name}/load or /unload."""
+    name = {"name": "name", "in": "path", "required": True, "description": "an adapter's registry name, or name@vN",
+            "schema": {"type": "string", "pattern": ADAPTER_NAME}}
+    responses = {"200": {"description": "The adapter's state after the action.", "content": _json(p.AdapterAction)},
+                 **_errors(400, 401, 404, 503)}
+    if refused:
+        responses["422"] = {"description": "Refused or failed: `reason` says why.", "content": _json(p.AdapterAction)}
+    return {"post": {"summary": summary, "security": ADMIN_KEY, "parameters": [name], "responses": responses}}
+
+
+def _paths() -> dict:
+    """Every route the app serves, with what it answers."""
     return {
+        "/v1/models": _get("The base model and the loaded adapters (adapters carry `parent`).",
+                           {"200": {"description": "Model list.", "content": _json(p.ModelList)},
+                            **_errors(401, 503)}, API_KEY),
+        "/v1/completions": _generate("Text completion.", p.CompletionRequest, p.CompletionResponse,
+                                     p.CompletionChunk),
+        "/v1/chat/completions": _generate("Chat completion.", p.ChatCompletionRequest, p.ChatCompletionResponse,
+                                          p.ChatCompletionChunk),
+        "/admin/adapters": _get("Every adapter in the registry and its state here.",
+                                {"200": {"description": "Adapter states.", "content": _json(p.AdapterList)},
+                                 **_errors(401, 404, 503)}, ADMIN_KEY),
+        "/admin/adapters/{name}/load": _admin_action("Load (or re-enable) a published adapter.", refused=True),
+        "/admin/adapters/{name}/unload": _admin_action("Unload an adapter and keep it off until loaded.",
+                                                       refused=False),
+        "/health": _get("Liveness.", {"200": {"description": "Alive.", "content": _json(p.Health)}}),
+        "/ready": _get("Readiness: the model is loaded.", {
+            "200": {"description": "Ready.", "content": _json(p.Readiness)},
+            "503": {"description": "Loading.", "content": _json(p.Readiness)}}),
+        "/metrics": _get("Prometheus metrics.", _text("Prometheus text format.", "text/plain")),
+        "/openapi.json": _get("This description.", {"200": {"description": "OpenAPI 3.1.", "content": {
+            "application/json": {"schema": {"type": "object"}}}}}),
+        "/": _get("The playground page (it asks for the API key).", _text("HTML.", "text/html")),
+    }
+
+
+def openapi_spec(served: Served | None = None) -> dict:
+    """The OpenAPI 3.1 document; with `served`, narrowed to what that server can answer now."""
+    models = [p.CompletionRequest, p.ChatCompletionRequest, p.CompletionResponse, p.CompletionChunk,
+              p.ChatCompletionResponse, p.ChatCompletionChunk, p.ModelList, p.ErrorResponse, p.Health,
+              p.Readiness, p.AdapterList, p.AdapterAction]
+    spec = {
         "openapi": "3.1.0",
         "info": {"title": "tunestack OpenAI-compatible API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-                       "schemas": _components(models)},
-        "paths": {
-            "/v1/models": models_op,
-            "/v1/completions": _generate("Text completion.", p.CompletionRequest, p.CompletionResponse,
-                                         p.CompletionChunk),
-            "/v1/chat/completions": _generate("Chat completion.", p.ChatCompletionRequest, p.ChatCompletionResponse,
-                                              p.ChatCompletionChunk),
-            "/health": _get("Liveness.", {"200": {"description": "Alive."}}),
-            "/ready": _get("Readiness: the model is loaded.", {"200": {"description": "Ready."},
-                                                               "503": {"description": "Loading."}}),
-            "/metrics": _get("Prometheus metrics.", {"200": {
-                "description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}),
-        },
+        "components": {"securitySchemes": SECURITY_SCHEMES, "schemas": _components(models)},
+        "paths": _paths(),
     }
+    return narrowed(spec, served) if served else spec
+
+
+def narrowed(spec: dict, served: Served) -> dict:
+    """A copy whose request bodies name the served models (enum) and cap max_tokens by the context, and
+    whose admin paths name the registry's adapters."""
+    out = copy.deepcopy(spec)
+    for path in ("/admin/adapters/{name}/load", "/admin/adapters/{name}/unload"):
+        if served.adapters:
+            out["paths"][path]["post"]["parameters"][0]["schema"]["enum"] = list(served.adapters)
+    for name in REQUESTS:
+        props = out["components"]["schemas"][name]["properties"]
+        props["model"] = {**props["model"], "enum": list(served.models)}
+        for key in ("max_tokens", "max_completion_tokens"):
+            for branch in props[key]["anyOf"]:
+                if branch.get("type") == "integer":  # at least one prompt token must fit beside them
+                    branch["maximum"] = min(branch["maximum"], served.max_model_len - 1)
+            props[key]["description"] = (f"an integer from 1 to {served.max_model_len - 1}, or null; prompt tokens "
+                                         f"+ this must be at most {served.max_model_len}")
+    return out

@@ -26,7 +26,7 @@ _CONFIG = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 # What each param must be: the spec's description and the 400's message, from one place.
 RULES = {
     "model": "a non-empty string: the base model or an adapter, as listed by /v1/models",
-    "prompt": "a string, or a list of exactly one string",
+    "prompt": "a non-empty string, or a list of exactly one non-empty string",
     "messages": "a non-empty list of messages",
     "role": "one of system, developer, user, assistant (developer is treated as system)",
     "content": "a string, or a list of text parts {\"type\": \"text\", \"text\": string}",
@@ -65,7 +65,8 @@ Seed = _int(*INT64)
 Temperature = Annotated[float, Field(ge=0, le=2)]  # strict floats take ints, not bools
 TopP = Annotated[float, Field(ge=0, le=1)]
 StopList = Annotated[list[str], Field(max_length=MAX_STOP)]
-OneString = Annotated[list[str], Field(min_length=1, max_length=1)]
+Text = Annotated[str, Field(min_length=1)]  # an empty prompt has no token to condition on
+OneString = Annotated[list[Text], Field(min_length=1, max_length=1)]
 Role = Literal["system", "developer", "user", "assistant"]
 
 
@@ -171,7 +172,7 @@ class CompletionRequest(_SamplingRequest):
     """POST /v1/completions."""
 
     default_max_tokens: ClassVar[int] = 16  # OpenAI's completions default
-    prompt: Annotated[str | OneString, AfterValidator(_only)] = Field(description=RULES["prompt"])
+    prompt: Annotated[Text | OneString, AfterValidator(_only)] = Field(description=RULES["prompt"])
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -200,6 +201,8 @@ def _to_api_error(e: ValidationError) -> APIError:
     rule = RULES.get(param.rsplit(".", 1)[-1], "valid")
     if err["type"] == "missing":
         return bad_request(f"'{param}' is required; it must be {rule}", param)
+    if err["type"] == "string_too_short":  # the engine's own words for an empty prompt, so both read alike
+        return bad_request(f"{param} must not be empty", param)
     got = repr(err.get("input"))
     got = got if len(got) <= 60 else got[:57] + "..."
     return bad_request(f"'{param}' must be {rule}; got {got}", param)
@@ -327,3 +330,41 @@ class ErrorInfo(BaseModel):
 class ErrorResponse(BaseModel):
     """An OpenAI-style error body."""
     error: ErrorInfo
+
+
+# -- probes and the admin API (tunestack's own, not OpenAI's) ----------------------------------------------
+
+class Health(BaseModel):
+    """The body of GET /health: the process answers."""
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    """The body of GET /ready: "ready" with the loaded adapters (200), or "loading" (503)."""
+    status: Literal["ready", "loading"]
+    adapters: list[str] = Field([], description="loaded adapters; sent when ready")
+
+
+AdapterStateName = Literal["loaded", "refused", "failed", "disabled"]
+
+
+class AdapterStatus(BaseModel):
+    """An adapter's state in this server (serve/adapters.py AdapterState.public(): unset fields are left out)."""
+    state: AdapterStateName
+    reason: Optional[str] = Field(None, description="why it is refused, failed or disabled")
+    version: Optional[str] = Field(None, description="manifest created_at + weights sha: a re-publish reloads")
+    method: Optional[str] = None
+    rank: Optional[int] = None
+    load_seconds: Optional[float] = None
+    updated_at: Optional[float] = None
+    evidence: Optional[dict[str, Any]] = None
+
+
+class AdapterList(BaseModel):
+    """The body of GET /admin/adapters: every adapter the registry names, by name."""
+    adapters: dict[str, AdapterStatus]
+
+
+class AdapterAction(AdapterStatus):
+    """The body of POST /admin/adapters/{name}/load (200 loaded, 422 refused or failed) and .../unload."""
+    name: str

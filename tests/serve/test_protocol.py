@@ -67,8 +67,8 @@ def test_chat_defaults_and_messages():
 def test_null_means_the_default_and_unknown_fields_are_ignored():
     body = {k: None for k in ("max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop", "seed",
                               "stream", "stream_options", "ignore_eos")}
-    r = CompletionRequest.parse({"model": M, "prompt": "", **body, "user": "u", "logit_bias": {"1": 2}, "echo": 3})
-    assert (r.prompt, r.n, r.stream, r.include_usage, r.max_tokens_given) == ("", 1, False, False, False)
+    r = CompletionRequest.parse({"model": M, "prompt": "x", **body, "user": "u", "logit_bias": {"1": 2}, "echo": 3})
+    assert (r.prompt, r.n, r.stream, r.include_usage, r.max_tokens_given) == ("x", 1, False, False, False)
     assert (r.params.max_tokens, r.params.temperature, r.params.top_p, r.params.stop) == (16, 1.0, 1.0, [])
 
 
@@ -99,7 +99,7 @@ def test_accepted_values(extra, expect):
     assert type(r.params.max_tokens) is int and type(r.n) is int
 
 
-@pytest.mark.parametrize("prompt", ["", "one", ["one"], [""]])
+@pytest.mark.parametrize("prompt", ["one", ["one"], " "])
 def test_prompt_is_a_string_or_a_list_of_one(prompt):
     assert outcome({"model": M, "prompt": prompt}) == "ok"
     text = CompletionRequest.parse({"model": M, "prompt": prompt}).prompt
@@ -133,7 +133,7 @@ BAD = [  # (body, the param its 400 must name)
     (c(stream_options="x"), "stream_options"), (c(stream_options=[]), "stream_options"),
     (c(stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
     (c(prompt=42), "prompt"), (c(prompt=[]), "prompt"), (c(prompt=["a", "b"]), "prompt"), (c(prompt=[1]), "prompt"),
-    (c(prompt=None), "prompt"), ({"model": M}, "prompt"),
+    (c(prompt=None), "prompt"), ({"model": M}, "prompt"), (c(prompt=""), "prompt"), (c(prompt=[""]), "prompt"),
     ({"model": M, "messages": "hi"}, "messages"), (chat(), "messages"), ({"model": M, "messages": None}, "messages"),
     (chat(None), "messages[0].role"), (chat("hi"), "messages[0].role"),
     (chat({"role": "bot", "content": "x"}), "messages[0].role"), (chat(U, {"content": "x"}), "messages[1].role"),
@@ -166,6 +166,9 @@ def test_the_error_message_says_the_rule_and_the_value():
     with pytest.raises(APIError) as e:
         CompletionRequest.parse({"prompt": "x"})
     assert "'model' is required" in e.value.message
+    with pytest.raises(APIError) as e:  # an empty prompt: the engine's own words, so both paths read alike
+        CompletionRequest.parse({"model": M, "prompt": ""})
+    assert e.value.message == "prompt must not be empty" and e.value.param == "prompt"
     with pytest.raises(APIError) as e:
         CompletionRequest.parse({"model": M, "prompt": ["x" * 10_000, "y"]})
     assert e.value.param == "prompt" and len(e.value.message) < 200  # the value is cut short
@@ -201,7 +204,7 @@ VALID = {  # plausible valid values of every optional field
     "stream": st.booleans(), "ignore_eos": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}), "user": JSON}
 EDGES = {  # values at and just past each rule's edge
-    "model": ["", None, 1, ["m"]], "prompt": ["", [], ["a", "b"], [1], [""], 1, None, {"text": "x"}],
+    "model": ["", None, 1, ["m"]], "prompt": ["", " ", [], ["a", "b"], [1], [""], ["a"], 1, None, {"text": "x"}],
     "max_tokens": int_edges(1, 1 << 20), "max_completion_tokens": int_edges(1, 1 << 20),
     "temperature": NUM_EDGES, "top_p": NUM_EDGES, "n": int_edges(1, 8), "seed": int_edges(-(1 << 63), (1 << 63) - 1),
     "stop": ["", [""], ["a"] * 4, ["a"] * 5, [1], 2, None], "stream": [None, 1, "true"], "ignore_eos": [None, 0],
@@ -242,7 +245,8 @@ AGREE = settings(max_examples=200, deadline=None, derandomize=True, database=Non
 
 
 @AGREE
-@given(bodies("prompt", st.text(max_size=3) | st.lists(st.text(max_size=3), min_size=1, max_size=1)))
+@given(bodies("prompt", st.text(min_size=1, max_size=3) | st.lists(st.text(min_size=1, max_size=3), min_size=1,
+                                                                   max_size=1)))
 def test_completion_bodies_accepted_exactly_when_the_spec_allows(body):
     outcome(body, CompletionRequest)
 
