@@ -1,16 +1,30 @@
 """The vLLM backend's launch wiring without vLLM: the registry plans the launch, a stub stands in for the
-server, and the proxy app serves once the stub is healthy (test_vllm_backend.py runs the real vLLM)."""
+server, the proxy app serves once the stub is healthy and stops when it dies (test_vllm_backend.py and
+tests/reliability/test_vllm_faults.py run the real vLLM)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
+import psutil
+import pytest
+
+from artifacts import Registry
 from lm.adapters import vllm_max_lora_rank
 from serve import vllm_backend
+from serve.__main__ import main
 from serve.metrics import Metrics
 from serve.settings import Settings
+from tests.conftest import ROOT, refused
+from tests.serve.conftest import ADMIN_KEY, free_port
 
 STUB = """
 import json, sys
@@ -62,3 +76,109 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
         if state.sync is not None:
             state.sync.stop()
     assert not child.alive()
+
+
+def _stub_child(monkeypatch, settings: Settings, plan) -> vllm_backend.VLLMChild:
+    monkeypatch.setattr(vllm_backend, "vllm_command", lambda *a: [sys.executable, "-c", STUB, str(a[5])])
+    return vllm_backend.VLLMChild(settings, plan)
+
+
+def _wait(predicate, timeout: float = 30, what: str = "") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+
+
+def test_max_batch_is_vllms_max_num_seqs():
+    cmd = vllm_backend.vllm_command(Settings(max_batch=7), "/m", "m", 16, {}, 8001, cpu=True)
+    assert cmd[cmd.index("--max-num-seqs") + 1] == "7"
+    cmd = vllm_backend.vllm_command(Settings(max_batch=7, vllm_args="--max-num-seqs 3"), "/m", "m", 16, {}, 8001, cpu=True)
+    assert cmd[-2:] == ["--max-num-seqs", "3"], "SERVE_VLLM_ARGS comes last: vLLM takes the last value"
+
+
+def test_vllm_dying_turns_ready_503_and_calls_on_dead(registry, monkeypatch):
+    settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(registry),
+                                  "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
+    metrics = Metrics()
+    plan = vllm_backend.plan_launch(settings, metrics)
+    child = _stub_child(monkeypatch, settings, plan)
+    died = threading.Event()
+    app = vllm_backend.proxy_app(settings, plan, child, metrics, died.set)
+    c = app.test_client()
+    try:
+        _wait(lambda: c.get("/ready").status_code == 200, what="ready")
+        assert not died.is_set()
+        os.kill(child.proc.pid, signal.SIGKILL)
+        _wait(died.is_set, what="on_dead after vLLM was killed")
+        assert c.get("/ready").status_code == 503 and c.get("/v1/models").status_code == 503
+        assert child.crashed, "an exit we did not ask for is a crash"
+    finally:
+        child.stop()
+
+
+def test_bad_adapter_at_launch_is_refused_and_the_rest_serve(adapter_runs, tmp_path, monkeypatch):
+    """A manifest that is not JSON (a ManifestError, once fatal to the whole start-up) refuses that adapter only."""
+    reg = Registry(tmp_path / "registry")
+    reg.publish_run(adapter_runs["chef-a"], "chef-a")
+    broken = reg.publish_run(adapter_runs["chef-b"], "broken")
+    (broken / "manifest.json").unlink()  # the others are hard links into the run: never write through them
+    (broken / "manifest.json").write_text("{not json")
+    settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(reg.root), "SERVE_ADMIN_KEY": ADMIN_KEY,
+                                  "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
+    metrics = Metrics()
+    plan = vllm_backend.plan_launch(settings, metrics)
+    assert set(plan.startup) == {"chef-a", "chef-a@v1"}
+    child = _stub_child(monkeypatch, settings, plan)
+    app = vllm_backend.proxy_app(settings, plan, child, metrics, on_dead=lambda: None)
+    c = app.test_client()
+    try:
+        _wait(lambda: c.get("/ready").status_code == 200, what="ready")
+        states = c.get("/admin/adapters", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).json["adapters"]
+        assert states["chef-a"]["state"] == "loaded" and states["broken"]["state"] == "refused"
+        assert "manifest" in states["broken"]["reason"]
+    finally:
+        child.stop()
+
+
+def test_unreadable_base_refuses_the_start_with_one_line(tiny_model, tmp_path, capsys):
+    base = shutil.copytree(tiny_model, tmp_path / "tiny-llama")
+    Registry(tmp_path / "registry").register_base(base, "tiny-llama")
+    (tmp_path / "registry" / "base" / "tiny-llama" / "config.json").unlink()
+    refused(main, capsys, ["--backend", "vllm", "--registry", str(tmp_path / "registry")], "tiny-llama", "config")
+
+
+SERVE_WITH_STUB = f"""
+import sys
+from serve import vllm_backend
+from serve.__main__ import main
+STUB = {STUB!r}
+vllm_backend.vllm_command = lambda *a: [sys.executable, "-c", STUB, str(a[5])]
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_server_exits_nonzero_when_vllm_dies(registry, tmp_path):
+    """The whole process under gunicorn (vLLM stubbed): vLLM killed -> the server exits 1, so it is restarted."""
+    port, log = free_port(), tmp_path / "server.log"
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_STUB, "--backend", "vllm", "--registry", str(registry),
+                             "--port", str(port), "--max-lora-rank", "16"], cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True)
+    try:
+        _wait(lambda: _ready(port) == 200 or proc.poll() is not None, 120, "server ready")
+        stubs = [p for p in psutil.Process(proc.pid).children() if "HTTPServer" in " ".join(p.cmdline())]
+        assert len(stubs) == 1, log.read_text()[-2000:]
+        stubs[0].send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1, log.read_text()[-2000:]
+        assert f"vLLM (pid {stubs[0].pid}) exited without being stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _ready(port: int) -> int | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code
+    except httpx.HTTPError:
+        return None
