@@ -126,8 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "eval": cmd_eval, "publish": cmd_publish}[args.cmd](args)
     except UserError as e:
+        _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _end_progress_bars() -> None:
+    """A progress bar cut short by the error leaves the cursor mid-line: close it, so the error starts its own line."""
+    tqdm = sys.modules.get("tqdm")  # imported only once training started
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def check_same_run(rd: RunDir, cfg_dict: dict[str, Any], data_report: dict[str, 
     changed = [f"{sec}.{k}" for sec, values in cfg_dict.items() if RESUME_MAY_CHANGE.get(sec, set()) is not None
                for k, v in values.items()
                if k not in (RESUME_MAY_CHANGE.get(sec) or set()) and (before.get(sec) or {}).get(k) != v]
-    for split in ("train", "validation", "eval"):
+    for split in ("train", "validation"):  # the eval set is scored after training: it may change
         old, new = (old_report.get(split) or {}).get("sha256"), (data_report.get(split) or {}).get("sha256")
         if old != new:
             changed.append(f"{split} data (sha256 {str(old)[:12]} -> {str(new)[:12]})")

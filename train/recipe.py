@@ -148,6 +148,8 @@ class FineTuneRecipe:
         set_seed(cfg.training.seed)
         check_output(self.rd, cfg.output.overwrite, self.resume, cfg.output.registry)
         splits = prepare(cfg.data, cfg.training.seed)  # validates every row: DataError before any write
+        if self.resume:  # before the model loads: a refused resume costs nothing
+            checkpoints.check_same_run(self.rd, cfg.to_dict(), splits.report)
         ref = resolve(cfg.model.name_or_path)
         tok = load_tokenizer(ref.path, cfg.model.trust_remote_code)
         base_sha = ref.sha256()
@@ -168,8 +170,6 @@ class FineTuneRecipe:
         model.config.use_cache = False
         model = method.prepare(model, cfg.method)  # ConfigError (e.g. unknown target module) before any write
         self.p = Prepared(splits, ref, tok, train_feats, val_feats, train_tok, val_tok, method, model, base_sha, vocab)
-        if self.resume:
-            checkpoints.check_same_run(self.rd, cfg.to_dict(), self.data_report())
         return self.p
 
     def _add_replay(self, splits: Splits, ref: ResolvedModel, tok, base_sha: str) -> None:
@@ -373,7 +373,7 @@ def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[st
 def run(cfg: Config, resume: bool = False) -> RunDir:
     recipe = FineTuneRecipe(cfg, resume)
     rd = recipe.rd
-    unfinished = f" (the run is not finished; fix the cause, then --resume {rd.root} continues it)"
+    unfinished = f" (the run {rd.root} is unfinished; fix the cause, then --resume continues from its last checkpoint, if any)"
     with writing(rd.root, unfinished):
         recipe.setup()
         trainer = recipe.train()

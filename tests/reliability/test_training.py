@@ -38,6 +38,15 @@ def _one_line_error(err: str, *needles: str) -> str:
     return err
 
 
+def _last_line_error(err: str, *needles: str) -> str:
+    """Once training has started, stderr holds progress bars too (tqdm closes its bar after the error is
+    printed): the error is the one line that starts with "error:", and there is no traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, err[-3000:]
+    return _one_line_error(errors[0], *needles)
+
+
 def _hidden(root: Path) -> list[Path]:
     """Temp/staging/trash leftovers of the atomic writers: all named with a leading dot."""
     return [p for p in root.rglob(".*")] if root.exists() else []
@@ -156,7 +165,6 @@ def _enospc(path) -> OSError:
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
-@pytest.mark.slow  # one tiny training run in-process (~10 s on a loaded 2-core machine)
 def test_full_disk_while_saving_the_adapter(tiny_model, small_data, tmp_path, capsys, monkeypatch):
     out, reg = RunDir(tmp_path / "run"), tmp_path / "registry"
     real_move = shutil.move
@@ -170,13 +178,12 @@ def test_full_disk_while_saving_the_adapter(tiny_model, small_data, tmp_path, ca
     argv = tiny_overrides(tiny_model, small_data, out.root, **{"training.max_steps": 1, "training.save_steps": 10,
                                                                "eval.enabled": False, "output.registry": reg})
     assert main(argv) == 2
-    _one_line_error(capsys.readouterr().err, str(out.root / ".tmp-adapter"), "No space left on device")
+    _last_line_error(capsys.readouterr().err, str(out.root / ".tmp-adapter"), "No space left on device")
     assert not out.adapter.exists() and not out.is_finished()
     assert _hidden(out.root) == [], _hidden(out.root)  # no staging copy, no temp dir
     assert not reg.exists()
 
 
-@pytest.mark.slow  # one tiny training run in-process
 def test_full_disk_while_writing_a_checkpoint(tiny_model, small_data, tmp_path, capsys, monkeypatch):
     import torch
 
@@ -193,7 +200,7 @@ def test_full_disk_while_writing_a_checkpoint(tiny_model, small_data, tmp_path, 
     argv = tiny_overrides(tiny_model, small_data, out.root, **{"training.max_steps": 2, "training.save_steps": 1,
                                                                "eval.enabled": False})
     assert main(argv) == 2
-    _one_line_error(capsys.readouterr().err, str(out.root), "is the disk full?")
+    _last_line_error(capsys.readouterr().err, str(out.root), "is the disk full?")
     assert not out.adapter.exists() and not out.is_finished()
     cut = out.checkpoints / "checkpoint-1"
     assert checkpoints.incomplete(cut, 1) == "no optimizer.pt"  # weights written, the rest cut short
@@ -202,7 +209,6 @@ def test_full_disk_while_writing_a_checkpoint(tiny_model, small_data, tmp_path, 
     _one_line_error(capsys.readouterr().err, "no complete checkpoint to resume from", "checkpoint-1: no optimizer.pt")
 
 
-@pytest.mark.slow  # one tiny training run in-process
 def test_full_disk_while_publishing(tiny_model, small_data, tmp_path, capsys, monkeypatch):
     import artifacts.registry
 
@@ -212,7 +218,7 @@ def test_full_disk_while_publishing(tiny_model, small_data, tmp_path, capsys, mo
         "training.max_steps": 1, "training.save_steps": 10, "eval.enabled": False, "output.registry": reg,
         "publish.force": True})
     assert main(argv) == 2
-    err = _one_line_error(capsys.readouterr().err, str(reg), "No space left on device", "nothing was published")
+    err = _last_line_error(capsys.readouterr().err, str(reg), "No space left on device", "nothing was published")
     assert str(out.root) in err and out.is_finished()  # the run itself is complete and says where it is
     published = [p for kind in ("adapters", "models", "base") for p in (reg / kind).glob("*")]
     assert published == [] and _hidden(reg) == [], (published, _hidden(reg))
