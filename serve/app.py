@@ -348,6 +348,7 @@ def _probe_routes(app: Flask, state: AppState, metrics: Metrics) -> None:
 
     @app.get("/metrics")
     def prom():
+        metrics.http_active.set(state.drain.active - 1)  # this scrape is one of them
         if state.backend is not None:
             st = state.backend.stats()
             metrics.running.set(st.running)

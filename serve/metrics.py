@@ -31,6 +31,8 @@ class Metrics:
         self.e2e = Histogram(f"{PREFIX}_request_duration_seconds", "End-to-end request latency.",
                              lab, buckets=_E2E, registry=r)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being served (HTTP level).", registry=r)
+        self.http_active = Gauge(f"{PREFIX}_http_requests_active", "HTTP requests in progress on any route, this "
+                                 "scrape excluded: what a drain on SIGTERM waits for.", registry=r)
         self.running = Gauge(f"{PREFIX}_requests_running", "Sequences in the running batch.", registry=r)
         self.queued = Gauge(f"{PREFIX}_requests_queued", "Sequences waiting for a batch slot.", registry=r)
         self.adapters_loaded = Gauge(f"{PREFIX}_adapters_loaded", "Adapters loaded and servable.", registry=r)

@@ -214,3 +214,23 @@ def test_bfloat16_server_answers_every_model(registry):
             assert r.usage.completion_tokens == 4 and r.model == model
     finally:
         s.stop()
+
+
+def test_a_model_that_fails_to_load_in_the_worker_stops_the_server(tiny_model, tmp_path):
+    """Weights corrupt past the pre-fork check (it reads the manifest only): the worker's load raises,
+    the worker exits with WORKER_BOOT_ERROR, and gunicorn stops with it instead of respawning, one line saying why."""
+    from tests.serve.conftest import Server, base_registry, free_port
+
+    reg = base_registry(tiny_model, tmp_path)
+    weights = next((reg / "base").rglob("model.safetensors"))
+    weights.unlink()  # a new file: the registry hard-links the session's tiny model, which must stay intact
+    weights.write_bytes(b"not a safetensors file")
+    s = Server(reg, {"SERVE_THREADS": "1"}, free_port())
+    try:
+        rc = s.proc.wait(timeout=120)
+    finally:
+        s.stop()
+    log = s.log.read_text()
+    assert rc == 3, log  # gunicorn's HaltServer exit status for a worker boot error
+    reasons = [line for line in log.splitlines() if "model load failed: " in line]
+    assert len(reasons) == 1 and "ERROR serve:" in reasons[0], log
