@@ -45,7 +45,8 @@ def _response(sock: socket.socket, timeout: float = 30) -> tuple[int, dict]:
         assert chunk, f"connection closed without a response: {data!r}"
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         chunk = sock.recv(65536)
         assert chunk, "connection closed mid-body"

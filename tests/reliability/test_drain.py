@@ -34,7 +34,8 @@ def _wait_for(check, what: str, timeout: float = 30) -> None:
 
 def _active(server) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("tunestack_http_requests_active ")))
+    line = next(line for line in text.splitlines() if line.startswith("tunestack_http_requests_active "))
+    return float(line.split()[1])
 
 
 def _stream_lines(url: str, out: list[str]) -> None:
