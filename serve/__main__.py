@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
         from serve.server import create_flask_app, registry_base, registry_onnx_model, run_gunicorn
 
         # fail fast (exit 2) before forking a worker
-        registry_onnx_model(settings) if settings.engine == "onnx" else registry_base(settings)
+        if settings.engine == "onnx":
+            registry_onnx_model(settings)
+        else:
+            from serve.engines.torch_engine import refuse_gpu_host
+
+            refuse_gpu_host(settings.cpu_on_gpu_host)
+            registry_base(settings)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

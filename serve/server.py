@@ -78,7 +78,7 @@ def create_flask_app(settings: Settings):
         engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
                              threads=settings.threads, lora_impl=settings.lora_impl,
                              dtype=torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype),
-                             lean=settings.forward == "lean")
+                             lean=settings.forward == "lean", cpu_on_gpu_host=settings.cpu_on_gpu_host)
         sync = AdapterSync(reg, engine, sha, module_names(engine.base), settings.max_lora_rank, metrics,
                            settings.poll_seconds)
         sync.start()

@@ -35,6 +35,7 @@ class Settings:
     http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
     body_timeout: float = field(default=30.0, metadata={"help": "seconds a request body may take to arrive; a client that trickles or stalls gets 408 and frees its thread (a 64 KiB chat arrives in ms)"})
     drain_seconds: float = field(default=25.0, metadata={"help": "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20"})
+    cpu_on_gpu_host: bool = field(default=False, metadata={"help": "let the torch engine serve on the CPU of a machine with a GPU; refused by default, as vLLM (SERVE_BACKEND=vllm) is the GPU engine"})
     vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)"})
     vllm_args: str = field(default="", metadata={"help": "extra vLLM server arguments, space-separated"})
 
@@ -86,6 +87,10 @@ def _cast(type_name, raw: str, name: str):
             return int(raw)
         if t == "float":
             return float(raw)
+        if t == "bool":
+            if raw.strip().lower() not in ("1", "true", "yes", "0", "false", "no", ""):
+                raise ValueError
+            return raw.strip().lower() in ("1", "true", "yes")
         if t == "Path":
             return Path(raw)
         return raw

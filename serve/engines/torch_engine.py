@@ -32,7 +32,7 @@ def refuse_gpu_host(cpu_on_gpu_host: bool) -> None:
     if torch.cuda.is_available() and not cpu_on_gpu_host:
         raise GPUHostRefused(
             "this machine has a CUDA GPU, but the Flask backend's torch engine runs on the CPU only; serve on the "
-            "GPU with the vLLM backend (SERVE_BACKEND=vllm), or pass cpu_on_gpu_host=True to serve on the CPU anyway")
+            "GPU with the vLLM backend (SERVE_BACKEND=vllm), or set SERVE_CPU_ON_GPU_HOST=1 to serve on the CPU anyway")
 
 
 class TorchEngine(BatchingEngine):
