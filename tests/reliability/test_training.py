@@ -127,6 +127,8 @@ def test_kill_then_resume_matches_an_uninterrupted_run(tiny_model, small_data, t
     print(f"resume: killed at step {killed_at}/{steps}; final validation loss {final_ref:.5f} uninterrupted, "
           f"{final_res:.5f} resumed (delta {100 * delta:.4f} %)")
     assert delta < 0.01
+    again = run_train_cli(*args, "--resume")
+    assert again.returncode == 2 and "already finished" in again.stderr
 
 
 # -- unwritable output, full disk ---------------------------------------------------------------------
