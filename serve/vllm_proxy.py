@@ -29,8 +29,9 @@ Labels = tuple[str, str]  # (model, adapter) metric labels
 UPSTREAM_TIMEOUT = 600.0  # s of silence from vLLM before a request fails (504): a long unstreamed answer fits
 STATS_TIMEOUT = 1.0  # s: a /metrics scrape must not wait long on a stuck vLLM
 STATS_TTL = 1.0  # s a reading of vLLM's queue is reused: Prometheus and KEDA poll every few seconds
-VLLM_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}  # vllm/v1/metrics/loggers.py
-UPSTREAM_ERRORS = (http.client.HTTPException, OSError)  # what http.client raises when vLLM fails (TimeoutError is an OSError)
+# vLLM's scheduler gauges (vllm/v1/metrics/loggers.py), as EngineStats fields
+VLLM_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
+UPSTREAM_ERRORS = (http.client.HTTPException, OSError)  # http.client's failures (TimeoutError is an OSError)
 
 
 class _Upstream:
