@@ -263,8 +263,12 @@ def _serve(app: Flask, settings: Settings, plan: LaunchPlan, metrics: Metrics) -
     log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", plan.name, plan.max_lora_rank, sync.loaded())
 
 
-def _unserve(app: Flask) -> None:
-    """/ready and /v1/* answer 503 from now on; the registry watcher stops loading into a dead vLLM."""
+def _unserve(app: Flask, reason: str = "vLLM exited") -> None:
+    """/health, /ready and /v1/* answer 503 with the reason from now on; the registry watcher stops
+    loading into a dead vLLM."""
+    from serve.app import set_failed
+
+    set_failed(app, reason)
     state = app.extensions["tunestack"]
     sync, state.backend, state.sync = state.sync, None, None
     if sync is not None:

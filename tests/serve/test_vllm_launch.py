@@ -112,6 +112,8 @@ def test_vllm_dying_turns_ready_503_and_calls_on_dead(registry, monkeypatch):
         os.kill(child.proc.pid, signal.SIGKILL)
         _wait(died.is_set, what="on_dead after vLLM was killed")
         assert c.get("/ready").status_code == 503 and c.get("/v1/models").status_code == 503
+        assert c.get("/ready").get_json() == {"status": "failed", "reason": "vLLM exited"}
+        assert c.get("/health").status_code == 503  # the process is exiting: liveness says so too
         assert child.crashed, "an exit we did not ask for is a crash"
     finally:
         child.stop()
