@@ -20,7 +20,7 @@ class Settings:
     api_key: str = field(default="", metadata={"help": "Bearer key for /v1/*; empty = no auth (local use only)"})
     admin_key: str = field(default="", metadata={"help": "Bearer key for /admin/*; empty = admin API off"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
-    max_batch: int = field(default=32, metadata={"help": "sequences decoded together; CPU throughput peaks near 32"})
+    max_batch: int = field(default=32, metadata={"help": "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it"})
     max_model_len: int = field(default=2048, metadata={"help": "prompt + max_tokens limit (capped by the model)"})
     max_lora_rank: int = field(default=64, metadata={"help": "larger adapters are refused (vLLM needs it at start)"})
     max_loras: int = field(default=8, metadata={"help": "vLLM: adapters resident on the GPU at once"})
