@@ -85,8 +85,9 @@ def read_report(path: Path, run: FuzzRun) -> FuzzRun:
             status = response["status_code"]
             if status >= 500:
                 run.server_errors.append(f"{case['method']} {case['path']} -> {status}: {_text(response)[:300]}")
-            modes = [c.get("mode") for c in (case.get("meta") or {}).get("components", {}).values()]
-            if case["method"] == "POST" and case["path"].startswith("/v1") and modes and set(modes) == {"positive"}:
+            meta = case.get("meta") or {}  # a positive case: generated positive, every part of it positive
+            modes = {meta.get("generation", {}).get("mode")} | {c.get("mode") for c in meta.get("components", {}).values()}
+            if case["method"] == "POST" and case["path"].startswith("/v1") and modes == {"positive"}:
                 run.positive += 1
                 if 400 <= status < 500 and status not in (401, 404):  # 401: auth probes; 404: an adapter unloaded
                     code = json.loads(_text(response) or "{}").get("error", {}).get("code")
