@@ -293,7 +293,11 @@ def _error_handlers(app: Flask, max_body_bytes: int) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(e: HTTPException):
-        return json_response(APIError(e.code or 500, e.description or e.name).body(), e.code or 500)
+        r = json_response(APIError(e.code or 500, e.description or e.name).body(), e.code or 500)
+        for k, v in e.get_headers():  # e.g. Allow on a 405 (RFC 9110); the JSON body replaces werkzeug's HTML
+            if k.lower() != "content-type":
+                r.headers[k] = v
+        return r
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

@@ -117,10 +117,13 @@ class OpenAIServing:
         return req, ids
 
     def _parse_chat(self, body: Any) -> tuple[ChatCompletionRequest, list[int]]:
+        from jinja2 import TemplateError
+
         req = ChatCompletionRequest.parse(body)
         try:
             return req, self.engine.tokenize_chat(req.messages)
-        except Exception as e:  # a template that rejects the message order is the client's input
+        except (TemplateError, ValueError) as e:  # a template that rejects the message order: the client's input
+            # (any other error is the server's: a 500, never blamed on the messages)
             raise bad_request(f"messages could not be formatted with the chat template: {e}", "messages") from None
 
     def _sequences(self, req: Request, prompt_ids: list[int]) -> list[GenRequest]:

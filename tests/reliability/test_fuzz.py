@@ -28,10 +28,9 @@ pytestmark = pytest.mark.slow
 FULL = os.environ.get("TUNESTACK_FULL") == "1"
 MIN_CASES = 1000 if FULL else 300  # the issue's full size; CI: a few hundred
 FUZZ_EXAMPLES = 120 if FULL else 15  # fuzzing-phase cases per operation (11 operations), after the coverage phase
-# unsupported_method: 405 lacks Allow (serve/app.py; xfail in tests/serve/test_openapi.py, flip it with the fix).
 # positive_data_acceptance: a prompt that leaves no room for max_tokens is a 400 no schema can express; judged
 # below instead, where only context_length_exceeded may refuse a positive case.
-EXCLUDED_CHECKS = "unsupported_method,positive_data_acceptance"
+EXCLUDED_CHECKS = "positive_data_acceptance"
 REQUEST_TIMEOUT_S = 300  # generous: past it Schemathesis reports ST112; the CPU may be shared with other tests
 
 
@@ -131,10 +130,14 @@ def test_fuzz_flask_backend(tiny_model, tmp_path):
         server.stop()
 
 
-def test_fuzz_vllm_proxy(demo_run, tmp_path):
-    """One vLLM start (a minute or two on CPU); SmolLM2's template adds a system prompt, so more context."""
+def test_fuzz_vllm_proxy(tmp_path):
+    """One vLLM start (a minute or two on CPU) over the embedded SmolLM2 base; SmolLM2's template adds a
+    system prompt, so more context. Adapters on vLLM are covered by test_vllm_backend.py."""
+    from train.base_model import resolve
+
     registry = tmp_path / "registry"
-    Registry(registry).publish_run(demo_run["run"], "chef")
+    base = resolve("embedded:smollm2-135m-instruct")
+    Registry(registry).register_base(base.path, base.name)
     server = _start_vllm(registry)
     try:
         run = fuzz(server.url, tmp_path, served(server.url, 128, registry))

@@ -275,7 +275,6 @@ def test_narrowed_spec_names_the_served_models_and_the_context():
     assert openapi_spec() == SPEC  # the served description is untouched
 
 
-@pytest.mark.xfail(strict=True, reason="serve/app.py: _http() must keep e.get_headers() (Allow) on the JSON error")
 def test_undeclared_method_gets_405_with_allow_and_an_error_body():
     """Found by Schemathesis (ST204, unsupported_method): TRACE /health answered 405 without the Allow header
     RFC 9110 requires, because app.py's HTTPException handler rebuilds the response and drops e.get_headers()."""
