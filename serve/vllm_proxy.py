@@ -22,8 +22,9 @@ from typing import Any, Generator
 from serve.adapters import AdapterSync
 from serve.backend import JSONReply, RelayedStream, Reply, ServedModels, json_body
 from serve.engines.base import EngineStats
-from serve.errors import APIError, bad_request
+from serve.errors import TYPES, APIError, bad_request
 from serve.metrics import Metrics
+from serve.protocol import ChatCompletionRequest, CompletionRequest
 
 Labels = tuple[str, str]  # (model, adapter) metric labels
 UPSTREAM_TIMEOUT = 600.0  # s of silence from vLLM before a request fails (504): a long unstreamed answer fits
@@ -179,6 +180,16 @@ class VLLMProxy:
         body = json_body(raw)
         if not isinstance(body, dict):
             raise bad_request("request body must be a JSON object")
+        # the same rules as the Flask backend and /openapi.json (a missing model, a wrong type: 400 here);
+        # fields the protocol does not know pass through to vLLM untouched
+        try:
+            (ChatCompletionRequest if path.endswith("chat/completions") else CompletionRequest).parse(body)
+        except APIError as e:
+            self.metrics.record_request(self.served.labels(body.get("model")), e.status, t0)
+            raise
+        if dropped := _not_for_vllm(body):
+            body = {k: v for k, v in body.items() if k not in dropped}
+            raw = json.dumps(body).encode()
         labels = self.served.labels(body.get("model"))
         self._check_context(path, body)
         stream = body.get("stream") is True
@@ -296,6 +307,13 @@ class VLLMProxy:
                 self.up.drop()  # the connection is mid-answer: close it (vLLM aborts) rather than reuse it
             up.close()
             self._finish(labels, status, t0, usage if status == 200 else None, first)
+def _not_for_vllm(body: dict) -> set[str]:
+    """Fields the API accepts but vLLM refuses: nulls ("not given" in OpenAI's API) and stream_options without
+    a stream (ignored, as the Flask backend does)."""
+    nulls = {k for k, v in body.items() if v is None}
+    return nulls | ({"stream_options"} & body.keys() if body.get("stream") is not True else set())
+
+
 def _include_usage(body: dict) -> bool:
     so = body.get("stream_options")
     return isinstance(so, dict) and bool(so.get("include_usage"))
@@ -321,9 +339,14 @@ def _usage(data: bytes) -> dict | None:
 
 
 def _openai_error(status: int, data: bytes) -> bytes:
-    """vLLM's error body when it is OpenAI-style; otherwise (a plain-text 500 from its HTTP layer) one made so."""
+    """vLLM's error in OpenAI's shape: its message and param kept, the type ours for the status, `code` a
+    string or null (vLLM puts the status number there); a plain-text 500 from its HTTP layer made so too."""
     obj = _json_or_none(data)
     if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-        return data
+        err = obj["error"]
+        code, param = err.get("code"), err.get("param")
+        return json.dumps({"error": {"message": str(err.get("message", "")), "type": TYPES.get(status, "server_error"),
+                                     "param": param if isinstance(param, str) else None,
+                                     "code": code if isinstance(code, str) else None}}).encode()
     text = data.decode("utf-8", "replace").strip()[:300] or http.client.responses.get(status, "error")
     return json.dumps(APIError(status, f"vLLM: {text}").body()).encode()

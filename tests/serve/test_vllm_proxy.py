@@ -149,8 +149,30 @@ def test_client_leaving_a_stream_is_a_499(stub_url):
 def test_unknown_names_are_labelled_unknown(stub_url):
     c, m = _client(stub_url)
     c.post("/v1/completions", json={"model": "made-up-1", "prompt": "a"})
-    c.post("/v1/completions", json={"model": ["not", "a", "string"], "prompt": "a"})
-    assert _count(m, "_unknown", "200") == 2
+    r = c.post("/v1/completions", json={"model": ["not", "a", "string"], "prompt": "a"})
+    assert r.status_code == 400 and r.json["error"]["param"] == "model"  # the protocol's rules, before vLLM
+    assert _count(m, "_unknown", "200") == 1 and _count(m, "_unknown", "400") == 1
+
+
+def test_the_proxy_applies_the_protocol_and_drops_nulls(stub_url):
+    """Found by fuzzing the vLLM backend: a missing model reached vLLM (which picked its own), a null
+    `ignore_eos` was refused by vLLM though the API allows null, and vLLM's numeric `code` broke the
+    error schema."""
+    c, _ = _client(stub_url)
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json["error"]["param"] == "model"
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "a", "max_tokens": 2, "ignore_eos": None,
+                                        "stream_options": {"include_usage": True}})
+    assert r.status_code == 200
+    assert StubVLLM.last_body == {"model": "base", "prompt": "a", "max_tokens": 2}
+
+
+def test_vllm_errors_are_reshaped_to_openai_types():
+    from serve.vllm_proxy import _openai_error
+
+    body = json.loads(_openai_error(400, json.dumps({"error": {"message": "bad", "type": "BadRequestError",
+                                                               "param": None, "code": 400}}).encode()))
+    assert body == {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
 
 
 def test_context_overflow_and_bad_bodies_are_400s(stub_url):
@@ -163,7 +185,7 @@ def test_context_overflow_and_bad_bodies_are_400s(stub_url):
 
 def test_vllm_down_is_a_503():
     c, m = _client("http://127.0.0.1:9")  # discard port: nothing listens
-    r = c.post("/v1/chat/completions", json={"model": "base", "messages": []})
+    r = c.post("/v1/chat/completions", json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 503 and r.json["error"]["code"] == "upstream_unavailable"
     assert _count(m, "base", "503") == 1 and m.registry.get_sample_value("tunestack_requests_in_flight") == 0
 
