@@ -345,6 +345,8 @@ def _openai_error(status: int, data: bytes) -> bytes:
     if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
         err = obj["error"]
         code, param = err.get("code"), err.get("param")
+        if "maximum context length" in str(err.get("message")):  # the code the Flask backend gives the same refusal
+            code = "context_length_exceeded"
         return json.dumps({"error": {"message": str(err.get("message", "")), "type": TYPES.get(status, "server_error"),
                                      "param": param if isinstance(param, str) else None,
                                      "code": code if isinstance(code, str) else None}}).encode()

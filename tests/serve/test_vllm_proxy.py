@@ -173,6 +173,10 @@ def test_vllm_errors_are_reshaped_to_openai_types():
     body = json.loads(_openai_error(400, json.dumps({"error": {"message": "bad", "type": "BadRequestError",
                                                                "param": None, "code": 400}}).encode()))
     assert body == {"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None}}
+    ctx = json.loads(_openai_error(400, json.dumps({"error": {
+        "message": "This model's maximum context length is 96 tokens. However, your prompt contains at least 97",
+        "type": "BadRequestError", "param": "input_tokens", "code": 400}}).encode()))
+    assert ctx["error"]["code"] == "context_length_exceeded" and ctx["error"]["param"] == "input_tokens"
 
 
 def test_context_overflow_and_bad_bodies_are_400s(stub_url):
