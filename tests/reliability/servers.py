@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from artifacts import Registry
-from tests.serve.conftest import Server, free_port, train_adapter
+from tests.serve.conftest import Server, start_server, train_adapter
 
 API_KEY = "reliability-api-key-0001"
 ADMIN_KEY = "reliability-admin-key-0002"
@@ -25,13 +25,8 @@ def two_adapter_registry(tiny_model: Path, work: Path) -> Path:
 
 
 def start(registry: Path, **env: str) -> Server:
-    s = Server(registry, {**ENV, **env}, free_port())
-    try:
-        s.wait_ready()
-    except Exception:
-        s.stop()
-        raise
-    return s
+    """A ready server with both keys set (ENV), plus `env`."""
+    return start_server(registry, {**ENV, **env})
 
 
 def gauge(url: str, name: str) -> float:
