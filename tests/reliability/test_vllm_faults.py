@@ -18,7 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from artifacts import Registry
-from tests.serve.conftest import API_KEY, Server, free_port
+from tests.reliability.servers import ADMIN_KEY, API_KEY
+from tests.serve.conftest import Server, free_port
 
 pytestmark = pytest.mark.slow
 MAX_BATCH = 2  # vLLM's --max-num-seqs: a burst of BURST requests must queue
@@ -35,7 +36,8 @@ def vllm_server(tmp_path_factory):
     base = resolve("embedded:smollm2-135m-instruct")
     Registry(reg_dir).register_base(base.path, base.name)
     vllm_port = free_port()
-    server = Server(reg_dir, {"SERVE_BACKEND": "vllm", "SERVE_API_KEY": API_KEY, "SERVE_MAX_MODEL_LEN": "512",
+    server = Server(reg_dir, {"SERVE_BACKEND": "vllm", "SERVE_API_KEY": API_KEY, "SERVE_ADMIN_KEY": ADMIN_KEY,
+                              "SERVE_MAX_MODEL_LEN": "512",
                               "SERVE_MAX_BATCH": str(MAX_BATCH), "SERVE_VLLM_PORT": str(vllm_port)}, free_port())
     try:
         server.wait_ready(600)
@@ -110,6 +112,19 @@ def test_client_leaving_a_stream_frees_its_slot(vllm_server):
     after = _samples(vllm_server.vllm_url)["vllm:generation_tokens_total"] - generated
     assert after < LONG, f"vLLM generated {after} tokens: the request ran to the end instead of being aborted"
     assert _samples(vllm_server.url, status="499").get("tunestack_requests_total") == 1, "the client leaving is a 499"
+
+
+def test_fuzz_the_vllm_proxy(vllm_server, tmp_path):
+    """Schemathesis on the vLLM backend (tests/reliability/test_fuzz.py's harness), the spec narrowed to a
+    96-token context so that max_tokens, and the cost of each generated case on a CPU, stay small.
+    CI: the fuzzing phase (~110 cases); TUNESTACK_FULL=1: coverage + fuzzing, >= 1,000 cases."""
+    from serve.openapi import Served
+    from tests.reliability.test_fuzz import FULL, MIN_CASES, VLLM_CONTEXT, assert_clean, fuzz
+
+    run = fuzz(vllm_server.url, tmp_path, Served((vllm_server.model,), VLLM_CONTEXT, ()),
+               **({} if FULL else {"phases": "fuzzing", "examples": 16}))
+    assert vllm_server.proc.poll() is None, "the proxy died under fuzzing"
+    assert_clean(run, vllm_server.url, MIN_CASES if FULL else 100)
 
 
 def test_killed_vllm_makes_the_server_exit_nonzero(vllm_server):
