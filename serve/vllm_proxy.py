@@ -187,9 +187,8 @@ class VLLMProxy:
         except APIError as e:
             self.metrics.record_request(self.served.labels(body.get("model")), e.status, t0)
             raise
-        if dropped := _not_for_vllm(body):
-            body = {k: v for k, v in body.items() if k not in dropped}
-            raw = json.dumps(body).encode()
+        if (fitted := _fit_for_vllm(body)) is not None:
+            body, raw = fitted, json.dumps(fitted).encode()
         labels = self.served.labels(body.get("model"))
         self._check_context(path, body)
         stream = body.get("stream") is True
@@ -307,11 +306,22 @@ class VLLMProxy:
                 self.up.drop()  # the connection is mid-answer: close it (vLLM aborts) rather than reuse it
             up.close()
             self._finish(labels, status, t0, usage if status == 200 else None, first)
-def _not_for_vllm(body: dict) -> set[str]:
-    """Fields the API accepts but vLLM refuses: nulls ("not given" in OpenAI's API) and stream_options without
-    a stream (ignored, as the Flask backend does)."""
-    nulls = {k for k, v in body.items() if v is None}
-    return nulls | ({"stream_options"} & body.keys() if body.get("stream") is not True else set())
+def _fit_for_vllm(body: dict) -> dict | None:
+    """The body with what the API accepts but vLLM refuses made vLLM's way (None: nothing to change):
+    nulls are "not given" in OpenAI's API; stream_options without a stream and empty stop strings are
+    ignored, and top_p 0 keeps the top token only, as on the Flask backend."""
+    out = {k: v for k, v in body.items() if v is not None}
+    if out.get("stream") is not True:
+        out.pop("stream_options", None)
+    stop = out.get("stop")
+    if stop == "" or (isinstance(stop, list) and "" in stop):
+        kept = [t for t in ([stop] if isinstance(stop, str) else stop) if t]
+        out.pop("stop")
+        if kept:
+            out["stop"] = kept
+    if out.get("top_p") == 0:
+        out["top_p"] = 1e-9  # vLLM wants (0, 1]: the smallest nucleus is the top token alone
+    return None if out == body else out
 
 
 def _include_usage(body: dict) -> bool:

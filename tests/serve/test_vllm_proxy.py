@@ -155,15 +155,16 @@ def test_unknown_names_are_labelled_unknown(stub_url):
 
 
 def test_the_proxy_applies_the_protocol_and_drops_nulls(stub_url):
-    """Found by fuzzing the vLLM backend: a missing model reached vLLM (which picked its own), a null
-    `ignore_eos` was refused by vLLM though the API allows null, and vLLM's numeric `code` broke the
-    error schema."""
+    """Found by fuzzing the vLLM backend: a missing model reached vLLM (which picked its own); a null
+    `ignore_eos`, empty stop strings and top_p 0 were refused by vLLM though the API allows them."""
     c, _ = _client(stub_url)
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 400 and r.json["error"]["param"] == "model"
     r = c.post("/v1/completions", json={"model": "base", "prompt": "a", "max_tokens": 2, "ignore_eos": None,
-                                        "stream_options": {"include_usage": True}})
+                                        "stream_options": {"include_usage": True}, "stop": ["", "x", ""], "top_p": 0})
     assert r.status_code == 200
+    assert StubVLLM.last_body == {"model": "base", "prompt": "a", "max_tokens": 2, "stop": ["x"], "top_p": 1e-9}
+    c.post("/v1/completions", json={"model": "base", "prompt": "a", "max_tokens": 2, "stop": ["", ""]})
     assert StubVLLM.last_body == {"model": "base", "prompt": "a", "max_tokens": 2}
 
 
