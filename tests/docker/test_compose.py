@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -215,29 +216,35 @@ def test_each_image_holds_only_its_stage(stack):
     print("\nimage sizes (MB):", json.dumps({n: round(i["Size"] / 1e6) for n, i in info.items()}))
 
 
-SECRET_NAME = ("KEY", "TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL")
-SECRET_FILES = (".env", ".netrc", ".pypirc", ".git-credentials", ".dockercfg", "id_rsa", "id_ed25519",
-                "credentials")
+SECRET_NAME = re.compile(r"(^|_)(API_?KEY|KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIALS?)(_|$)", re.I)
+SECRET_FILES = (".env", ".netrc", ".pypirc", ".git-credentials", ".dockercfg", "id_rsa", "id_ed25519", "credentials")
+
+
+def secrets_in_image(image: str, secret: str) -> list[str]:
+    """Where an image carries a credential: `secret` or a NAME=value credential in a layer's command, a
+    credential ENV with a value, a credential file, `secret` in any file, or a private key outside the
+    Python packages' own test data."""
+    found = []
+    history = _sh("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
+    env = json.loads(_sh("docker", "image", "inspect", image).stdout)[0]["Config"].get("Env") or []
+    words = [w for line in history.splitlines() for w in line.split()] + env
+    found += ["a layer's command contains it"] if secret in history else []
+    found += [w for w in words if "=" in w and SECRET_NAME.search(w.split("=", 1)[0]) and w.split("=", 1)[1]]
+    files = _sh("docker", "run", "--rm", "--user", "10001:10001", "--entrypoint", "sh", image, "-c",
+                "find / -xdev \\( " + " -o ".join(f"-name '{n}'" for n in SECRET_FILES)
+                + " -o -name '.git' -o -path '*/.docker/config.json' \\) -not -path '/proc/*' "
+                "-not -path '*/site-packages/*' 2>/dev/null; "
+                f"grep -rlIF --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev -e '{secret}' / 2>/dev/null; "
+                "grep -rlI --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev --exclude-dir=site-packages "
+                "--exclude-dir=dist-packages -e 'PRIVATE KEY-----' / 2>/dev/null; true").stdout.split()
+    return found + files
 
 
 def test_no_secret_in_any_image_layer_or_file(stack):
-    """The API key compose passes at run time is in no image; no layer's command, no ENV and no file in the
-    images carries a credential (history, config and filesystem inspected)."""
-    for image in sorted(set(stack["images"].values()) - {None}):
-        history = _sh("docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image).stdout
-        assert API_KEY not in history, image
-        env = json.loads(_sh("docker", "image", "inspect", image).stdout)[0]["Config"].get("Env") or []
-        leaked = [e for e in env if any(s in e.split("=", 1)[0].upper() for s in SECRET_NAME) and e.split("=", 1)[1]]
-        assert not leaked, (image, leaked)
-        for line in history.splitlines():  # ARG/ENV values baked into a layer's command line
-            for word in line.split():
-                name, _, value = word.partition("=")
-                assert not (value and any(s in name.upper() for s in SECRET_NAME)), (image, word)
-        found = _sh("docker", "run", "--rm", "--user", "10001:10001", "--entrypoint", "sh", image, "-c",
-                    "find / -xdev \\( " + " -o ".join(f"-name '{n}'" for n in SECRET_FILES)
-                    + " -o -name '.git' -o -path '*/.docker/config.json' \\) -not -path '/proc/*' -not -path '/etc/docker/*' "
-                    "-not -path '*/site-packages/*' 2>/dev/null; "
-                    f"grep -rlIF --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev -e '{API_KEY}' / 2>/dev/null; "
-                    "grep -rlI --exclude-dir=proc --exclude-dir=sys --exclude-dir=dev --exclude-dir=site-packages "
-                    "--exclude-dir=dist-packages -e 'PRIVATE KEY-----' / 2>/dev/null; true").stdout.split()
-        assert found == [], (image, found)
+    """The API key compose passes at run time is in none of the stage images; no layer's command, no ENV
+    and no file in them carries a credential (history, config and filesystem inspected)."""
+    images = stack["images"]
+    for image in sorted({images["serve"], images["train"], images["export"]}):
+        assert secrets_in_image(image, API_KEY) == [], image
+    # the scan can fail: a string the serve image does hold is found in its files
+    assert "/app/serve/server.py" in secrets_in_image(images["serve"], "def run_gunicorn")
