@@ -39,7 +39,7 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, trust_remote_code:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
             use_safetensors=True)
-    except OSError as e:  # no *.safetensors in the folder (a .bin-only checkpoint), or no weights at all
+    except OSError:  # no *.safetensors in the folder (a .bin-only checkpoint), or no weights at all
         raise ConfigError(f"model.name_or_path: {path}: no safetensors weights; pickle checkpoints (.bin, .pt) are "
                           "refused: convert with save_pretrained(safe_serialization=True)") from None
     except ValueError as e:

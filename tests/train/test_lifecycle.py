@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import pytest
 
 from tests.conftest import tiny_overrides
 from train.__main__ import main
