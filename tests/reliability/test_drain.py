@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from serve.server import STOP_MARGIN_S
+from tests.reliability.servers import gauge
 from tests.reliability.test_client_faults import _head
 from tests.serve.conftest import API_KEY, base_registry, start_server
 
@@ -30,12 +31,6 @@ def _wait_for(check, what: str, timeout: float = 30) -> None:
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def _active(server) -> float:
-    text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    line = next(line for line in text.splitlines() if line.startswith("tunestack_http_requests_active "))
-    return float(line.split()[1])
 
 
 def _stream_lines(url: str, out: list[str]) -> None:
@@ -53,7 +48,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_0(tiny_model, tmp_path):
         body = json.dumps(STREAM).encode()
         held = socket.create_connection(("127.0.0.1", server.port))
         held.sendall(_head("/v1/completions", len(body)) + body[:10])
-        _wait_for(lambda: _active(server) >= 1, "the held request to be in progress")
+        _wait_for(lambda: gauge(server.url, "tunestack_http_requests_active") >= 1, "the held request to be in progress")
         streams = [[] for _ in range(3)]
         threads = [threading.Thread(target=_stream_lines, args=(server.url, out)) for out in streams]
         for t in threads:
