@@ -79,6 +79,13 @@ class TrainingConfig:
     logging_steps: int = opt(5, "train loss every N steps to JSONL/TensorBoard")
     fsdp: str = opt("", "e.g. 'full_shard auto_wrap' for full fine-tuning across GPUs under torchrun; '' = DDP")
     num_threads: int = opt(0, "CPU threads for torch; 0 = torch's default (all cores)")
+    fast_path: str = opt("auto", "auto = the fused padding-free step (train/fast) on CUDA for Llama/Qwen2/Mistral LoRA and full "
+                         "fine-tuning, the transformers forward otherwise; on = also on CPU; off = never")
+    compile: str = opt("auto", "torch.compile of the fused step: auto = on CUDA (on a CPU the compile costs more than it saves "
+                       "at demo size); on | off")
+
+
+ON_OFF = ("fast_path", "compile")  # auto | on | off settings
 
 
 @dataclass
@@ -158,6 +165,8 @@ def _coerce(section: str, key: str, value: Any, hint: Any, where: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if hint is str:
+            if isinstance(value, bool) and key in ON_OFF:  # YAML 1.1 reads a bare on/off as a boolean
+                return "on" if value else "off"
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
             return str(value)
@@ -231,6 +240,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: training.{name}: must be >= 1")
     if cfg.training.lr <= 0:
         raise ConfigError(f"{where}: training.lr: must be > 0")
+    for name in ON_OFF:
+        if getattr(cfg.training, name) not in ("auto", "on", "off"):
+            raise ConfigError(f"{where}: training.{name}: {getattr(cfg.training, name)!r}; choose auto, on, off")
     if not 0.0 <= cfg.data.replay <= 4.0:
         raise ConfigError(f"{where}: data.replay: must be in [0, 4] (a fraction of the training rows)")
     if cfg.data.replay > 0 and cfg.method.name in ("dpo", "orpo", "grpo"):

@@ -216,10 +216,13 @@ class FineTuneRecipe:
             callbacks=callbacks, run_dir=self.rd,
             make_args=lambda cls=TrainingArguments, **kw: _training_args(cfg, self.rd, has_val, cls, **kw)))
 
-    def train(self) -> Trainer:
+    def train(self, extra_callbacks: list | None = None) -> Trainer:
+        """extra_callbacks: TrainerCallbacks added after the recipe's own (bench/train_speed.py times steps with one)."""
         if self.is_main:
             self._write_inputs()
         trainer = self._trainer()
+        for cb in extra_callbacks or []:
+            trainer.add_callback(cb)
         ckpt = None
         if self.resume:
             ckpt, skipped = checkpoints.resume_point(self.rd)

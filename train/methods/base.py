@@ -20,6 +20,7 @@ from lm.data.formats import Example
 from lm.data.prepare import Splits
 from lm.loading import load_model
 from lm.padding import Collator
+from train.fast.install import install
 
 if TYPE_CHECKING:
     from train.config import Config, MethodConfig
@@ -56,6 +57,7 @@ class TrainerParts:
 
 class Method(ABC):
     name = "base"
+    fused_step = False  # True: the plain next-token loss may run on train/fast's fused step (when the model is covered)
 
     def __init__(self, cfg: "MethodConfig | None" = None):
         self.cfg = cfg
@@ -84,10 +86,15 @@ class Method(ABC):
         return None
 
     def build_trainer(self, parts: TrainerParts) -> Trainer:
-        return Trainer(model=parts.model, args=parts.make_args(TrainingArguments),
+        collator, fields = parts.collator(), {}
+        fast = install(parts.model, parts.cfg) if self.fused_step else None
+        if fast is not None:
+            # The fused step's batches are padding-free; a NaN check per step would sync the GPU every step.
+            collator, fields = fast.collator, {"logging_nan_inf_filter": False}
+        return Trainer(model=parts.model, args=parts.make_args(TrainingArguments, **fields),
                        train_dataset=ListDataset(parts.train_feats),
                        eval_dataset=ListDataset(parts.val_feats) if parts.val_feats else None,
-                       data_collator=parts.collator(), callbacks=parts.callbacks)
+                       data_collator=collator, callbacks=parts.callbacks)
 
     def extra_scores(self, model, tok, examples: list[Example], preds: list[str]) -> dict[str, float]:
         """Method-specific held-out metrics (preference accuracy, reward), for base and tuned alike."""

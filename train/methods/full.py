@@ -7,6 +7,7 @@ from train.methods.base import Method
 
 class FullFineTuning(Method):
     name = "full"
+    fused_step = True
 
     @property
     def saves_adapter(self) -> bool:

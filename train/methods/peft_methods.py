@@ -52,6 +52,7 @@ class _Peft(Method):
 class LoRA(_Peft):
     name = "lora"
     use_dora = False
+    fused_step = True
 
     def _config(self, model, cfg):
         return LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
@@ -71,6 +72,7 @@ class TrlLoRA(LoRA):
 class DoRA(LoRA):
     name = "dora"
     use_dora = True
+    fused_step = False  # DoRA's magnitude vector is not in the fused step
 
 
 class IA3(_Peft):
@@ -110,6 +112,7 @@ class QLoRA(LoRA):
     """The frozen base in 4-bit NF4 (bitsandbytes), LoRA on top; the adapter serves on the full-precision base."""
 
     name = "qlora"
+    fused_step = False  # the 4-bit base layers run bitsandbytes' kernels
 
     @classmethod
     def check(cls, cfg) -> None:

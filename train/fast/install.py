@@ -1,0 +1,50 @@
+"""Binding the fused step to a model for training, or saying why not (one line, then the HF forward)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lm.loading import mixed_precision
+from train.fast.attention import kernel_name
+from train.fast.collate import PaddingFreeCollator
+from train.fast.decoder import FusedStep
+from train.fast.plan import Unsupported, compute_dtype, model_parts
+
+
+@dataclass
+class FastPath:
+    step: FusedStep
+    collator: PaddingFreeCollator
+    summary: str
+
+
+def _wanted(setting: str, on_cuda: bool) -> bool:
+    return setting == "on" or (setting == "auto" and on_cuda)
+
+
+def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
+    """Make `model.forward` the fused step when training.fast_path allows it and the model is covered."""
+    t = cfg.training
+    on_cuda = torch.cuda.is_available()
+    if not _wanted(t.fast_path, on_cuda):
+        return None
+    try:
+        if t.fsdp:
+            raise Unsupported("FSDP (the fused step reads every layer's weights directly; FSDP shards them)")
+        parts = model_parts(model, cfg.data.max_length)
+    except Unsupported as e:
+        print(f"note: fast path off: {e}; training uses the transformers forward", flush=True)
+        return None
+    dtype = compute_dtype(mixed_precision(cfg.model.dtype))
+    compile_on = _wanted(t.compile, on_cuda)
+    step = FusedStep(model, parts, dtype, compile=compile_on)
+    model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
+    device = next(model.parameters()).device
+    summary = (f"fast path: padding-free batches, {kernel_name(device)} attention, fused projections"
+               f"{' + LoRA' if any(pr.lora for pr in parts.layers[0].groups[0]) else ''}, chunked output loss on "
+               f"target tokens, {'torch.compile' if compile_on else 'eager'}, {str(dtype).replace('torch.', '')}")
+    print(summary, flush=True)
+    return FastPath(step, PaddingFreeCollator(cfg.data.pad_to_multiple_of), summary)
