@@ -54,6 +54,15 @@ def _flash(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
     return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
+def flash_ready() -> bool:
+    """The varlen kernel can be called directly (inside a compiled graph: no fallback there)."""
+    return torch.cuda.is_available() and _varlen_attn is not None and not _broken
+
+
+def flash(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
+    return _flash(q, k, v, cu_seqlens, max_seqlen)
+
+
 def kernel_name(device: torch.device) -> str:
     """Which implementation `causal_varlen` will use on this device (for the run's log line)."""
     if device.type == "cuda" and _varlen_attn is not None and not _broken:

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
 from train.fast import ops
-from train.fast.attention import causal_varlen
+from train.fast.attention import causal_varlen, flash, flash_ready
 from train.fast.loss import ce_chunk, linear_cross_entropy
 from train.fast.plan import ModelParts, Proj
 
@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 class _MaybeCompiled:
     """fn compiled with torch.compile; if the first compiled call fails, fn itself from then on."""
 
-    def __init__(self, fn: Callable, enabled: bool):
+    def __init__(self, fn: Callable, enabled: bool, grad_only: bool = True):
         self.fn, self.name = fn, getattr(fn, "__name__", "fn")
         self.compiled = torch.compile(fn, dynamic=True) if enabled else None
         self.proven = False
+        self.grad_only = grad_only  # evaluation (no grad) runs eagerly rather than compiling a second graph
 
     def __call__(self, *args):
-        if self.compiled is not None:
+        if self.compiled is not None and (torch.is_grad_enabled() or not self.grad_only):
             if self.proven:
                 return self.compiled(*args)
             try:
@@ -67,10 +68,11 @@ def _fuse_frozen(group: list[Proj], dtype: torch.dtype) -> torch.Tensor:
 
 
 class FusedStep:
-    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool):
+    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool,
+                 stack: bool = False):
         self.model, self.p, self.dtype = model, parts, dtype
         self.frozen = not any(p.linear.weight.requires_grad for layer in parts.layers for g in layer.groups for p in g)
-        self._fused = [[_fuse_frozen(g, dtype) if self.frozen else None for g in layer.groups] for layer in parts.layers]
+        self._fused: list[list[torch.Tensor | None]] | None = None  # built at the first step, on the training device
         self._zeros: dict[tuple, torch.Tensor] = {}
         p = parts
         eps, heads, kv, hd = p.eps, p.heads, p.kv_heads, p.head_dim
@@ -84,10 +86,25 @@ class FusedStep:
         def final_norm(h, w):
             return ops.rms_norm(h, w, eps)
 
+        if compile:  # one graph per half-layer serves all layers; the limit covers several models in one process
+            limits = torch._dynamo.config
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(limits, name):
+                    setattr(limits, name, max(getattr(limits, name), 64))
         self._in = _MaybeCompiled(attention_in, compile)
         self._out = _MaybeCompiled(attention_out_mlp, compile)
         self._norm = _MaybeCompiled(final_norm, compile)
-        self._ce = _MaybeCompiled(ce_chunk, compile)
+        self._ce = _MaybeCompiled(ce_chunk, compile, grad_only=False)  # runs inside an autograd.Function: no grad mode
+        self.stack = compile and stack and flash_ready()
+
+        def decoder_stack(h, cos, sin, cu_seqlens, max_seqlen, weights, lns, norm, training):
+            for (qkv, o, gate_up, down), (ln_in, ln_post) in zip(weights, lns):
+                q, k, v = ops.attention_in(h, ln_in, eps, qkv, cos, sin, heads, kv, hd, training)
+                a = flash(q, k, v, cu_seqlens, max_seqlen)
+                h = ops.attention_out_mlp(h, a, o, ln_post, eps, gate_up, down, training)
+            return ops.rms_norm(h, norm, eps)
+
+        self._stack = _MaybeCompiled(decoder_stack, self.stack)
 
     # -- the tensors of one projection group, as ops.project takes them ----------------------------
     def _zero(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -95,6 +112,13 @@ class FusedStep:
         if key not in self._zeros:
             self._zeros[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self._zeros[key]
+
+    def _fuse(self, device: torch.device) -> None:
+        """Frozen groups as one matrix each, on the device the model trains on (after the Trainer moved it)."""
+        stale = self._fused is None or (self.frozen and self._fused[0][0].device != device)
+        if stale:
+            self._fused = [[_fuse_frozen(g, self.dtype) if self.frozen else None for g in layer.groups]
+                           for layer in self.p.layers]
 
     def _weights(self, i: int, j: int) -> ops.Weights:
         group = self.p.layers[i].groups[j]
@@ -123,17 +147,26 @@ class FusedStep:
                  cu_seqlens: torch.Tensor, max_seqlen: int, target_positions: torch.Tensor,
                  num_items_in_batch: Any = None, **_: Any) -> CausalLMOutput:
         p, training = self.p, self.model.training
+        self._fuse(input_ids.device)
         h = F.embedding(input_ids.view(-1), p.embed.weight).to(self.dtype)
         cos, sin = p.rotary(h, position_ids.view(1, -1))
         cos, sin = cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)
         lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         recompute = training and torch.is_grad_enabled() and getattr(lm, "is_gradient_checkpointing", False)
+        if self.stack and not recompute and torch.is_grad_enabled() and self._stack.compiled is not None:
+            weights = [tuple(self._weights(i, j) for j in range(4)) for i in range(len(p.layers))]
+            lns = [(layer.ln_in, layer.ln_post) for layer in p.layers]
+            h = self._stack(h, cos, sin, cu_seqlens, max_seqlen, weights, lns, p.norm, training)
+            return self._loss(h, shift_labels, target_positions, num_items_in_batch)
         for i in range(len(p.layers)):
             if recompute:
                 h = checkpoint(self._layer, i, h, cos, sin, cu_seqlens, max_seqlen, training, use_reentrant=False)
             else:
                 h = self._layer(i, h, cos, sin, cu_seqlens, max_seqlen, training)
-        h = self._norm(h, p.norm)
+        return self._loss(self._norm(h, p.norm), shift_labels, target_positions, num_items_in_batch)
+
+    def _loss(self, h, shift_labels, target_positions, num_items_in_batch) -> CausalLMOutput:
+        p = self.p
         targets = shift_labels.view(-1).index_select(0, target_positions)
         total = linear_cross_entropy(h.index_select(0, target_positions), p.head.weight.to(self.dtype), targets, self._ce)
         denom = num_items_in_batch if num_items_in_batch is not None else max(target_positions.numel(), 1)

@@ -42,7 +42,7 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
     compile_on = _wanted(t.compile, on_cuda)
     step = FusedStep(model, parts, dtype, compile=compile_on)
     model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
-    device = next(model.parameters()).device
+    device = torch.device("cuda" if on_cuda else "cpu")  # where the Trainer will put the model
     summary = (f"fast path: padding-free batches, {kernel_name(device)} attention, fused projections"
                f"{' + LoRA' if any(pr.lora for pr in parts.layers[0].groups[0]) else ''}, chunked output loss on "
                f"target tokens, {'torch.compile' if compile_on else 'eager'}, {str(dtype).replace('torch.', '')}")
