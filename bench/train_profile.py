@@ -86,7 +86,6 @@ def run(shape: str, variant: str, steps: int, profile: bool) -> None:
                 one()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
-    del step, opt, m
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 

@@ -126,7 +126,7 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def project_arm(args, model_dir: Path, data: Path, method: str, work: Path, steps: int, meter: Meter,
+def project_arm(args, project_args: list[str], model_dir: Path, data: Path, method: str, work: Path, steps: int, meter: Meter,
                 capture: list | None = None) -> dict:
     """The recipe, as `python -m train` runs it; `capture` receives the batches its data loader yields."""
     from transformers import TrainerCallback
@@ -139,7 +139,7 @@ def project_arm(args, model_dir: Path, data: Path, method: str, work: Path, step
                  f"training.max_steps={steps}", f"training.batch_size={args.batch}", "training.logging_steps=1",
                  "training.lr_scheduler=constant", "training.warmup_ratio=0", f"training.lr={LR[method]}",
                  "training.eval_steps=100000", "training.save_steps=100000", "eval.enabled=false",
-                 f"output.dir={work}", "output.overwrite=true", *args.project_args]
+                 f"output.dir={work}", "output.overwrite=true", *project_args]
     if args.tiny:
         overrides += ["training.fast_path=on", "method.dropout=0"]
     cfg = load_config(None, overrides)
@@ -247,17 +247,18 @@ def matmul_peak() -> float | None:
 
 
 # -- one case: both arms ---------------------------------------------------------------------------------
-def run_case(args, shape: str, method: str, data_kind: str, work: Path, peak: float | None) -> dict:
+def run_case(args, shape: str, method: str, data_kind: str, work: Path, peak: float | None,
+             extra: list[str] = ()) -> dict:
     model_dir = build_model(shape, args.tokenizer, work / f"model-{shape}")
     lengths = (1024, 1024) if data_kind == "fixed" else tuple(args.lengths)
     data = build_data(work / f"data-{data_kind}.jsonl", args.tokenizer, args.rows, lengths)
     steps = args.warmup + 2 * args.window
     batches: list[list[dict]] = []
     tokens: list[int] = []
-    res = {"shape": shape, "method": method, "data": data_kind}
+    res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra]}
     proj_meter = Meter(args.warmup, args.window, tokens)
     # The project's arm first: its data loader fixes the batches, then the baseline replays them.
-    res["project"] = project_arm(args, model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}", steps,
+    res["project"] = project_arm(args, res["project_args"], model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}", steps,
                                  proj_meter, capture=batches)
     tokens += [sum(len(r["input_ids"]) for r in rows) for rows in batches]
     base_meter = Meter(args.warmup, args.window, tokens)
@@ -339,8 +340,8 @@ def main() -> None:
     peak = matmul_peak()
     results = []
     for case in args.cases.split(","):
-        shape, method, data_kind = case.split(":")
-        results.append(run_case(args, shape, method, data_kind, args.work, peak))
+        shape, method, data_kind, *extra = case.split(":")  # an optional 4th field: section.field=value for this case
+        results.append(run_case(args, shape, method, data_kind, args.work, peak, extra))
         print(json.dumps({k: v for k, v in results[-1].items()}), flush=True)
     report(results, peak)
     if args.out:
