@@ -20,6 +20,8 @@ class Settings:
     api_key: str = field(default="", metadata={"help": "Bearer key for /v1/*; empty = no auth (local use only)"})
     admin_key: str = field(default="", metadata={"help": "Bearer key for /admin/*; empty = admin API off"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
+    max_upload_bytes: int = field(default=512 << 20, metadata={"help": "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows"})
+    upload_timeout: float = field(default=600.0, metadata={"help": "seconds a training-file upload may take to arrive (512 MiB at ~1 MB/s)"})
     max_batch: int = field(default=32, metadata={"help": "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it"})
     max_model_len: int = field(default=2048, metadata={"help": "prompt + max_tokens limit (capped by the model)"})
     max_lora_rank: int = field(default=64, metadata={"help": "larger adapters are refused (vLLM needs it at start)"})

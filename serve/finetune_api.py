@@ -1,0 +1,238 @@
+"""OpenAI's files and fine-tuning jobs API: record, validate and enqueue; a worker trains.
+
+    POST   /v1/files                               multipart: file + purpose=fine-tune
+    GET    /v1/files, /v1/files/{id}, /v1/files/{id}/content;  DELETE /v1/files/{id}
+    POST   /v1/fine_tuning/jobs                    model, training_file, method, hyperparameters, ...
+    GET    /v1/fine_tuning/jobs (after, limit), /v1/fine_tuning/jobs/{id}
+    POST   /v1/fine_tuning/jobs/{id}/cancel
+    GET    /v1/fine_tuning/jobs/{id}/events, /v1/fine_tuning/jobs/{id}/checkpoints
+
+Uploads are validated row by row with the training stage's own readers (lm/data), so a file the
+trainer would refuse is refused here, with its line and field. Files and jobs live in the registry
+volume (artifacts/finetune.py); the serving process never trains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from flask import Flask, Response, request, send_file
+
+from artifacts.finetune import FINAL, FileStore, Job, JobStore, NotFound, new_id, page
+from lm.data.formats import load_examples
+from lm.errors import DataError
+from serve.errors import APIError, bad_request
+
+METHODS = {"supervised": "lora", "dpo": "dpo", "reinforcement": "grpo"}  # OpenAI method type -> training method
+HYPER = ("n_epochs", "batch_size", "learning_rate_multiplier")
+JOB_FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed", "metadata",
+              "integrations"}
+SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
+
+
+def owner_of(api_key: str) -> str | None:
+    """Who a request is, for scoping files and jobs: a digest of its key (None without auth)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16] if api_key else None
+
+
+def _validate_upload(path: Path, filename: str) -> None:
+    try:
+        load_examples(path, "auto")
+    except DataError as e:  # "TMP:line: field: reason" -> "FILENAME line N: field: reason"
+        msg = str(e).replace(str(path), filename, 1)
+        raise bad_request(f"Invalid file format: {msg}", "file", "invalid_file_format") from None
+
+
+def _hyperparameters(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The method type and its hyperparameters, from `method` (current API) or top-level (legacy)."""
+    method = body.get("method") or {"type": "supervised"}
+    if not isinstance(method, dict) or method.get("type") not in METHODS:
+        raise bad_request(f"method.type must be one of {', '.join(METHODS)}", "method")
+    kind = method["type"]
+    inner = method.get(kind) or {}
+    hp = dict(inner.get("hyperparameters") or {}) if isinstance(inner, dict) else {}
+    hp.update(body.get("hyperparameters") or {})
+    unknown = sorted(set(hp) - set(HYPER) - ({"beta"} if kind == "dpo" else set()))
+    if unknown:
+        raise bad_request(f"hyperparameters {unknown} are not supported by this server (supported: "
+                          f"{', '.join(HYPER)}{', beta (dpo)' if kind == 'dpo' else ''})", "hyperparameters")
+    if kind == "reinforcement":
+        grader = (inner or {}).get("grader") if isinstance(inner, dict) else None
+        if not grader:
+            raise bad_request("method.reinforcement.grader is required", "method")
+    for k, v in hp.items():
+        if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+            raise bad_request(f"hyperparameters.{k} must be a positive number or 'auto'", f"hyperparameters.{k}")
+    return kind, hp
+
+
+def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
+    """The job as `python -m train` overrides (the rest are the method's documented defaults)."""
+    out = [f"method.name={METHODS[kind]}", f"training.seed={seed}"]
+    if hp.get("n_epochs", "auto") != "auto":
+        out.append(f"training.epochs={float(hp['n_epochs'])}")
+    if hp.get("batch_size", "auto") != "auto":
+        out.append(f"training.batch_size={int(hp['batch_size'])}")
+    if hp.get("learning_rate_multiplier", "auto") != "auto":
+        out.append(f"training.lr={2e-4 * float(hp['learning_rate_multiplier'])}")  # the LoRA default rate x multiplier
+    if "beta" in hp and hp["beta"] != "auto":
+        out.append(f"method.beta={float(hp['beta'])}")
+    return out
+
+
+class FineTuneAPI:
+    def __init__(self, registry: Path, base_model: Callable[[], str], max_upload_bytes: int, api_key: str):
+        self.files, self.jobs = FileStore(registry), JobStore(registry)
+        self.base_model, self.max_upload, self.owner = base_model, max_upload_bytes, owner_of(api_key)
+
+    # -- files -------------------------------------------------------------------------------------
+    def upload(self) -> dict[str, Any]:
+        purpose = request.form.get("purpose")
+        if purpose != "fine-tune":
+            raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r}): this server stores training data only",
+                              "purpose")
+        f = request.files.get("file")
+        if f is None or not f.filename:
+            raise bad_request("a multipart 'file' part is required", "file")
+        self.files.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=self.files.root, prefix=".upload-", suffix=Path(f.filename).suffix,
+                                         delete=False) as tmp:
+            f.save(tmp)
+        path = Path(tmp.name)
+        try:
+            if path.stat().st_size > self.max_upload:
+                raise APIError(413, f"file exceeds {self.max_upload} bytes", "file")
+            _validate_upload(path, Path(f.filename).name)
+            return self.files.add(path, Path(f.filename).name, purpose, self.owner).public()
+        finally:
+            path.unlink(missing_ok=True)
+
+    def file(self, fid: str):
+        return self._found(lambda: self.files.get(fid, self.owner)).public()
+
+    def content(self, fid: str) -> Response:
+        path = self._found(lambda: self.files.content(fid, self.owner))
+        return send_file(path, mimetype="application/octet-stream")
+
+    def delete(self, fid: str) -> dict[str, Any]:
+        self._found(lambda: self.files.delete(fid, self.owner))
+        return {"id": fid, "object": "file", "deleted": True}
+
+    def list_files(self) -> dict[str, Any]:
+        return {"object": "list", "data": [r.public() for r in self.files.list(self.owner, request.args.get("purpose"))],
+                "has_more": False}
+
+    # -- jobs ------------------------------------------------------------------------------------------
+    def create_job(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise bad_request("expected a JSON object")
+        unknown = sorted(set(body) - JOB_FIELDS)
+        if unknown:
+            raise bad_request(f"fields {unknown} are not supported by this server", unknown[0])
+        base = self.base_model()
+        if body.get("model") != base:
+            raise bad_request(f"model {body.get('model')!r} cannot be fine-tuned here; the base model is {base!r}",
+                              "model", "model_not_available")
+        if body.get("integrations"):
+            raise bad_request("integrations are not supported by this server", "integrations")
+        train = self._input_file(body.get("training_file"), "training_file")
+        val = self._input_file(body["validation_file"], "validation_file") if body.get("validation_file") else None
+        kind, hp = _hyperparameters(body)
+        suffix = body.get("suffix")
+        if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
+            raise bad_request("suffix: up to 40 characters of a-z, 0-9 and '-'", "suffix")
+        seed = body.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
+            raise bad_request("seed must be an integer in [0, 2^31)", "seed")
+        meta = body.get("metadata")
+        if meta is not None and (not isinstance(meta, dict) or len(meta) > 16
+                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
+            raise bad_request("metadata: at most 16 string keys and string values", "metadata")
+        jid = new_id("ftjob")
+        short = jid.split("-", 1)[1][:8]
+        job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed, suffix=suffix,
+                  metadata=meta, hyperparameters={k: hp.get(k, "auto") for k in HYPER},
+                  method={"type": kind, kind: {"hyperparameters": {k: hp.get(k, "auto") for k in HYPER}}},
+                  owner=self.owner,
+                  spec={"overrides": _overrides(kind, hp, seed), "adapter_name": f"ft-{short}",
+                        "fine_tuned_model": f"ft:{base}:{suffix or ''}:{short}"})
+        self.jobs.create(job)
+        self.jobs.event(jid, "Created fine-tuning job")
+        self.jobs.event(jid, "Validated training file: " + train)
+        return job.public()
+
+    def _input_file(self, fid: Any, param: str) -> str:
+        if not isinstance(fid, str) or not fid:
+            raise bad_request(f"{param} is required", param)
+        try:
+            rec = self.files.get(fid, self.owner)
+        except NotFound:
+            raise bad_request(f"invalid {param}: no file {fid!r}", param, "file_not_found") from None
+        if rec.purpose != "fine-tune":
+            raise bad_request(f"{param}: file {fid} has purpose {rec.purpose!r}, not 'fine-tune'", param)
+        return fid
+
+    def job(self, jid: str) -> dict[str, Any]:
+        return self._found(lambda: self.jobs.get(jid, self.owner)).public()
+
+    def list_jobs(self) -> dict[str, Any]:
+        items = [j.public() for j in self.jobs.list(self.owner)]
+        return page(items, request.args.get("after"), _limit())
+
+    def cancel(self, jid: str) -> dict[str, Any]:
+        job = self._found(lambda: self.jobs.get(jid, self.owner))
+        if job.status in FINAL:
+            raise bad_request(f"job {jid} has already {job.status}", "fine_tuning_job_id")
+        self.jobs.request_cancel(jid)
+        if job.status == "queued":  # no worker holds it: cancelled at once (the worker skips it)
+            job.status, job.finished_at = "cancelled", int(time.time())
+            self.jobs.save(job)
+            self.jobs.event(jid, "Fine-tuning job cancelled")
+        return self.jobs.get(jid).public()
+
+    def events(self, jid: str) -> dict[str, Any]:
+        self._found(lambda: self.jobs.get(jid, self.owner))
+        return page(self.jobs.events(jid), request.args.get("after"), _limit())
+
+    def checkpoints(self, jid: str) -> dict[str, Any]:
+        job = self._found(lambda: self.jobs.get(jid, self.owner))
+        items = sorted(job.spec.get("checkpoints", []), key=lambda c: -c["step_number"])
+        return page([{"object": "fine_tuning.job.checkpoint", "fine_tuning_job_id": jid, **c} for c in items],
+                    request.args.get("after"), _limit())
+
+    @staticmethod
+    def _found(fn: Callable):
+        try:
+            return fn()
+        except NotFound as e:
+            raise APIError(404, f"No such object: {e.args[0]}", None, "not_found") from None
+
+
+def _limit() -> int:
+    raw = request.args.get("limit", "20")
+    if not raw.isdigit() or not 1 <= int(raw) <= 100:
+        raise bad_request("limit must be an integer in [1, 100]", "limit")
+    return int(raw)
+
+
+def routes(app: Flask, api: FineTuneAPI, json_body: Callable[[bytes], Any], respond: Callable[..., Response]) -> None:
+    app.add_url_rule("/v1/files", "files_upload", lambda: respond(api.upload()), methods=["POST"])
+    app.add_url_rule("/v1/files", "files_list", lambda: respond(api.list_files()), methods=["GET"])
+    app.add_url_rule("/v1/files/<fid>", "files_get", lambda fid: respond(api.file(fid)), methods=["GET"])
+    app.add_url_rule("/v1/files/<fid>", "files_delete", lambda fid: respond(api.delete(fid)), methods=["DELETE"])
+    app.add_url_rule("/v1/files/<fid>/content", "files_content", api.content, methods=["GET"])
+    app.add_url_rule("/v1/fine_tuning/jobs", "jobs_create",
+                     lambda: respond(api.create_job(json_body(request.get_data(cache=False)))), methods=["POST"])
+    app.add_url_rule("/v1/fine_tuning/jobs", "jobs_list", lambda: respond(api.list_jobs()), methods=["GET"])
+    app.add_url_rule("/v1/fine_tuning/jobs/<jid>", "jobs_get", lambda jid: respond(api.job(jid)), methods=["GET"])
+    app.add_url_rule("/v1/fine_tuning/jobs/<jid>/cancel", "jobs_cancel", lambda jid: respond(api.cancel(jid)),
+                     methods=["POST"])
+    app.add_url_rule("/v1/fine_tuning/jobs/<jid>/events", "jobs_events", lambda jid: respond(api.events(jid)),
+                     methods=["GET"])
+    app.add_url_rule("/v1/fine_tuning/jobs/<jid>/checkpoints", "jobs_checkpoints",
+                     lambda jid: respond(api.checkpoints(jid)), methods=["GET"])
