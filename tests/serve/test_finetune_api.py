@@ -121,3 +121,93 @@ def test_unknown_jobs_and_files_are_404_and_unknown_fields_400(client, server):
                    content=json.dumps({"model": "x", "training_file": "f", "learning_rate": 1}))
     assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
     assert httpx.get(f"{server.url}/v1/files").status_code == 401
+
+
+# -- the worker: jobs run to the end, cancel, and survive restarts (tiny model, a few steps) ---------------
+WORKER_SETS = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
+               "training.batch_size=4", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.retention=false",
+               "method.r=4", "publish.force=true"]  # the tiny model learns nothing the gate would pass
+
+
+def _worker(server, *extra: str, background: bool = False):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "train", "worker", "--registry", str(server.registry), "--once",
+           *[a for s in WORKER_SETS for a in ("--set", s)], *extra]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _small_file(client):
+    rows = DEMO_TRAIN.read_bytes().splitlines()[:48]
+    return _upload(client, b"\n".join(rows) + b"\n")
+
+
+def test_a_job_runs_publishes_and_its_model_answers(client, server):
+    f = _small_file(client)
+    model = client.models.list().data[0].id
+    job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="chef")
+    p = _worker(server)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{model}:chef:{job.id.split('-', 1)[1][:8]}"
+    assert job.trained_tokens and job.finished_at and len(job.result_files) == 1
+    csv_text = client.files.content(job.result_files[0]).read().decode()
+    assert csv_text.splitlines()[0] == "step,train_loss,valid_loss" and len(csv_text.splitlines()) == 7
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Step 6: training loss=") for m in messages)
+    assert "The job has successfully completed" in messages[0]  # newest first
+    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert steps == [6, 4]  # on disk: training.save_total_limit (2) pruned step 2
+    deadline = __import__("time").time() + 30  # every replica picks the adapter up within seconds
+    while job.fine_tuned_model not in [m.id for m in client.models.list().data] and f"ft-{job.id.split('-', 1)[1][:8]}" \
+            not in [m.id for m in client.models.list().data] and __import__("time").time() < deadline:
+        __import__("time").sleep(0.5)
+    out = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
+                                         messages=[{"role": "user", "content": "What is on the menu?"}])
+    assert out.choices[0].message.content is not None
+
+
+def test_cancel_stops_a_running_job_and_publishes_nothing(client, server):
+    import time
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id,
+                                         hyperparameters={"n_epochs": 50})
+    w = _worker(server, "--set", "training.max_steps=400", background=True)
+    try:
+        deadline = time.time() + 120
+        while not any(e.message.startswith("Step ") for e in client.fine_tuning.jobs.list_events(job.id).data):
+            assert time.time() < deadline and w.poll() is None, w.stdout.read() if w.poll() is not None else "timeout"
+            time.sleep(0.5)
+        assert client.fine_tuning.jobs.cancel(job.id).status == "running"  # the worker stops it
+        w.wait(timeout=60)
+    finally:
+        w.kill()
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    from artifacts import Registry
+
+    assert f"ft-{job.id.split('-', 1)[1][:8]}" not in Registry(server.registry).names("adapters")
+
+
+def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
+    import json as _json
+
+    from artifacts.finetune import JobStore
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    store = JobStore(server.registry)
+    j = store.get(job.id)
+    j.status = "running"  # what a worker killed mid-run leaves behind
+    store.save(j)
+    p = _worker(server)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    assert any("Worker restarted" in _json.dumps(e.model_dump()) for e in client.fine_tuning.jobs.list_events(job.id).data)
