@@ -18,6 +18,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -191,6 +192,35 @@ class JobStore:
             except ValueError:  # a line cut by a crash mid-append
                 continue
         return out[::-1]
+
+    def claim(self, jid: str) -> bool:
+        """Take a queued job for this process (False: another worker has it). The claim names host and pid."""
+        try:
+            fd = os.open(self._dir(jid) / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+
+    def release(self, jid: str) -> None:
+        (self._dir(jid) / "claim").unlink(missing_ok=True)
+
+    def claimed_by_live_process(self, jid: str) -> bool:
+        """A claim by a process still running on this host (a claim from another host counts as live)."""
+        try:
+            host, pid = (self._dir(jid) / "claim").read_text().split()
+        except (FileNotFoundError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     def request_cancel(self, jid: str) -> None:
         (self._dir(jid) / "cancel").touch()

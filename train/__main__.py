@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--registry", required=True, type=Path)
     w.add_argument("--once", action="store_true", help="run the queued jobs, then exit (default: wait for more)")
     w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    w.add_argument("--exit-with-parent", action="store_true", help="exit when the process that started it is gone")
     w.add_argument("--set", dest="extra", action="append", default=[], metavar="section.field=value",
                    help="an override applied to every job (repeatable), e.g. eval.retain_max_examples=40")
     return ap
@@ -71,7 +72,9 @@ def cmd_worker(args) -> int:
         while w.once() is not None:
             pass
         return 0
-    w.forever(args.poll)
+    import os
+
+    w.forever(args.poll, os.getppid() if args.exit_with_parent else None)
     return 0
 
 

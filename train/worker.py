@@ -53,7 +53,8 @@ class Worker:
     def recover(self) -> None:
         """Jobs left `running` by a worker that died: queued again, to resume from their last checkpoint."""
         for job in self.jobs.list():
-            if job.status == "running":
+            if job.status == "running" and not self.jobs.claimed_by_live_process(job.id):
+                self.jobs.release(job.id)
                 job.status, job.spec["resume"] = "queued", True
                 self.jobs.save(job)
                 self.jobs.event(job.id, "Worker restarted: the job is queued again and resumes from its last checkpoint")
@@ -61,14 +62,18 @@ class Worker:
     def once(self) -> Job | None:
         """Run the oldest queued job to its end; None when the queue is empty."""
         for job in self.jobs.queued():
-            if self.jobs.cancel_requested(job.id):
-                continue  # the API marks a queued job cancelled itself
-            return self.run(job)
+            if self.jobs.cancel_requested(job.id) or not self.jobs.claim(job.id):
+                continue  # cancelled while queued (the API marks it), or another worker took it
+            try:
+                return self.run(job)
+            finally:
+                self.jobs.release(job.id)
         return None
 
-    def forever(self, poll: float) -> None:
+    def forever(self, poll: float, parent: int | None = None) -> None:
+        """Run jobs as they come; with `parent`, exit once that process is gone (a server killed with -9)."""
         self.recover()
-        while True:
+        while parent is None or os.getppid() == parent:
             if self.once() is None:
                 time.sleep(poll)
 

@@ -15,7 +15,8 @@ from tests.serve.conftest import API_KEY, base_registry, start_server
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     reg = base_registry(tiny_model, tmp_path_factory.mktemp("ft"))
-    s = start_server(reg, {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2", "SERVE_MAX_UPLOAD_BYTES": "200000"})
+    s = start_server(reg, {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2", "SERVE_MAX_UPLOAD_BYTES": "200000",
+                           "SERVE_FINETUNE_WORKER": "off"})  # the tests below run the worker themselves
     yield s
     s.stop()
 
@@ -211,3 +212,36 @@ def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
     assert p.returncode == 0, p.stdout[-2000:]
     assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
     assert any("Worker restarted" in _json.dumps(e.model_dump()) for e in client.fine_tuning.jobs.list_events(job.id).data)
+
+
+def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model, tmp_path):
+    """Queued with the worker off; the server restarts with its local worker (the default) and the job runs."""
+    import time
+
+    reg = base_registry(tiny_model, tmp_path)
+    env = {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2"}
+    first = start_server(reg, {**env, "SERVE_FINETUNE_WORKER": "off"})
+    try:
+        c = openai.OpenAI(base_url=f"{first.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        job = c.fine_tuning.jobs.create(model=c.models.list().data[0].id, training_file=_small_file(c).id)
+    finally:
+        first.stop()
+    second = start_server(reg, {**env, "SERVE_FINETUNE_WORKER_ARGS": " ".join(WORKER_SETS)})
+    try:
+        c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        deadline = time.time() + 300
+        while (j := c.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.time() < deadline, j.status
+            time.sleep(1)
+        assert j.status == "succeeded", j.error
+        deadline = time.time() + 30
+        while True:  # the server's registry watcher loads the published adapter within seconds
+            try:
+                c.chat.completions.create(model=j.fine_tuned_model, max_tokens=2,
+                                          messages=[{"role": "user", "content": "hi"}])
+                break
+            except openai.NotFoundError:
+                assert time.time() < deadline
+                time.sleep(0.5)
+    finally:
+        second.stop()
