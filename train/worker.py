@@ -98,8 +98,10 @@ class Worker:
             self._succeeded(job, RunDir(run_dir))
         else:
             job.status = "failed"
-            job.error = {"code": "training_failed" if rc != 2 else "invalid_training_run",
-                         "message": _last_error(log_path), "param": None}
+            message = _last_error(log_path)
+            gate = rc == 2 and message.startswith("refusing to publish")  # the gate's one line, both numbers in it
+            job.error = {"code": "publish_gate_refused" if gate else "training_failed" if rc != 2 else "invalid_training_run",
+                         "message": message, "param": None}
             self.jobs.event(job.id, f"Fine-tuning job failed: {job.error['message']}", level="error")
         self.jobs.save(job)
         return job

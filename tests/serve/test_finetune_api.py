@@ -165,13 +165,34 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
     assert "The job has successfully completed" in messages[0]  # newest first
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
     assert steps == [6, 4]  # on disk: training.save_total_limit (2) pruned step 2
-    deadline = __import__("time").time() + 30  # every replica picks the adapter up within seconds
-    while job.fine_tuned_model not in [m.id for m in client.models.list().data] and f"ft-{job.id.split('-', 1)[1][:8]}" \
-            not in [m.id for m in client.models.list().data] and __import__("time").time() < deadline:
-        __import__("time").sleep(0.5)
-    out = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
-                                         messages=[{"role": "user", "content": "What is on the menu?"}])
-    assert out.choices[0].message.content is not None
+    out = _ask_when_served(client, job.fine_tuned_model)  # every replica picks the adapter up within seconds
+    assert out.model == job.fine_tuned_model and out.choices[0].message.content is not None
+    base = client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert base.model == model
+
+
+def _ask_when_served(client, model: str, seconds: float = 30):
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return client.chat.completions.create(model=model, max_tokens=4,
+                                                  messages=[{"role": "user", "content": "What is on the menu?"}])
+        except openai.NotFoundError:
+            assert time.time() < deadline, f"{model} not served after {seconds} s"
+            time.sleep(0.5)
+
+
+def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_checkpoints(client, server):
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    p = _worker(server, "--set", "publish.force=false", "--set", "publish.min_gain=50")
+    assert p.returncode == 0, p.stdout[-2000:]
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "failed" and job.fine_tuned_model is None
+    assert job.error.code == "publish_gate_refused" and "points" in job.error.message, job.error
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [6, 4]
 
 
 def test_cancel_stops_a_running_job_and_publishes_nothing(client, server):
@@ -234,14 +255,6 @@ def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model
             assert time.time() < deadline, j.status
             time.sleep(1)
         assert j.status == "succeeded", j.error
-        deadline = time.time() + 30
-        while True:  # the server's registry watcher loads the published adapter within seconds
-            try:
-                c.chat.completions.create(model=j.fine_tuned_model, max_tokens=2,
-                                          messages=[{"role": "user", "content": "hi"}])
-                break
-            except openai.NotFoundError:
-                assert time.time() < deadline
-                time.sleep(0.5)
+        _ask_when_served(c, j.fine_tuned_model)
     finally:
         second.stop()
