@@ -220,8 +220,13 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     _probe_routes(app, state, metrics)
     _api_routes(app, state)
     _admin_routes(app, state)
+    submit = None
+    if settings.finetune_worker == "k8s":
+        from serve.k8s_runner import K8sRunner
+
+        submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
     finetune_api.routes(app, finetune_api.FineTuneAPI(settings.registry, lambda: state.ready_backend().model_name,
-                                                      settings.max_upload_bytes, settings.api_key),
+                                                      settings.max_upload_bytes, settings.api_key, submit),
                         json_body, json_response)
     return app
 

@@ -86,9 +86,12 @@ def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
 
 
 class FineTuneAPI:
-    def __init__(self, registry: Path, base_model: Callable[[], str], max_upload_bytes: int, api_key: str):
+    def __init__(self, registry: Path, base_model: Callable[[], str], max_upload_bytes: int, api_key: str,
+                 submit: Callable[[Job], str] | None = None):
+        """submit: hands a queued job to a runner that starts it (Kubernetes); None = a worker polls the queue."""
         self.files, self.jobs = FileStore(registry), JobStore(registry)
         self.base_model, self.max_upload, self.owner = base_model, max_upload_bytes, owner_of(api_key)
+        self.submit = submit
 
     # -- files -------------------------------------------------------------------------------------
     def upload(self) -> dict[str, Any]:
@@ -164,7 +167,20 @@ class FineTuneAPI:
         self.jobs.create(job)
         self.jobs.event(jid, "Created fine-tuning job")
         self.jobs.event(jid, "Validated training file: " + train)
-        return job.public()
+        if self.submit is not None:
+            self._submit(job)
+        return self.jobs.get(jid).public()
+
+    def _submit(self, job: Job) -> None:
+        try:
+            name = self.submit(job)
+        except Exception as e:  # noqa: BLE001 - a runner failure fails the job, it is not the client's error
+            job.status, job.finished_at = "failed", int(time.time())
+            job.error = {"code": "runner_error", "message": f"could not start the training Job: {e}"[:2000], "param": None}
+            self.jobs.save(job)
+            self.jobs.event(job.id, job.error["message"], level="error")
+            return
+        self.jobs.event(job.id, f"Submitted as Kubernetes Job {name}")
 
     def _input_file(self, fid: Any, param: str) -> str:
         if not isinstance(fid, str) or not fid:

@@ -67,7 +67,7 @@ class LocalTrainer:
 
 def start_local_trainer(setting: str, registry: Path, extra: list[str] = ()) -> LocalTrainer | None:
     """auto: start it when the training stack is installed; on: start it or fail; off: never."""
-    if setting == "off":
+    if setting in ("off", "k8s"):
         return None
     if not training_installed():
         if setting == "on":

@@ -70,6 +70,21 @@ class Worker:
                 self.jobs.release(job.id)
         return None
 
+    def one(self, jid: str) -> Job:
+        """Run job `jid` (a Kubernetes Job's pod runs exactly one); a retried pod resumes it from its checkpoint."""
+        job = self.jobs.get(jid)
+        if job.status == "running" and not self.jobs.claimed_by_live_process(jid):
+            self.jobs.release(jid)
+            job.status, job.spec["resume"] = "queued", True
+            self.jobs.save(job)
+            self.jobs.event(jid, "Retried: the job resumes from its last checkpoint")
+        if job.status != "queued" or self.jobs.cancel_requested(jid) or not self.jobs.claim(jid):
+            return job  # finished, cancelled, or another pod holds it
+        try:
+            return self.run(job)
+        finally:
+            self.jobs.release(jid)
+
     def forever(self, poll: float, parent: int | None = None) -> None:
         """Run jobs as they come; with `parent`, exit once that process is gone (a server killed with -9)."""
         self.recover()
