@@ -62,13 +62,25 @@ def _hyperparameters(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         raise bad_request(f"hyperparameters {unknown} are not supported by this server (supported: "
                           f"{', '.join(HYPER)}{', beta (dpo)' if kind == 'dpo' else ''})", "hyperparameters")
     if kind == "reinforcement":
-        grader = (inner or {}).get("grader") if isinstance(inner, dict) else None
-        if not grader:
-            raise bad_request("method.reinforcement.grader is required", "method")
+        hp["_rewards"] = _grader_rewards((inner or {}).get("grader") if isinstance(inner, dict) else None)
     for k, v in hp.items():
-        if v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+        if k != "_rewards" and v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
             raise bad_request(f"hyperparameters.{k} must be a positive number or 'auto'", f"hyperparameters.{k}")
     return kind, hp
+
+
+GRADERS = {("string_check", "eq"): "exact", ("string_check", "ilike"): "keyword", ("string_check", "like"): "keyword"}
+
+
+def _grader_rewards(grader: Any) -> list[str]:
+    """OpenAI's grader as the GRPO rewards that compute the same thing; 400 for a grader they cannot."""
+    if not isinstance(grader, dict) or not grader.get("type"):
+        raise bad_request("method.reinforcement.grader is required", "method")
+    reward = GRADERS.get((grader["type"], grader.get("operation")))
+    if reward is None:
+        raise bad_request(f"grader {grader['type']!r} (operation {grader.get('operation')!r}) is not supported; "
+                          f"supported: string_check with eq (exact match), like or ilike (keyword)", "method")
+    return [reward]
 
 
 def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
@@ -82,6 +94,8 @@ def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
         out.append(f"training.lr={2e-4 * float(hp['learning_rate_multiplier'])}")  # the LoRA default rate x multiplier
     if "beta" in hp and hp["beta"] != "auto":
         out.append(f"method.beta={float(hp['beta'])}")
+    if "_rewards" in hp:
+        out.append(f"method.rewards={','.join(hp['_rewards'])}")
     return out
 
 
@@ -159,7 +173,7 @@ class FineTuneAPI:
         jid = new_id("ftjob")
         short = jid.split("-", 1)[1][:8]
         job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed, suffix=suffix,
-                  metadata=meta, hyperparameters={k: hp.get(k, "auto") for k in HYPER},
+                  metadata=meta, hyperparameters={k: hp.get(k, "auto") for k in HYPER},  # "_rewards": worker-side
                   method={"type": kind, kind: {"hyperparameters": {k: hp.get(k, "auto") for k in HYPER}}},
                   owner=self.owner,
                   spec={"overrides": _overrides(kind, hp, seed), "adapter_name": f"ft-{short}",

@@ -98,6 +98,7 @@ def test_a_job_is_queued_listed_paged_and_cancelled(client):
     ({"training_file": "file-doesnotexist"}, "training_file"),
     ({"method": {"type": "distillation"}}, "method"),
     ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}}, "method"),
     ({"hyperparameters": {"n_epochs": 1, "warmup": 3}}, "hyperparameters"),
     ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs"),
     ({"suffix": "Not Valid!"}, "suffix"),
