@@ -15,7 +15,6 @@ volume (artifacts/finetune.py); the serving process never trains.
 from __future__ import annotations
 
 import hashlib
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,10 @@ from artifacts.finetune import FINAL, FileStore, Job, JobStore, NotFound, new_id
 from lm.data.formats import load_examples
 from lm.errors import DataError
 from serve.errors import APIError, bad_request
+from serve.finetune_protocol import JobCreateRequest
 
 METHODS = {"supervised": "lora", "dpo": "dpo", "reinforcement": "grpo"}  # OpenAI method type -> training method
 HYPER = ("n_epochs", "batch_size", "learning_rate_multiplier")
-JOB_FIELDS = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed", "metadata",
-              "integrations"}
-SUFFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 
 
 def owner_of(api_key: str) -> str | None:
@@ -48,42 +45,23 @@ def _validate_upload(path: Path, filename: str) -> None:
         raise bad_request(f"Invalid file format: {msg}", "file", "invalid_file_format") from None
 
 
-def _hyperparameters(body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The method type and its hyperparameters, from `method` (current API) or top-level (legacy)."""
-    method = body.get("method") or {"type": "supervised"}
-    if not isinstance(method, dict) or method.get("type") not in METHODS:
-        raise bad_request(f"method.type must be one of {', '.join(METHODS)}", "method")
-    kind = method["type"]
-    inner = method.get(kind) or {}
-    hp = dict(inner.get("hyperparameters") or {}) if isinstance(inner, dict) else {}
-    hp.update(body.get("hyperparameters") or {})
-    unknown = sorted(set(hp) - set(HYPER) - ({"beta"} if kind == "dpo" else set()))
-    if unknown:
-        raise bad_request(f"hyperparameters {unknown} are not supported by this server (supported: "
-                          f"{', '.join(HYPER)}{', beta (dpo)' if kind == 'dpo' else ''})", "hyperparameters")
-    if kind == "reinforcement":
-        hp["_rewards"] = _grader_rewards((inner or {}).get("grader") if isinstance(inner, dict) else None)
-    for k, v in hp.items():
-        if k != "_rewards" and v != "auto" and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
-            raise bad_request(f"hyperparameters.{k} must be a positive number or 'auto'", f"hyperparameters.{k}")
-    return kind, hp
+GRADER_REWARDS = {"eq": "exact", "like": "keyword", "ilike": "keyword"}  # string_check operation -> GRPO reward
 
 
-GRADERS = {("string_check", "eq"): "exact", ("string_check", "ilike"): "keyword", ("string_check", "like"): "keyword"}
+def _method(req: JobCreateRequest) -> tuple[str, dict[str, Any], list[str]]:
+    """The method type, its hyperparameters (method.<type>.hyperparameters over the legacy top-level
+    ones, unset ones "auto") and, for reinforcement, the GRPO rewards its grader maps to."""
+    kind = req.method.type if req.method else "supervised"
+    inner = getattr(req.method, kind, None) if req.method else None
+    hp: dict[str, Any] = {}
+    for source in (req.hyperparameters, getattr(inner, "hyperparameters", None)):
+        if source is not None:
+            hp.update(source.model_dump(exclude_none=True))
+    rewards = [GRADER_REWARDS[inner.grader.operation]] if kind == "reinforcement" else []
+    return kind, hp, rewards
 
 
-def _grader_rewards(grader: Any) -> list[str]:
-    """OpenAI's grader as the GRPO rewards that compute the same thing; 400 for a grader they cannot."""
-    if not isinstance(grader, dict) or not grader.get("type"):
-        raise bad_request("method.reinforcement.grader is required", "method")
-    reward = GRADERS.get((grader["type"], grader.get("operation")))
-    if reward is None:
-        raise bad_request(f"grader {grader['type']!r} (operation {grader.get('operation')!r}) is not supported; "
-                          f"supported: string_check with eq (exact match), like or ilike (keyword)", "method")
-    return [reward]
-
-
-def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
+def _overrides(kind: str, hp: dict[str, Any], rewards: list[str], seed: int) -> list[str]:
     """The job as `python -m train` overrides (the rest are the method's documented defaults)."""
     out = [f"method.name={METHODS[kind]}", f"training.seed={seed}"]
     if hp.get("n_epochs", "auto") != "auto":
@@ -94,8 +72,8 @@ def _overrides(kind: str, hp: dict[str, Any], seed: int) -> list[str]:
         out.append(f"training.lr={2e-4 * float(hp['learning_rate_multiplier'])}")  # the LoRA default rate x multiplier
     if "beta" in hp and hp["beta"] != "auto":
         out.append(f"method.beta={float(hp['beta'])}")
-    if "_rewards" in hp:
-        out.append(f"method.rewards={','.join(hp['_rewards'])}")
+    if rewards:
+        out.append(f"method.rewards={','.join(rewards)}")
     return out
 
 
@@ -114,18 +92,22 @@ class FineTuneAPI:
             raise bad_request(f"purpose must be 'fine-tune' (got {purpose!r}): this server stores training data only",
                               "purpose")
         f = request.files.get("file")
-        if f is None or not f.filename:
+        if f is None and "file" not in request.form:
             raise bad_request("a multipart 'file' part is required", "file")
+        name = Path(f.filename).name if f is not None and f.filename else "file.jsonl"
         self.files.root.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.files.root, prefix=".upload-", suffix=Path(f.filename).suffix,
+        with tempfile.NamedTemporaryFile(dir=self.files.root, prefix=".upload-", suffix=Path(name).suffix,
                                          delete=False) as tmp:
-            f.save(tmp)
+            if f is not None:
+                f.save(tmp)
+            else:  # the part came without a filename: a plain form field holds the content
+                tmp.write(request.form["file"].encode("utf-8", "surrogateescape"))
         path = Path(tmp.name)
         try:
             if path.stat().st_size > self.max_upload:
                 raise APIError(413, f"file exceeds {self.max_upload} bytes", "file")
-            _validate_upload(path, Path(f.filename).name)
-            return self.files.add(path, Path(f.filename).name, purpose, self.owner).public()
+            _validate_upload(path, name)
+            return self.files.add(path, name, purpose, self.owner).public()
         finally:
             path.unlink(missing_ok=True)
 
@@ -146,38 +128,23 @@ class FineTuneAPI:
 
     # -- jobs ------------------------------------------------------------------------------------------
     def create_job(self, body: Any) -> dict[str, Any]:
-        if not isinstance(body, dict):
-            raise bad_request("expected a JSON object")
-        unknown = sorted(set(body) - JOB_FIELDS)
-        if unknown:
-            raise bad_request(f"fields {unknown} are not supported by this server", unknown[0])
+        req = JobCreateRequest.parse(body)  # types, ranges and unsupported fields: 400 naming the field
         base = self.base_model()
-        if body.get("model") != base:
-            raise bad_request(f"model {body.get('model')!r} cannot be fine-tuned here; the base model is {base!r}",
+        if req.model != base:
+            raise bad_request(f"model {req.model!r} cannot be fine-tuned here; the base model is {base!r}",
                               "model", "model_not_available")
-        if body.get("integrations"):
-            raise bad_request("integrations are not supported by this server", "integrations")
-        train = self._input_file(body.get("training_file"), "training_file")
-        val = self._input_file(body["validation_file"], "validation_file") if body.get("validation_file") else None
-        kind, hp = _hyperparameters(body)
-        suffix = body.get("suffix")
-        if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
-            raise bad_request("suffix: up to 40 characters of a-z, 0-9 and '-'", "suffix")
-        seed = body.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-            raise bad_request("seed must be an integer in [0, 2^31)", "seed")
-        meta = body.get("metadata")
-        if meta is not None and (not isinstance(meta, dict) or len(meta) > 16
-                                 or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-            raise bad_request("metadata: at most 16 string keys and string values", "metadata")
+        train = self._input_file(req.training_file, "training_file")
+        val = self._input_file(req.validation_file, "validation_file") if req.validation_file else None
+        kind, hp, rewards = _method(req)
+        seed = req.seed or 0
         jid = new_id("ftjob")
         short = jid.split("-", 1)[1][:8]
-        job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed, suffix=suffix,
-                  metadata=meta, hyperparameters={k: hp.get(k, "auto") for k in HYPER},  # "_rewards": worker-side
-                  method={"type": kind, kind: {"hyperparameters": {k: hp.get(k, "auto") for k in HYPER}}},
-                  owner=self.owner,
-                  spec={"overrides": _overrides(kind, hp, seed), "adapter_name": f"ft-{short}",
-                        "fine_tuned_model": f"ft:{base}:{suffix or ''}:{short}"})
+        shown = {k: hp.get(k, "auto") for k in HYPER}
+        job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed,
+                  suffix=req.suffix, metadata=req.metadata, hyperparameters=shown,
+                  method={"type": kind, kind: {"hyperparameters": shown}}, owner=self.owner,
+                  spec={"overrides": _overrides(kind, hp, rewards, seed), "adapter_name": f"ft-{short}",
+                        "fine_tuned_model": f"ft:{base}:{req.suffix or ''}:{short}"})
         self.jobs.create(job)
         self.jobs.event(jid, "Created fine-tuning job")
         self.jobs.event(jid, "Validated training file: " + train)
@@ -202,7 +169,7 @@ class FineTuneAPI:
         try:
             rec = self.files.get(fid, self.owner)
         except NotFound:
-            raise bad_request(f"invalid {param}: no file {fid!r}", param, "file_not_found") from None
+            raise APIError(404, f"invalid {param}: no file {fid!r}", param, "file_not_found") from None
         if rec.purpose != "fine-tune":
             raise bad_request(f"{param}: file {fid} has purpose {rec.purpose!r}, not 'fine-tune'", param)
         return fid

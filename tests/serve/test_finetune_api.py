@@ -95,12 +95,11 @@ def test_a_job_is_queued_listed_paged_and_cancelled(client):
 
 @pytest.mark.parametrize("kwargs,param", [
     ({"model": "gpt-4o-mini"}, "model"),
-    ({"training_file": "file-doesnotexist"}, "training_file"),
     ({"method": {"type": "distillation"}}, "method"),
     ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method"),
     ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}}, "method"),
     ({"hyperparameters": {"n_epochs": 1, "warmup": 3}}, "hyperparameters"),
-    ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters"),
     ({"suffix": "Not Valid!"}, "suffix"),
     ({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}, "integrations"),
 ])
@@ -117,6 +116,9 @@ def test_unknown_jobs_and_files_are_404_and_unknown_fields_400(client, server):
 
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file="file-doesnotexist")
+    assert e.value.body["param"] == "training_file" and e.value.body["code"] == "file_not_found"
     with pytest.raises(openai.NotFoundError):
         client.files.content("../../etc/passwd")
     r = httpx.post(f"{server.url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {API_KEY}"},
