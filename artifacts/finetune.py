@@ -57,9 +57,15 @@ class FileRecord:
         return {k: v for k, v in asdict(self).items() if k != "owner"}
 
 
+def store_dir(registry: str | Path, store: str | Path | None = None) -> Path:
+    """Where files and jobs live: `store`, else <registry>/.finetune (compose mounts the registry read-only
+    into serve and gives the API a writable store volume instead)."""
+    return Path(store) if store else Path(registry) / ROOT
+
+
 class FileStore:
-    def __init__(self, registry: str | Path):
-        self.root = Path(registry) / ROOT / "files"
+    def __init__(self, registry: str | Path, store: str | Path | None = None):
+        self.root = store_dir(registry, store) / "files"
 
     def add(self, source: Path, filename: str, purpose: str, owner: str | None) -> FileRecord:
         """Move `source` (already validated) in under a new id, atomically."""
@@ -135,8 +141,8 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, registry: str | Path):
-        self.root = Path(registry) / ROOT / "jobs"
+    def __init__(self, registry: str | Path, store: str | Path | None = None):
+        self.root = store_dir(registry, store) / "jobs"
 
     def _dir(self, jid: str) -> Path:
         return self.root / _safe(jid)

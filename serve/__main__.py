@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(**{k: v for k, v in vars(args).items() if v is not None})
-        trainer = start_local_trainer(settings.finetune_worker, settings.registry, settings.finetune_worker_args.split())
+        trainer = start_local_trainer(settings.finetune_worker, settings.registry, settings.finetune_worker_args.split(),
+                                      settings.finetune_dir)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -226,7 +226,8 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
 
         submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
     finetune_api.routes(app, finetune_api.FineTuneAPI(settings.registry, lambda: state.ready_backend().model_name,
-                                                      settings.max_upload_bytes, settings.api_key, submit),
+                                                      settings.max_upload_bytes, settings.api_key, submit,
+                                                      settings.finetune_dir or None),
                         json_body, json_response)
     return app
 

@@ -79,9 +79,10 @@ def _overrides(kind: str, hp: dict[str, Any], rewards: list[str], seed: int) -> 
 
 class FineTuneAPI:
     def __init__(self, registry: Path, base_model: Callable[[], str], max_upload_bytes: int, api_key: str,
-                 submit: Callable[[Job], str] | None = None):
-        """submit: hands a queued job to a runner that starts it (Kubernetes); None = a worker polls the queue."""
-        self.files, self.jobs = FileStore(registry), JobStore(registry)
+                 submit: Callable[[Job], str] | None = None, store: Path | None = None):
+        """submit: hands a queued job to a runner that starts it (Kubernetes); None = a worker polls the queue.
+        store: where files and jobs live (None: <registry>/.finetune)."""
+        self.files, self.jobs = FileStore(registry, store), JobStore(registry, store)
         self.base_model, self.max_upload, self.owner = base_model, max_upload_bytes, owner_of(api_key)
         self.submit = submit
 

@@ -27,8 +27,9 @@ def training_installed() -> bool:
 
 
 class LocalTrainer:
-    def __init__(self, registry: Path, extra: list[str] = ()):
+    def __init__(self, registry: Path, extra: list[str] = (), store: str = ""):
         self.cmd = [sys.executable, "-m", "train", "worker", "--registry", str(registry), "--exit-with-parent",
+                    *(["--store", store] if store else []),
                     *[a for s in extra for a in ("--set", s)]]
         self.proc: subprocess.Popen | None = None
         self.stopping = threading.Event()
@@ -65,7 +66,7 @@ class LocalTrainer:
                     pass
 
 
-def start_local_trainer(setting: str, registry: Path, extra: list[str] = ()) -> LocalTrainer | None:
+def start_local_trainer(setting: str, registry: Path, extra: list[str] = (), store: str = "") -> LocalTrainer | None:
     """auto: start it when the training stack is installed; on: start it or fail; off: never."""
     if setting in ("off", "k8s"):
         return None
@@ -74,4 +75,4 @@ def start_local_trainer(setting: str, registry: Path, extra: list[str] = ()) -> 
             raise ValueError("SERVE_FINETUNE_WORKER=on: the training stack is not installed (pip install 'tunestack[train]')")
         log.info("fine-tuning jobs queue for an external worker (python -m train worker --registry %s)", registry)
         return None
-    return LocalTrainer(registry, extra).start()
+    return LocalTrainer(registry, extra, store).start()

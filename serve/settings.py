@@ -22,6 +22,7 @@ class Settings:
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
     max_upload_bytes: int = field(default=512 << 20, metadata={"help": "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows"})
     finetune_worker: str = field(default="auto", metadata={"help": "fine-tuning jobs: auto = run `python -m train worker` beside the server when the training stack is installed (one box); on = that, or exit 2; off = jobs wait for an external worker (compose's trainer service); k8s = each job becomes a batch/v1 Job"})
+    finetune_dir: str = field(default="", metadata={"help": "where uploaded files and jobs live; empty = <registry>/.finetune (set it where the registry is mounted read-only)"})
     finetune_job_template: Path = field(default=Path("/etc/tunestack/train-job.yaml"), metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the training Job template (k8s/base/train-job.yaml, mounted from a ConfigMap)"})
     finetune_namespace: str = field(default="tunestack", metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the namespace Jobs are created in (the serving pod's own)"})
     finetune_worker_args: str = field(default="", metadata={"help": "overrides for every job the local worker runs, space-separated section.field=value (e.g. eval sizes)"})

@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the fine-tuning jobs the serving API queued in a registry")
     w.add_argument("--registry", required=True, type=Path)
     w.add_argument("--once", action="store_true", help="run the queued jobs, then exit (default: wait for more)")
+    w.add_argument("--store", type=Path, help="where the API keeps files and jobs (default: REGISTRY/.finetune)")
     w.add_argument("--job", help="run this job only (what a Kubernetes Job's pod does), then exit")
     w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     w.add_argument("--exit-with-parent", action="store_true", help="exit when the process that started it is gone")
@@ -67,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_worker(args) -> int:
     from train.worker import Worker
 
-    w = Worker(args.registry, args.extra)
+    w = Worker(args.registry, args.extra, store=args.store)
     if args.job:
         job = w.one(args.job)
         print(f"{job.id}: {job.status}")

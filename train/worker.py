@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts import Registry, RunDir
-from artifacts.finetune import ROOT, FileStore, Job, JobStore
+from artifacts.finetune import FileStore, Job, JobStore, store_dir
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
 
@@ -44,9 +44,10 @@ class Progress:
 
 
 class Worker:
-    def __init__(self, registry: Path, extra: list[str] = (), python: str = sys.executable):
+    def __init__(self, registry: Path, extra: list[str] = (), python: str = sys.executable, store: Path | None = None):
         self.registry = Path(registry)
-        self.jobs, self.files = JobStore(registry), FileStore(registry)
+        self.store = store_dir(registry, store)
+        self.jobs, self.files = JobStore(registry, store), FileStore(registry, store)
         self.extra, self.python = list(extra), python
 
     # -- the queue -----------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------------------------
     def run(self, job: Job) -> Job:
-        run_dir = self.registry / ROOT / "runs" / job.id
+        run_dir = self.store / "runs" / job.id
         job.status = "running"
         self.jobs.save(job)
         self.jobs.event(job.id, "Fine-tuning job started")
