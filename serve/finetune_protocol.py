@@ -81,8 +81,8 @@ class JobCreateRequest(BaseModel):
 
     model_config = _REQ
     model: str = Field(description="the served base model (GET /v1/models)")
-    training_file: str = Field(description="an uploaded file's id (purpose fine-tune)")
-    validation_file: str | None = None
+    training_file: str = Field(min_length=1, description="an uploaded file's id (purpose fine-tune)")
+    validation_file: Annotated[str, Field(min_length=1)] | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="legacy; prefer method.<type>.hyperparameters")
     method: Method | None = None
     suffix: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")] | None = None
