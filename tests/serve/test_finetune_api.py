@@ -151,6 +151,7 @@ def _small_file(client):
     return _upload(client, b"\n".join(rows) + b"\n")
 
 
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_a_job_runs_publishes_and_its_model_answers(client, server):
     f = _small_file(client)
     model = client.models.list().data[0].id
@@ -187,6 +188,7 @@ def _ask_when_served(client, model: str, seconds: float = 30):
             time.sleep(0.5)
 
 
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_checkpoints(client, server):
     f = _small_file(client)
     job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
@@ -198,6 +200,7 @@ def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_ch
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [6, 4]
 
 
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_cancel_stops_a_running_job_and_publishes_nothing(client, server):
     import time
 
@@ -221,6 +224,7 @@ def test_cancel_stops_a_running_job_and_publishes_nothing(client, server):
     assert f"ft-{job.id.split('-', 1)[1][:8]}" not in Registry(server.registry).names("adapters")
 
 
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
     import json as _json
 
@@ -238,6 +242,7 @@ def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
     assert any("Worker restarted" in _json.dumps(e.model_dump()) for e in client.fine_tuning.jobs.list_events(job.id).data)
 
 
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model, tmp_path):
     """Queued with the worker off; the server restarts with its local worker (the default) and the job runs."""
     import time
