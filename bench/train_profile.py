@@ -58,8 +58,7 @@ def run(shape: str, variant: str, steps: int, profile: bool) -> None:
     from train.fast.plan import model_parts
 
     m = _model(shape, variant)
-    step = FusedStep(m, model_parts(m, 4096), torch.bfloat16, compile="eager" not in variant,
-                     stack="stack" in variant)
+    step = FusedStep(m, model_parts(m, 4096), torch.bfloat16, compile="eager" not in variant)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-5, fused=True)
     batch = _batch(m.config.vocab_size)
     tokens = batch["input_ids"].numel()
@@ -77,7 +76,7 @@ def run(shape: str, variant: str, steps: int, profile: bool) -> None:
         one()
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
-    print(f"{shape} {variant} (whole stack compiled: {step.stack}): {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s, "
+    print(f"{shape} {variant}: {dt * 1e3:.1f} ms/step, {tokens / dt:,.0f} tokens/s, "
           f"peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
     if profile:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,

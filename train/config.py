@@ -82,7 +82,7 @@ class TrainingConfig:
     fast_path: str = opt("auto", "auto = the fused padding-free step (train/fast) on CUDA for Llama/Qwen2/Mistral LoRA and full "
                          "fine-tuning, the transformers forward otherwise; on = also on CPU; off = never")
     compile: str = opt("auto", "torch.compile of the fused step: auto = on CUDA (on a CPU the compile costs more than it saves "
-                       "at demo size); on | off | stack (the whole decoder stack as one graph: fewer launches, longer compile)")
+                       "at demo size); on | off")
 
 
 ON_OFF = ("fast_path", "compile")  # auto | on | off settings
@@ -240,10 +240,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{where}: training.{name}: must be >= 1")
     if cfg.training.lr <= 0:
         raise ConfigError(f"{where}: training.lr: must be > 0")
-    for name, extra in (("fast_path", ()), ("compile", ("stack",))):
-        if getattr(cfg.training, name) not in ("auto", "on", "off", *extra):
-            raise ConfigError(f"{where}: training.{name}: {getattr(cfg.training, name)!r}; "
-                              f"choose {', '.join(('auto', 'on', 'off', *extra))}")
+    for name in ON_OFF:
+        if getattr(cfg.training, name) not in ("auto", "on", "off"):
+            raise ConfigError(f"{where}: training.{name}: {getattr(cfg.training, name)!r}; choose auto, on, off")
     if not 0.0 <= cfg.data.replay <= 4.0:
         raise ConfigError(f"{where}: data.replay: must be in [0, 4] (a fraction of the training rows)")
     if cfg.data.replay > 0 and cfg.method.name in ("dpo", "orpo", "grpo"):

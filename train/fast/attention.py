@@ -12,12 +12,9 @@ log line, to the fallback: SDPA per document, which is exact and runs on any dev
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
 import torch.nn.functional as F
-
-log = logging.getLogger(__name__)
 
 try:  # PyTorch >= 2.10 on CUDA; absent or unusable elsewhere
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -54,15 +51,6 @@ def _flash(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
     return _varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kw)
 
 
-def flash_ready() -> bool:
-    """The varlen kernel can be called directly (inside a compiled graph: no fallback there)."""
-    return torch.cuda.is_available() and _varlen_attn is not None and not _broken
-
-
-def flash(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
-    return _flash(q, k, v, cu_seqlens, max_seqlen)
-
-
 def kernel_name(device: torch.device) -> str:
     """Which implementation `causal_varlen` will use on this device (for the run's log line)."""
     if device.type == "cuda" and _varlen_attn is not None and not _broken:
@@ -77,6 +65,5 @@ def causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
             return _flash(q, k, v, cu_seqlens, max_seqlen)
         except Exception as e:  # noqa: BLE001 - unsupported dtype/head size/build: fall back, once, loudly
             _broken.append(f"{type(e).__name__}: {e}")
-            log.warning("fast path: flash varlen attention unavailable (%s); using SDPA per document", _broken[0][:200])
             print(f"note: flash varlen attention unavailable ({_broken[0][:200]}); using SDPA per document", flush=True)
     return per_document(q, k, v, cu_seqlens)

@@ -14,7 +14,6 @@ the arithmetic of a step changes:
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
@@ -23,11 +22,9 @@ from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import CausalLMOutput
 
 from train.fast import ops
-from train.fast.attention import causal_varlen, flash, flash_ready
+from train.fast.attention import causal_varlen
 from train.fast.loss import ce_chunk, linear_cross_entropy
 from train.fast.plan import ModelParts, Proj
-
-log = logging.getLogger(__name__)
 
 
 class _MaybeCompiled:
@@ -49,9 +46,8 @@ class _MaybeCompiled:
                 return out
             except Exception as e:  # noqa: BLE001 - a compiler failure must cost speed, not the run
                 self.compiled = None
-                msg = f"note: torch.compile of {self.name} failed ({type(e).__name__}: {str(e)[:200]}); running it eagerly"
-                log.warning(msg)
-                print(msg, flush=True)
+                print(f"note: torch.compile of {self.name} failed ({type(e).__name__}: {str(e)[:200]}); "
+                      f"running it eagerly", flush=True)
         return self.fn(*args)
 
 
@@ -68,11 +64,13 @@ def _fuse_frozen(group: list[Proj], dtype: torch.dtype) -> torch.Tensor:
 
 
 class FusedStep:
-    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool,
-                 stack: bool = False):
+    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool):
         self.model, self.p, self.dtype = model, parts, dtype
         self.frozen = not any(p.linear.weight.requires_grad for layer in parts.layers for g in layer.groups for p in g)
-        self._fused: list[list[torch.Tensor | None]] | None = None  # built at the first step, on the training device
+        # per layer, the four groups' tensors as ops.project takes them: built at the first step, on the training
+        # device (after the Trainer moved the model), then reused: a step only reads them
+        self._groups: list[tuple[ops.Weights, ...]] | None = None
+        self._device: torch.device | None = None
         self._zeros: dict[tuple, torch.Tensor] = {}
         p = parts
         eps, heads, kv, hd = p.eps, p.heads, p.kv_heads, p.head_dim
@@ -95,16 +93,6 @@ class FusedStep:
         self._out = _MaybeCompiled(attention_out_mlp, compile)
         self._norm = _MaybeCompiled(final_norm, compile)
         self._ce = _MaybeCompiled(ce_chunk, compile, grad_only=False)  # runs inside an autograd.Function: no grad mode
-        self.stack = compile and stack and flash_ready()
-
-        def decoder_stack(h, cos, sin, cu_seqlens, max_seqlen, weights, lns, norm, training):
-            for (qkv, o, gate_up, down), (ln_in, ln_post) in zip(weights, lns):
-                q, k, v = ops.attention_in(h, ln_in, eps, qkv, cos, sin, heads, kv, hd, training)
-                a = flash(q, k, v, cu_seqlens, max_seqlen)
-                h = ops.attention_out_mlp(h, a, o, ln_post, eps, gate_up, down, training)
-            return ops.rms_norm(h, norm, eps)
-
-        self._stack = _MaybeCompiled(decoder_stack, self.stack)
 
     # -- the tensors of one projection group, as ops.project takes them ----------------------------
     def _zero(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -113,17 +101,14 @@ class FusedStep:
             self._zeros[key] = torch.zeros(shape, dtype=like.dtype, device=like.device)
         return self._zeros[key]
 
-    def _fuse(self, device: torch.device) -> None:
-        """Frozen groups as one matrix each, on the device the model trains on (after the Trainer moved it)."""
-        stale = self._fused is None or (self.frozen and self._fused[0][0].device != device)
-        if stale:
-            self._fused = [[_fuse_frozen(g, self.dtype) if self.frozen else None for g in layer.groups]
-                           for layer in self.p.layers]
+    def _prepare(self, device: torch.device) -> None:
+        """Each group's tensors, frozen groups fused into one matrix; again only if the model moved device."""
+        if self._groups is None or self._device != device:
+            self._groups = [tuple(self._weights(g) for g in layer.groups) for layer in self.p.layers]
+            self._device = device
 
-    def _weights(self, i: int, j: int) -> ops.Weights:
-        group = self.p.layers[i].groups[j]
-        fused = self._fused[i][j]
-        ws = [fused] if fused is not None else [p.linear.weight for p in group]
+    def _weights(self, group: list) -> ops.Weights:
+        ws = [_fuse_frozen(group, self.dtype)] if self.frozen else [p.linear.weight for p in group]
         bs = None
         if any(p.linear.bias is not None for p in group):
             bs = [p.linear.bias if p.linear.bias is not None else self._zero((p.linear.out_features,), p.linear.weight)
@@ -138,26 +123,20 @@ class FusedStep:
 
     # -- the step ---------------------------------------------------------------------------------
     def _layer(self, i: int, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool):
-        layer = self.p.layers[i]
-        q, k, v = self._in(h, layer.ln_in, self._weights(i, 0), cos, sin, training)
+        layer, (qkv, o, gate_up, down) = self.p.layers[i], self._groups[i]
+        q, k, v = self._in(h, layer.ln_in, qkv, cos, sin, training)
         a = causal_varlen(q, k, v, cu_seqlens, max_seqlen)
-        return self._out(h, a, self._weights(i, 1), layer.ln_post, self._weights(i, 2), self._weights(i, 3), training)
+        return self._out(h, a, o, layer.ln_post, gate_up, down, training)
 
     def __call__(self, input_ids: torch.Tensor, shift_labels: torch.Tensor, position_ids: torch.Tensor,
                  cu_seqlens: torch.Tensor, max_seqlen: int, target_positions: torch.Tensor,
                  num_items_in_batch: Any = None, **_: Any) -> CausalLMOutput:
         p, training = self.p, self.model.training
-        self._fuse(input_ids.device)
+        self._prepare(input_ids.device)
         h = F.embedding(input_ids.view(-1), p.embed.weight).to(self.dtype)
         cos, sin = p.rotary(h, position_ids.view(1, -1))
         cos, sin = cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)
-        lm = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        recompute = training and torch.is_grad_enabled() and getattr(lm, "is_gradient_checkpointing", False)
-        if self.stack and not recompute and torch.is_grad_enabled() and self._stack.compiled is not None:
-            weights = [tuple(self._weights(i, j) for j in range(4)) for i in range(len(p.layers))]
-            lns = [(layer.ln_in, layer.ln_post) for layer in p.layers]
-            h = self._stack(h, cos, sin, cu_seqlens, max_seqlen, weights, lns, p.norm, training)
-            return self._loss(h, shift_labels, target_positions, num_items_in_batch)
+        recompute = training and torch.is_grad_enabled() and p.lm.is_gradient_checkpointing
         for i in range(len(p.layers)):
             if recompute:
                 h = checkpoint(self._layer, i, h, cos, sin, cu_seqlens, max_seqlen, training, use_reentrant=False)

@@ -39,12 +39,12 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
         print(f"note: fast path off: {e}; training uses the transformers forward", flush=True)
         return None
     dtype = compute_dtype(mixed_precision(cfg.model.dtype))
-    compile_on = t.compile == "stack" or _wanted(t.compile, on_cuda)
-    step = FusedStep(model, parts, dtype, compile=compile_on, stack=t.compile == "stack")
+    compile_on = _wanted(t.compile, on_cuda)
+    step = FusedStep(model, parts, dtype, compile=compile_on)
     model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
     device = torch.device("cuda" if on_cuda else "cpu")  # where the Trainer will put the model
     summary = (f"fast path: padding-free batches, {kernel_name(device)} attention, fused projections"
                f"{' + LoRA' if any(pr.lora for pr in parts.layers[0].groups[0]) else ''}, chunked output loss on "
-               f"target tokens, {('torch.compile (whole stack)' if step.stack else 'torch.compile') if compile_on else 'eager'}, {str(dtype).replace('torch.', '')}")
+               f"target tokens, {'torch.compile' if compile_on else 'eager'}, {str(dtype).replace('torch.', '')}")
     print(summary, flush=True)
     return FastPath(step, PaddingFreeCollator(cfg.data.pad_to_multiple_of), summary)

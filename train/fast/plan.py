@@ -44,6 +44,7 @@ class LayerParts:
 
 @dataclass
 class ModelParts:
+    lm: nn.Module  # the transformers causal LM (inside the peft model, if any)
     config: object
     embed: nn.Embedding
     layers: list[LayerParts]
@@ -102,7 +103,9 @@ def _layer(layer: nn.Module, i: int) -> LayerParts:
 
 def model_parts(model: nn.Module, max_length: int) -> ModelParts:
     """The parts of `model` (a transformers causal LM, or a peft model around one) the fused step uses."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from peft import PeftModel
+
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
     c = lm.config
     _check_config(c, max_length)
     core, head = lm.model, lm.get_output_embeddings()
@@ -112,7 +115,7 @@ def model_parts(model: nn.Module, max_length: int) -> ModelParts:
         raise Unsupported("an adapted or quantised embedding")
     heads = c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
-    return ModelParts(c, core.embed_tokens, [_layer(layer, i) for i, layer in enumerate(core.layers)],
+    return ModelParts(lm, c, core.embed_tokens, [_layer(layer, i) for i, layer in enumerate(core.layers)],
                       core.norm.weight, head, core.rotary_emb, float(c.rms_norm_eps), heads,
                       c.num_key_value_heads or heads, head_dim)
 

@@ -52,7 +52,7 @@ def test_frozen_groups_are_fused_without_a_copy():
     step = FusedStep(model, model_parts(model, 256), torch.float32, compile=False)
     step(**PaddingFreeCollator()(rows()))
     attn = model.get_base_model().model.layers[0].self_attn
-    fused = step._fused[0][0]
+    fused = step._groups[0][0][0][0]  # layer 0, the q/k/v group, its one (fused) base weight
     assert attn.q_proj.base_layer.weight.data_ptr() == fused.data_ptr()
     assert attn.k_proj.base_layer.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
 
