@@ -94,7 +94,7 @@ def main() -> None:
         raise SystemExit(f"needs {args.gpus} GPUs, found {torch.cuda.device_count()}")
     args.work.mkdir(parents=True, exist_ok=True)
     model = build_model(args.shape, args.tokenizer, args.work / "model")
-    data = build_data(args.work / "data.jsonl", args.tokenizer, rows=6000, lengths=tuple(args.lengths))
+    data = build_data(args.work / "data.jsonl", args.tokenizer, rows=2000, lengths=tuple(args.lengths))
     results = []
     for i, spec in enumerate(args.runs.split(",")):
         method, n, *mode = spec.split(":")
