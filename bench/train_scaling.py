@@ -41,7 +41,7 @@ def run(nproc: int, model: Path, data: Path, out: Path, method: str, args, fsdp:
     cli = [f"model.name_or_path={model}", f"data.train={data}", f"data.eval={data}", "data.validation_fraction=0.01",
            f"data.max_length={args.max_length}", f"method.name={method}", f"training.max_steps={steps}",
            f"training.batch_size={args.batch}", "training.logging_steps=5", f"training.eval_steps={steps}",
-           "training.save_steps=100000", f"training.lr={LR[method]}", "eval.enabled=false", f"output.dir={out}", *(["training.fsdp=full_shard auto_wrap"] if fsdp else []),
+           "training.save_steps=100000", f"training.lr={LR[method]}", "eval.enabled=false", f"output.dir={out}", "output.overwrite=true", *(["training.fsdp=full_shard auto_wrap"] if fsdp else []),
            *args.project_args]
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
