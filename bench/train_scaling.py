@@ -14,7 +14,7 @@ set-up fall before it).
   python bench/train_scaling.py --gpus 2 --shape qwen2-1.5b --tokenizer TOK \
       --runs lora:1,lora:1,lora:2,full:1,full:2,full:2:fsdp --out results.json
 
-A run is method:gpus[:fsdp]; the first run of each method only warms the compile caches when it is
+A run is method:gpus[:fsdp][:section.field=value...]; the first run of each method only warms the compile caches when it is
 repeated (the table drops a run whose method/GPUs/mode repeats an earlier one, keeping the later).
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.train_speed import LR, SHAPES, build_data, build_model  # noqa: E402
 
 
-def run(nproc: int, model: Path, data: Path, out: Path, method: str, args, fsdp: bool) -> dict:
+def run(nproc: int, model: Path, data: Path, out: Path, method: str, args, fsdp: bool, extra: list[str]) -> dict:
     launcher = [sys.executable, "-m", "train"] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
     steps = args.steps
@@ -42,7 +42,7 @@ def run(nproc: int, model: Path, data: Path, out: Path, method: str, args, fsdp:
            f"data.max_length={args.max_length}", f"method.name={method}", f"training.max_steps={steps}",
            f"training.batch_size={args.batch}", "training.logging_steps=5", f"training.eval_steps={steps}",
            "training.save_steps=100000", f"training.lr={LR[method]}", "eval.enabled=false", f"output.dir={out}", "output.overwrite=true", *(["training.fsdp=full_shard auto_wrap"] if fsdp else []),
-           *args.project_args]
+           *args.project_args, *extra]
     t0 = time.time()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     p = subprocess.run([*launcher, *cli], cwd=ROOT, capture_output=True, text=True, env=env)
@@ -56,7 +56,8 @@ def run(nproc: int, model: Path, data: Path, out: Path, method: str, args, fsdp:
     losses = [r["loss"] for r in logs if "loss" in r]
     man = json.loads((out / "manifest.json").read_text())  # the run's output was written and recorded
     fast = [line for line in p.stdout.splitlines() + p.stderr.splitlines() if "fast path" in line or "fused step" in line]
-    return {"gpus": nproc, "method": method, "mode": "fsdp" if fsdp else "ddp" if nproc > 1 else "-",
+    mode = "fsdp" if fsdp else "ddp" if nproc > 1 else "-"
+    return {"gpus": nproc, "method": method, "mode": " ".join([mode, *extra]),
             "tokens_per_s": span_steps * args.batch * nproc * rep["tokens"] / rep["rows"] / span_s,
             "steady_steps": span_steps, "wall_s": wall, "first_loss": losses[0], "last_loss": losses[-1],
             "manifest_files": len(man["files"]), "fast_path_lines": fast[:2]}
@@ -78,7 +79,7 @@ def main() -> None:
     ap.add_argument("--gpus", type=int, default=2)
     ap.add_argument("--shape", default="qwen2-1.5b", choices=sorted(SHAPES))
     ap.add_argument("--tokenizer", type=Path, required=True, help="an HF tokenizer folder")
-    ap.add_argument("--runs", default="lora:1,lora:1,lora:2,full:1,full:2", help="method:gpus[:fsdp], comma-separated")
+    ap.add_argument("--runs", default="lora:1,lora:1,lora:2,full:1,full:2", help="method:gpus[:fsdp][:section.field=value...], comma-separated")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=8, help="rows per GPU")
     ap.add_argument("--lengths", type=int, nargs=2, default=(1024, 1024))
@@ -96,8 +97,9 @@ def main() -> None:
     data = build_data(args.work / "data.jsonl", args.tokenizer, rows=2000, lengths=tuple(args.lengths))
     results = []
     for i, spec in enumerate(args.runs.split(",")):
-        method, n, *mode = spec.split(":")
-        r = run(int(n), model, data, args.work / f"{i}-{spec.replace(':', '-')}", method, args, fsdp=mode == ["fsdp"])
+        method, n, *more = spec.split(":")
+        r = run(int(n), model, data, args.work / f"{i}-{method}-{n}", method, args, "fsdp" in more,
+                [x for x in more if x != "fsdp"])
         results = [x for x in results if (x["method"], x["gpus"], x["mode"]) != (r["method"], r["gpus"], r["mode"])]
         results.append(r)
         print(json.dumps(r), flush=True)

@@ -99,6 +99,8 @@ def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
         logging_steps=t.logging_steps, logging_first_step=True, report_to=["tensorboard"],
         remove_unused_columns=False, dataloader_num_workers=0,
         fsdp=t.fsdp or "", ddp_find_unused_parameters=False if cfg.method.name != "prompt_tuning" else None,
+        ddp_bucket_cap_mb=t.ddp_bucket_mb or None, ddp_broadcast_buffers=False,  # buffers (rotary tables) never change
+        ddp_static_graph=t.ddp_static_graph and cfg.method.name != "prompt_tuning",
         disable_tqdm=False,
     )
 
