@@ -53,7 +53,8 @@ def _model(shape: str, variant: str):
     return m
 
 
-def run(shape: str, variant: str, steps: int, profile: bool) -> None:
+def run(shape: str, variant: str, steps: int, profile: bool, python_profile: bool = False,
+        trace: Path | None = None) -> None:
     from train.fast.decoder import FusedStep
     from train.fast.plan import model_parts
 
@@ -85,6 +86,20 @@ def run(shape: str, variant: str, steps: int, profile: bool) -> None:
                 one()
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=70))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+        if trace:
+            prof.export_chrome_trace(str(trace / f"{shape}-{variant}.trace.json"))
+    if python_profile:  # where the host's time goes, by Python function (the step is host-bound when this is near ms/step)
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(5):
+            one()
+        torch.cuda.synchronize()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
 
@@ -94,10 +109,14 @@ def main() -> None:
     ap.add_argument("--shape", default="qwen2-0.5b", choices=sorted(SHAPES))
     ap.add_argument("--variants", default="lora,lora-nodrop,full,lora-eager")
     ap.add_argument("--profile", default="lora,full")
+    ap.add_argument("--python-profile", default="", help="variants whose host time is broken down by cProfile")
+    ap.add_argument("--trace", type=Path, help="a folder for the profiled variants' Chrome traces")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
+    if args.trace:
+        args.trace.mkdir(parents=True, exist_ok=True)
     for v in args.variants.split(","):
-        run(args.shape, v, args.steps, v in args.profile.split(","))
+        run(args.shape, v, args.steps, v in args.profile.split(","), v in args.python_profile.split(","), args.trace)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class TrainingConfig:
     save_total_limit: int = opt(2, "keep the last checkpoints only; they are large for full fine-tuning")
     logging_steps: int = opt(5, "train loss every N steps to JSONL/TensorBoard")
     fsdp: str = opt("", "e.g. 'full_shard auto_wrap' for full fine-tuning across GPUs under torchrun; '' = DDP")
+    ddp_bucket_mb: int = opt(0, "DDP's gradient bucket size under torchrun; 0 = torch's 25 MB")
+    ddp_static_graph: bool = opt(True, "the step uses every trainable parameter every time, so DDP may fix its reduction "
+                                 "order after the first step and overlap it with the backward (off for prompt tuning)")
     num_threads: int = opt(0, "CPU threads for torch; 0 = torch's default (all cores)")
     fast_path: str = opt("auto", "auto = the fused padding-free step (train/fast) on CUDA for Llama/Qwen2/Mistral LoRA and full "
                          "fine-tuning, the transformers forward otherwise; on = also on CPU; off = never")

@@ -58,7 +58,7 @@ def check_output(rd: RunDir, overwrite: bool, resume: bool, registry: str | None
             raise ConfigError(f"{rd.root}: run already finished; nothing to resume")
         checkpoints.resume_point(rd)  # ConfigError when no checkpoint is complete
         return
-    if rd.root.exists() and any(rd.root.iterdir()):
+    if rd.root.exists() and any(rd.root.iterdir()) and _rank() == 0:  # other torchrun ranks may see rank 0's first writes
         if not overwrite:
             raise ConfigError(f"{rd.root}: output.dir exists; use --resume to continue it or output.overwrite=true")
 
@@ -99,6 +99,9 @@ def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
         logging_steps=t.logging_steps, logging_first_step=True, report_to=["tensorboard"],
         remove_unused_columns=False, dataloader_num_workers=0,
         fsdp=t.fsdp or "", ddp_find_unused_parameters=False if cfg.method.name != "prompt_tuning" else None,
+        ddp_bucket_cap_mb=t.ddp_bucket_mb or None, ddp_broadcast_buffers=False,  # buffers (rotary tables) never change
+        ddp_static_graph=t.ddp_static_graph and cfg.method.name != "prompt_tuning",
+        use_cpu=not torch.cuda.is_available(),  # else accelerate runs each torchrun rank alone on a CPU (no gloo DDP)
         disable_tqdm=False,
     )
 
