@@ -200,7 +200,7 @@ def _importable(image: str, modules: tuple[str, ...]) -> set[str]:
 
 
 def test_each_image_holds_only_its_stage(stack):
-    """serve-flask: core + serve, no training stack; pipeline-cpu (the jobs): core + train + export, no server;
+    """serve-flask: core + serve + the kubernetes client, no training stack; pipeline-cpu (the jobs): core + train + export, no server;
     both on one shared base with torch. Sizes are printed for the README."""
     images = stack["images"]
     serve, pipeline = images["serve"], images["train"]
@@ -208,6 +208,7 @@ def test_each_image_holds_only_its_stage(stack):
     p = _sh("docker", "run", "--rm", serve, "python", "-c", "import matplotlib", check=False)
     assert p.returncode != 0 and "No module named 'matplotlib'" in p.stderr, (p.stdout, p.stderr)
     _sh("docker", "run", "--rm", serve, "python", "-c", "import flask, pydantic, onnxruntime, torch, serve.server")
+    _sh("docker", "run", "--rm", serve, "python", "-c", "import kubernetes, serve.k8s_runner")  # SERVE_FINETUNE_WORKER=k8s
     assert _importable(serve, TRAINING_ONLY + SERVE_ONLY) == set(SERVE_ONLY)
     in_pipeline = _importable(pipeline, TRAINING_ONLY + SERVE_ONLY + ("onnxruntime",))
     # pydantic and httpx come with huggingface_hub; the WSGI server stack does not
