@@ -8,11 +8,11 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.errors import bad_request
-from serve.protocol import _int
+from serve.protocol import bounded_int
 
 _REQ = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 Auto = Literal["auto"]
-PositiveInt = _int(1, 1_000_000)  # 1.0 is an integer in JSON Schema, so it is taken too
+PositiveInt = bounded_int(1, 1_000_000)  # 1.0 is an integer in JSON Schema, so it is taken too
 PositiveFloat = Annotated[float, Field(gt=0, le=1000)]
 STATES = Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -20,7 +20,7 @@ STATES = Literal["validating_files", "queued", "running", "succeeded", "failed",
 class Hyperparameters(BaseModel):
     model_config = _REQ
     n_epochs: Auto | PositiveInt | None = None
-    batch_size: Auto | _int(1, 4096) | None = None
+    batch_size: Auto | bounded_int(1, 4096) | None = None
     learning_rate_multiplier: Auto | PositiveFloat | None = None
 
 
@@ -86,7 +86,7 @@ class JobCreateRequest(BaseModel):
     hyperparameters: Hyperparameters | None = Field(None, description="legacy; prefer method.<type>.hyperparameters")
     method: Method | None = None
     suffix: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")] | None = None
-    seed: _int(0, 2**31 - 1) | None = None
+    seed: bounded_int(0, 2**31 - 1) | None = None
     metadata: Annotated[dict[str, Annotated[str, Field(max_length=512)]], Field(max_length=16)] | None = None
     integrations: Annotated[list[Any], Field(max_length=0)] | None = Field(
         None, description="not supported: only an empty list or null")
