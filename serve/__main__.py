@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from serve.local_trainer import start_local_trainer
 from serve.settings import Settings
 
 
@@ -113,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(**{k: v for k, v in vars(args).items() if v is not None})
+        trainer = start_local_trainer(settings.finetune_worker, settings.registry, settings.finetune_worker_args.split(),
+                                      settings.finetune_dir)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _serve(settings)
+    finally:
+        if trainer is not None:
+            trainer.stop()
+
+
+def _serve(settings: Settings) -> int:
+    try:
         if settings.backend == "vllm":
             from serve.vllm_backend import run_vllm
 

@@ -23,7 +23,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTim
 from werkzeug.wsgi import ClosingIterator
 
 from serve.adapters import AdapterSync
-from serve.backend import Backend, EventStream, JSONReply, RelayedStream, Reply
+from serve import finetune_api
+from serve.backend import Backend, EventStream, JSONReply, RelayedStream, Reply, json_body
 from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
 from serve.openapi import openapi_spec
@@ -209,7 +210,7 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     """`serving` may be None while the engine loads: /ready and /v1/* answer 503 until set_serving()."""
     app = Flask("tunestack", static_folder=None)  # no /static route serving whatever the working directory holds
     # one byte over: a chunked body larger than the limit must reach DeadlineInput's check (413), not be cut at it
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
+    app.config["MAX_CONTENT_LENGTH"] = max(settings.max_body_bytes, settings.max_upload_bytes) + 1
     app.url_map.merge_slashes = False  # "//etc/passwd" must reach the name check, not redirect
     state = AppState(serving, sync, drain=Drain(settings.drain_seconds))
     app.extensions["tunestack"] = state
@@ -219,6 +220,15 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     _probe_routes(app, state, metrics)
     _api_routes(app, state)
     _admin_routes(app, state)
+    submit = None
+    if settings.finetune_worker == "k8s":
+        from serve.k8s_runner import K8sRunner
+
+        submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
+    finetune_api.routes(app, finetune_api.FineTuneAPI(settings.registry, lambda: state.ready_backend().model_name,
+                                                      settings.max_upload_bytes, settings.api_key, submit,
+                                                      settings.finetune_dir or None),
+                        json_body, json_response)
     return app
 
 
@@ -243,8 +253,11 @@ def _counted_with_deadline(wsgi_app: Callable, drain: Drain, settings: Settings)
     included); its body must arrive within body_timeout and fit max_body_bytes."""
     def counted(environ: dict, start_response: Callable) -> Any:
         length = environ.get("CONTENT_LENGTH")
-        body_in = DeadlineInput(environ["wsgi.input"], environ.get("gunicorn.socket"), settings.body_timeout,
-                                int(length) if length and length.isdigit() else None, settings.max_body_bytes)
+        upload = environ.get("PATH_INFO") == "/v1/files" and environ.get("REQUEST_METHOD") == "POST"
+        body_in = DeadlineInput(environ["wsgi.input"], environ.get("gunicorn.socket"),
+                                settings.upload_timeout if upload else settings.body_timeout,
+                                int(length) if length and length.isdigit() else None,
+                                settings.max_upload_bytes if upload else settings.max_body_bytes)
         environ["wsgi.input"] = body_in
         release = drain.enter()
         try:

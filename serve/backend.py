@@ -73,18 +73,28 @@ class ServedModels:
     base: str
     sync: AdapterSync | None = None
 
+    def canonical(self, model: object) -> object:
+        """A fine-tuning job's model name, `ft:<base>:<suffix>:<id>`, is the registry adapter `ft-<id>`."""
+        if isinstance(model, str) and model.startswith("ft:"):
+            parts = model.split(":")
+            if len(parts) == 4 and parts[1] == self.base and parts[3]:
+                return f"ft-{parts[3]}"
+        return model
+
     def is_served(self, model: object) -> bool:
+        model = self.canonical(model)
         return isinstance(model, str) and (model == self.base or (self.sync is not None and self.sync.is_loaded(model)))
 
     def adapter(self, model: object) -> str | None:
         """The adapter a request for `model` runs on (None: the base); 404 for a name not served."""
         if not self.is_served(model):
             raise APIError(404, f"The model '{model}' does not exist", "model", "model_not_found")
+        model = self.canonical(model)
         return None if model == self.base else str(model)
 
     def label(self, model: object) -> str:
         """`model` as a metric label: names not served become "_unknown" (clients must not grow the label set)."""
-        return str(model) if self.is_served(model) else "_unknown"
+        return str(self.canonical(model)) if self.is_served(model) else "_unknown"
 
     def labels(self, model: object) -> tuple[str, str]:
         """(model, adapter) metric labels; the adapter label is empty for the base and for unknown names."""

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
+from serve import finetune_protocol as ft
 from serve import protocol as p
 
 REF = "#/components/schemas/{model}"
 ERRORS = {400: "Invalid request: error.param names the offending field.", 401: "Missing or wrong key.",
-          404: "Unknown model, or unknown adapter.", 413: "Request body too large.",
+          404: "Unknown model, adapter, file or job.", 413: "Request body too large.",
           503: "Model still loading, or an engine failure."}
 SSE = ("Server-sent events when the request sets `stream`: one `data: <{chunk} JSON>` event per chunk, a last "
        "usage-only chunk with `stream_options.include_usage`, then `data: [DONE]`. An engine failure mid-stream "
@@ -111,9 +112,59 @@ def _admin_action(summary: str, refused: bool) -> dict:
     return {"post": {"summary": summary, "security": ADMIN_KEY, "parameters": [name], "responses": responses}}
 
 
+def _ok(model: type[BaseModel], description: str, *errors: int) -> dict:
+    return {"200": {"description": description, "content": _json(model)}, **_errors(*errors)}
+
+
+def _id(name: str, what: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": f"the {what}'s id", "schema": {"type": "string"}}
+
+
+PAGING = [{"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+           "description": "the id of the last item of the previous page"},
+          {"name": "limit", "in": "query", "required": False,
+           "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}]
+
+
+def _finetune_paths() -> dict:
+    """OpenAI's files and fine-tuning jobs (serve/finetune_api.py)."""
+    fid, jid = _id("fid", "file"), _id("jid", "job")
+
+    def op(summary: str, responses: dict, params: list | None = None, body: dict | None = None) -> dict:
+        return {"summary": summary, "security": API_KEY, **({"parameters": params} if params else {}),
+                **({"requestBody": {"required": True, "content": body}} if body else {}), "responses": responses}
+
+    return {
+        "/v1/files": {
+            "get": op("The uploaded files, newest first.", _ok(ft.FileList, "Files.", 401),
+                      [{"name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}}]),
+            "post": op("Upload training data; every row is validated (400 names the line and field).",
+                       _ok(ft.FileObject, "The stored file.", 400, 401, 413),
+                       body={"multipart/form-data": {"schema": ft.UPLOAD_SCHEMA}})},
+        "/v1/files/{fid}": {"get": op("A file.", _ok(ft.FileObject, "The file.", 401, 404), [fid]),
+                            "delete": op("Delete a file.", _ok(ft.FileDeleted, "Deleted.", 401, 404), [fid])},
+        "/v1/files/{fid}/content": {"get": op("A file's bytes, as uploaded.", {
+            "200": {"description": "The file.", "content": {"application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"}}}}, **_errors(401, 404)}, [fid])},
+        "/v1/fine_tuning/jobs": {
+            "get": op("Jobs, newest first.", _ok(ft.JobList, "Jobs.", 400, 401), PAGING),
+            "post": op("Queue a fine-tuning job; a worker trains it and publishes `fine_tuned_model`.",
+                       _ok(ft.FineTuningJob, "The queued job.", 400, 401, 404, 503), body=_json(ft.JobCreateRequest))},
+        "/v1/fine_tuning/jobs/{jid}": {"get": op("A job.", _ok(ft.FineTuningJob, "The job.", 401, 404), [jid])},
+        "/v1/fine_tuning/jobs/{jid}/cancel": {"post": op("Cancel a queued or running job; nothing is published.",
+                                                         _ok(ft.FineTuningJob, "The job.", 400, 401, 404), [jid])},
+        "/v1/fine_tuning/jobs/{jid}/events": {"get": op("A job's events, newest first.",
+                                                        _ok(ft.EventList, "Events.", 400, 401, 404), [jid, *PAGING])},
+        "/v1/fine_tuning/jobs/{jid}/checkpoints": {"get": op("A job's checkpoints on disk, newest first.",
+                                                             _ok(ft.CheckpointList, "Checkpoints.", 400, 401, 404),
+                                                             [jid, *PAGING])},
+    }
+
+
 def _paths() -> dict:
     """Every route the app serves, with what it answers."""
     return {
+        **_finetune_paths(),
         "/v1/models": _get("The base model and the loaded adapters (adapters carry `parent`).",
                            {"200": {"description": "Model list.", "content": _json(p.ModelList)},
                             **_errors(401, 503)}, API_KEY),
@@ -142,7 +193,7 @@ def openapi_spec(served: Served | None = None) -> dict:
     """The OpenAPI 3.1 document; with `served`, narrowed to what that server can answer now."""
     models = [p.CompletionRequest, p.ChatCompletionRequest, p.CompletionResponse, p.CompletionChunk,
               p.ChatCompletionResponse, p.ChatCompletionChunk, p.ModelList, p.ErrorResponse, p.Health,
-              p.Readiness, p.AdapterList, p.AdapterAction]
+              p.Readiness, p.AdapterList, p.AdapterAction, *ft.MODELS]
     spec = {
         "openapi": "3.1.0",
         "info": {"title": "tunestack OpenAI-compatible API", "version": "1"},
@@ -159,6 +210,8 @@ def narrowed(spec: dict, served: Served) -> dict:
     for path in ("/admin/adapters/{name}/load", "/admin/adapters/{name}/unload"):
         if served.adapters:
             out["paths"][path]["post"]["parameters"][0]["schema"]["enum"] = list(served.adapters)
+    job = out["components"]["schemas"]["JobCreateRequest"]["properties"]
+    job["model"] = {**job["model"], "enum": list(served.models[:1])}  # the base (GET /v1/models lists it first)
     for name in REQUESTS:
         props = out["components"]["schemas"][name]["properties"]
         props["model"] = {**props["model"], "enum": list(served.models)}

@@ -54,14 +54,14 @@ def _integral(v: Any) -> Any:
     return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
-def _int(lo: int, hi: int) -> Any:
+def bounded_int(lo: int, hi: int) -> Any:
     """An integer in [lo, hi] (the bounds precede the validator so they land in the JSON schema)."""
     return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
 
 
-TokenCount = _int(1, MAX_TOKENS)
-ChoiceCount = _int(1, MAX_N)
-Seed = _int(*INT64)
+TokenCount = bounded_int(1, MAX_TOKENS)
+ChoiceCount = bounded_int(1, MAX_N)
+Seed = bounded_int(*INT64)
 Temperature = Annotated[float, Field(ge=0, le=2)]  # strict floats take ints, not bools
 TopP = Annotated[float, Field(ge=0, le=1)]
 StopList = Annotated[list[str], Field(max_length=MAX_STOP)]

@@ -20,6 +20,13 @@ class Settings:
     api_key: str = field(default="", metadata={"help": "Bearer key for /v1/*; empty = no auth (local use only)"})
     admin_key: str = field(default="", metadata={"help": "Bearer key for /admin/*; empty = admin API off"})
     max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
+    max_upload_bytes: int = field(default=512 << 20, metadata={"help": "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows"})
+    finetune_worker: str = field(default="auto", metadata={"help": "fine-tuning jobs: auto = run `python -m train worker` beside the server when the training stack is installed (one box); on = that, or exit 2; off = jobs wait for an external worker (compose's trainer service); k8s = each job becomes a batch/v1 Job"})
+    finetune_dir: str = field(default="", metadata={"help": "where uploaded files and jobs live; empty = <registry>/.finetune (set it where the registry is mounted read-only)"})
+    finetune_job_template: Path = field(default=Path("/etc/tunestack/train-job.yaml"), metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the training Job template (k8s/base/train-job.yaml, mounted from a ConfigMap)"})
+    finetune_namespace: str = field(default="tunestack", metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the namespace Jobs are created in (the serving pod's own)"})
+    finetune_worker_args: str = field(default="", metadata={"help": "overrides for every job the local worker runs, space-separated section.field=value (e.g. eval sizes)"})
+    upload_timeout: float = field(default=600.0, metadata={"help": "seconds a training-file upload may take to arrive (512 MiB at ~1 MB/s)"})
     max_batch: int = field(default=32, metadata={"help": "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it"})
     max_model_len: int = field(default=2048, metadata={"help": "prompt + max_tokens limit (capped by the model)"})
     max_lora_rank: int = field(default=64, metadata={"help": "larger adapters are refused (vLLM needs it at start)"})
@@ -76,6 +83,10 @@ class Settings:
             raise ValueError(f"SERVE_FORWARD: {self.forward!r}; choose lean or transformers")
         if self.body_timeout <= 0 or self.drain_seconds < 0:
             raise ValueError("SERVE_BODY_TIMEOUT must be > 0 and SERVE_DRAIN_SECONDS >= 0")
+        if self.finetune_worker not in ("auto", "on", "off", "k8s"):
+            raise ValueError(f"SERVE_FINETUNE_WORKER: {self.finetune_worker!r}; choose auto, on, off, k8s")
+        if self.max_upload_bytes < 1024 or self.upload_timeout <= 0:
+            raise ValueError("SERVE_MAX_UPLOAD_BYTES must be >= 1024 and SERVE_UPLOAD_TIMEOUT > 0")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 

@@ -187,7 +187,7 @@ class VLLMProxy:
         except APIError as e:
             self.metrics.record_request(self.served.labels(body.get("model")), e.status, t0)
             raise
-        if (fitted := _fit_for_vllm(body)) is not None:
+        if (fitted := _fit_for_vllm(body, self.served.canonical(body.get("model")))) is not None:
             body, raw = fitted, json.dumps(fitted).encode()
         labels = self.served.labels(body.get("model"))
         self._check_context(path, body)
@@ -306,11 +306,14 @@ class VLLMProxy:
                 self.up.drop()  # the connection is mid-answer: close it (vLLM aborts) rather than reuse it
             up.close()
             self._finish(labels, status, t0, usage if status == 200 else None, first)
-def _fit_for_vllm(body: dict) -> dict | None:
+def _fit_for_vllm(body: dict, model: object = None) -> dict | None:
     """The body with what the API accepts but vLLM refuses made vLLM's way (None: nothing to change):
     nulls are "not given" in OpenAI's API; stream_options without a stream and empty stop strings are
-    ignored, and top_p 0 keeps the top token only, as on the Flask backend."""
+    ignored, top_p 0 keeps the top token only, as on the Flask backend, and a fine-tuning job's
+    `ft:` name becomes the adapter name vLLM knows (`model`, from ServedModels.canonical)."""
     out = {k: v for k, v in body.items() if v is not None}
+    if model is not None and model != out.get("model"):
+        out["model"] = model
     if out.get("stream") is not True:
         out.pop("stream_options", None)
     stop = out.get("stop")

@@ -3,6 +3,7 @@
   python -m train [run] [CONFIG.yaml] [section.field=value ...] [--resume]
   python -m train eval  (--run RUN | --model MODEL) --data FILE [--out FILE]
   python -m train publish RUN --registry DIR [--name NAME] [--force] [--min-gain P] [--max-retention-drop P] [--keep N]
+  python -m train worker --registry DIR [--once] [--poll S] [--set section.field=value ...]   runs queued API jobs
 
 Bad input exits 2 with one line naming file:line:field.
 """
@@ -20,7 +21,7 @@ from lm.errors import UserError
 # TRL checks the installed vLLM against its tested range on import; training never drives vLLM.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 
-COMMANDS = ("run", "eval", "publish")
+COMMANDS = ("run", "eval", "publish", "worker")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +53,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-gain", type=float, help="task gain in points the gate requires (default: the run's publish.min_gain)")
     p.add_argument("--max-retention-drop", type=float, help="retention drop in points the gate allows (default: the run's publish.max_retention_drop)")
     p.add_argument("--keep", type=int, help="versions kept per name (default: the run's publish.keep_versions)")
+    w = sub.add_parser("worker", help="run the fine-tuning jobs the serving API queued in a registry")
+    w.add_argument("--registry", required=True, type=Path)
+    w.add_argument("--once", action="store_true", help="run the queued jobs, then exit (default: wait for more)")
+    w.add_argument("--store", type=Path, help="where the API keeps files and jobs (default: REGISTRY/.finetune)")
+    w.add_argument("--job", help="run this job only (what a Kubernetes Job's pod does), then exit")
+    w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    w.add_argument("--exit-with-parent", action="store_true", help="exit when the process that started it is gone")
+    w.add_argument("--set", dest="extra", action="append", default=[], metavar="section.field=value",
+                   help="an override applied to every job (repeatable), e.g. eval.retain_max_examples=40")
     return ap
+
+
+def cmd_worker(args) -> int:
+    from train.worker import Worker
+
+    w = Worker(args.registry, args.extra, store=args.store)
+    if args.job:
+        job = w.one(args.job)
+        print(f"{job.id}: {job.status}")
+        return 0 if job.status in ("succeeded", "cancelled") else 1
+    if args.once:
+        w.recover()
+        while w.once() is not None:
+            pass
+        return 0
+    import os
+
+    w.forever(args.poll, os.getppid() if args.exit_with_parent else None)
+    return 0
 
 
 def cmd_run(args) -> int:
@@ -124,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["run", *argv]
     args = _parser().parse_args(argv)
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "publish": cmd_publish}[args.cmd](args)
+        return {"run": cmd_run, "eval": cmd_eval, "publish": cmd_publish, "worker": cmd_worker}[args.cmd](args)
     except UserError as e:
         _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)

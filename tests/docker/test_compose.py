@@ -4,6 +4,7 @@ the server, then `down -v`. Timings are printed for the README."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -71,7 +72,12 @@ def stack(dockerd):
            "TRAIN_ARGS": "training.max_steps=20 training.eval_steps=10 training.save_steps=10 eval.max_examples=8 "
                          "data.replay=0 training.group_by_length=false eval.retain_max_examples=16 "
                          "publish.min_gain=-100 publish.max_retention_drop=100",
-           "EXPORT_ARGS": "--max-metric-drop 100 --min-gain -100 --max-retention-drop 100"}
+           "EXPORT_ARGS": "--max-metric-drop 100 --min-gain -100 --max-retention-drop 100",
+           # the same loosening for the fine-tuning API's jobs, which the trainer service runs
+           "TRAINER_ARGS": " ".join(f"--set {a}" for a in (
+               "training.max_steps=20", "training.eval_steps=10", "training.save_steps=10", "eval.max_examples=8",
+               "data.replay=0", "eval.retain_max_examples=16", "publish.min_gain=-100",
+               "publish.max_retention_drop=100"))}
     compose = ["docker-compose", "-p", PROJECT, *FILES]
     t = time.time()
     _sh(*compose, "build", env=env)
@@ -194,7 +200,7 @@ def _importable(image: str, modules: tuple[str, ...]) -> set[str]:
 
 
 def test_each_image_holds_only_its_stage(stack):
-    """serve-flask: core + serve, no training stack; pipeline-cpu (the jobs): core + train + export, no server;
+    """serve-flask: core + serve + the kubernetes client, no training stack; pipeline-cpu (the jobs): core + train + export, no server;
     both on one shared base with torch. Sizes are printed for the README."""
     images = stack["images"]
     serve, pipeline = images["serve"], images["train"]
@@ -202,6 +208,7 @@ def test_each_image_holds_only_its_stage(stack):
     p = _sh("docker", "run", "--rm", serve, "python", "-c", "import matplotlib", check=False)
     assert p.returncode != 0 and "No module named 'matplotlib'" in p.stderr, (p.stdout, p.stderr)
     _sh("docker", "run", "--rm", serve, "python", "-c", "import flask, pydantic, onnxruntime, torch, serve.server")
+    _sh("docker", "run", "--rm", serve, "python", "-c", "import kubernetes, serve.k8s_runner")  # SERVE_FINETUNE_WORKER=k8s
     assert _importable(serve, TRAINING_ONLY + SERVE_ONLY) == set(SERVE_ONLY)
     in_pipeline = _importable(pipeline, TRAINING_ONLY + SERVE_ONLY + ("onnxruntime",))
     # pydantic and httpx come with huggingface_hub; the WSGI server stack does not
@@ -247,3 +254,28 @@ def test_no_secret_in_any_image_layer_or_file(stack):
         assert secrets_in_image(image, API_KEY) == [], image
     # the scan can fail: a string the serve image does hold is found in its files
     assert "/app/serve/server.py" in secrets_in_image(images["serve"], "def run_gunicorn")
+
+
+# Last: it publishes a second adapter, which the tests above would count.
+def test_the_openai_fine_tuning_loop_runs_on_the_trainer_service(stack):
+    """Upload, create a job, poll it to success (the trainer service trains it), call job.fine_tuned_model."""
+    client = openai.OpenAI(base_url=f"{stack['url']}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    rows = (ROOT / "train" / "demo_data" / "chef_train.jsonl").read_bytes().splitlines()[:200]
+    f = client.files.create(file=("menu.jsonl", io.BytesIO(b"\n".join(rows) + b"\n")), purpose="fine-tune")
+    base = next(m.id for m in client.models.list().data if m.parent is None)
+    job = client.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="menu")
+    deadline = time.time() + 900
+    while (job := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.time() < deadline, job.status
+        time.sleep(3)
+    assert job.status == "succeeded", job.error
+    deadline = time.time() + 60
+    while True:  # serve's registry watcher loads the published adapter within seconds
+        try:
+            out = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=12, temperature=0,
+                                                 messages=[{"role": "user", "content": "How spicy is Korvalo Stew?"}])
+            break
+        except openai.NotFoundError:
+            assert time.time() < deadline, "the job's model was not served within 60 s"
+            time.sleep(1)
+    assert out.model == job.fine_tuned_model and out.choices[0].message.content

@@ -17,8 +17,8 @@ from tests.conftest import ROOT
 MON = ROOT / "configs" / "monitoring"
 TRAINING_ONLY = {"tensorboard", "matplotlib", "sacrebleu", "rouge-score", "gguf", "onnx", "onnxscript"}
 # final targets -> the requirement file (from the `requirements` stage) each installs, besides what it inherits
-TARGET_REQUIREMENTS = {"cpu-base": "core.txt", "serve-flask": "serve.txt", "pipeline-cpu": "train-export.txt",
-                       "train": "train-qlora.txt", "export": "train-export.txt", "serve-vllm": "serve.txt"}
+TARGET_REQUIREMENTS = {"cpu-base": "core.txt", "serve-flask": "serve-k8s.txt", "pipeline-cpu": "train-export.txt",
+                       "train": "train-qlora.txt", "export": "train-export.txt", "serve-vllm": "serve-k8s.txt"}
 
 
 def _config(*files: str) -> dict:
@@ -118,10 +118,11 @@ def test_each_target_installs_only_its_stage_extras(tmp_path):
     extras = project["optional-dependencies"]
     assert not TRAINING_ONLY & {re.split(r"[<>=!~;\[ ]", r)[0] for r in extras["serve"]}
     req = _resolved_requirements(tmp_path)
-    assert set(req) == {"core.txt", "serve.txt", "train.txt", "train-qlora.txt", "train-export.txt"}
+    assert set(req) == {"core.txt", "serve-k8s.txt", "train.txt", "train-qlora.txt", "train-export.txt"}
     core = {"torch", "transformers", "peft", "safetensors", "pyyaml"}
     assert set(req["core.txt"]) == core
-    assert set(req["serve.txt"]) == core | {"flask", "gunicorn", "prometheus-client", "pydantic", "httpx", "onnxruntime"}
+    assert set(req["serve-k8s.txt"]) == core | {"flask", "gunicorn", "prometheus-client", "pydantic", "httpx", "onnxruntime",
+                                          "kubernetes"}  # SERVE_FINETUNE_WORKER=k8s creates Jobs with it
     assert set(req["train.txt"]) >= core | (TRAINING_ONLY - {"onnx", "onnxscript"}) and "flask" not in req["train.txt"]
     assert set(req["train-qlora.txt"]) == set(req["train.txt"]) | {"bitsandbytes"}  # the GPU train image
     assert "bitsandbytes" not in req["train-export.txt"]  # CPU pipeline: LoRA etc., no 43 MB NF4 kernels

@@ -72,7 +72,10 @@ def test_paths_and_operations():
                                                                           "admin": ("http", "bearer")}
     assert set(SPEC["paths"]) == {"/v1/models", "/v1/completions", "/v1/chat/completions", "/admin/adapters",
                                   "/admin/adapters/{name}/load", "/admin/adapters/{name}/unload", "/health",
-                                  "/ready", "/metrics", "/openapi.json", "/"}
+                                  "/ready", "/metrics", "/openapi.json", "/", "/v1/files", "/v1/files/{fid}",
+                                  "/v1/files/{fid}/content", "/v1/fine_tuning/jobs", "/v1/fine_tuning/jobs/{jid}",
+                                  "/v1/fine_tuning/jobs/{jid}/cancel", "/v1/fine_tuning/jobs/{jid}/events",
+                                  "/v1/fine_tuning/jobs/{jid}/checkpoints"}
     for path, req, res in (("/v1/completions", "CompletionRequest", "CompletionResponse"),
                            ("/v1/chat/completions", "ChatCompletionRequest", "ChatCompletionResponse")):
         op = SPEC["paths"][path]["post"]

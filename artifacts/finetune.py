@@ -1,0 +1,253 @@
+"""The fine-tuning API's on-disk contract: uploaded files and jobs, kept in the registry volume.
+
+    <registry>/.finetune/files/<file-id>/meta.json     the OpenAI file object (+ sha256, owner)
+    <registry>/.finetune/files/<file-id>/content       the bytes as uploaded
+    <registry>/.finetune/jobs/<job-id>/job.json        the OpenAI fine-tuning job object (+ owner, run dir)
+    <registry>/.finetune/jobs/<job-id>/events.jsonl    one event object per line, oldest first
+    <registry>/.finetune/jobs/<job-id>/cancel          present once a cancel was asked for
+
+Serving writes files and queued jobs; a worker (`python -m train worker`) claims queued jobs and
+writes their progress. Both sides only use this module, so neither imports the other. Every file is
+written atomically (temp + rename): a reader sees the old or the new version, never half of one.
+The folder starts with '.', so the registry's listing of adapters never sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from artifacts.atomic import atomic_dir, atomic_write_text
+from artifacts.checksums import sha256_file
+
+ROOT = ".finetune"
+STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cancelled")
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class NotFound(KeyError):
+    """No such file or job (or it belongs to another key's owner)."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+@dataclass
+class FileRecord:
+    id: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    sha256: str
+    owner: str | None = None
+    object: str = "file"
+    status: str = "processed"
+
+    def public(self) -> dict[str, Any]:
+        """The OpenAI file object (the owner stays on disk)."""
+        return {k: v for k, v in asdict(self).items() if k != "owner"}
+
+
+def store_dir(registry: str | Path, store: str | Path | None = None) -> Path:
+    """Where files and jobs live: `store`, else <registry>/.finetune (compose mounts the registry read-only
+    into serve and gives the API a writable store volume instead)."""
+    return Path(store) if store else Path(registry) / ROOT
+
+
+class FileStore:
+    def __init__(self, registry: str | Path, store: str | Path | None = None):
+        self.root = store_dir(registry, store) / "files"
+
+    def add(self, source: Path, filename: str, purpose: str, owner: str | None) -> FileRecord:
+        """Move `source` (already validated) in under a new id, atomically."""
+        fid = new_id("file")
+        rec = FileRecord(fid, source.stat().st_size, int(time.time()), filename, purpose, sha256_file(source), owner)
+        with atomic_dir(self.root / fid) as tmp:
+            shutil.move(str(source), tmp / "content")
+            (tmp / "meta.json").write_text(json.dumps(asdict(rec)) + "\n")
+        return rec
+
+    def get(self, fid: str, owner: str | None = None) -> FileRecord:
+        meta = self.root / _safe(fid) / "meta.json"
+        try:
+            rec = FileRecord(**json.loads(meta.read_text()))
+        except (FileNotFoundError, NotADirectoryError, ValueError, TypeError):
+            raise NotFound(fid) from None
+        if owner is not None and rec.owner not in (None, owner):
+            raise NotFound(fid)
+        return rec
+
+    def content(self, fid: str, owner: str | None = None) -> Path:
+        self.get(fid, owner)
+        return self.root / _safe(fid) / "content"
+
+    def list(self, owner: str | None = None, purpose: str | None = None) -> list[FileRecord]:
+        out = []
+        for d in sorted(self.root.glob("file-*")) if self.root.is_dir() else []:
+            try:
+                rec = self.get(d.name, owner)
+            except NotFound:
+                continue
+            if purpose is None or rec.purpose == purpose:
+                out.append(rec)
+        return sorted(out, key=lambda r: (r.created_at, r.id), reverse=True)
+
+    def delete(self, fid: str, owner: str | None = None) -> None:
+        self.get(fid, owner)
+        trash = self.root / f".trash-{_safe(fid)}"
+        os.rename(self.root / _safe(fid), trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@dataclass
+class Job:
+    """OpenAI's fine-tuning job object, plus what the worker needs (`spec`) and who may see it (`owner`)."""
+
+    id: str
+    model: str
+    training_file: str
+    created_at: int
+    status: str = "validating_files"
+    validation_file: str | None = None
+    fine_tuned_model: str | None = None
+    finished_at: int | None = None
+    estimated_finish: int | None = None
+    error: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] | None = None
+    organization_id: str = "org-local"
+    result_files: list[str] = field(default_factory=list)
+    seed: int = 0
+    suffix: str | None = None
+    trained_tokens: int | None = None
+    integrations: list = field(default_factory=list)
+    object: str = "fine_tuning.job"
+    owner: str | None = None
+    spec: dict[str, Any] = field(default_factory=dict)  # the worker's plan: config overrides, names, paths
+    created_ns: int = field(default_factory=time.time_ns)  # orders jobs created within one second
+
+    def public(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k not in ("owner", "spec", "created_ns")}
+
+
+class JobStore:
+    def __init__(self, registry: str | Path, store: str | Path | None = None):
+        self.root = store_dir(registry, store) / "jobs"
+
+    def _dir(self, jid: str) -> Path:
+        return self.root / _safe(jid)
+
+    def create(self, job: Job) -> Job:
+        with atomic_dir(self._dir(job.id)) as tmp:
+            (tmp / "job.json").write_text(json.dumps(asdict(job)) + "\n")
+            (tmp / "events.jsonl").write_text("")
+        return job
+
+    def save(self, job: Job) -> None:
+        atomic_write_text(self._dir(job.id) / "job.json", json.dumps(asdict(job)) + "\n")
+
+    def get(self, jid: str, owner: str | None = None) -> Job:
+        try:
+            job = Job(**json.loads((self._dir(jid) / "job.json").read_text()))
+        except (FileNotFoundError, NotADirectoryError, ValueError, TypeError):
+            raise NotFound(jid) from None
+        if owner is not None and job.owner not in (None, owner):
+            raise NotFound(jid)
+        return job
+
+    def list(self, owner: str | None = None) -> list[Job]:
+        """Newest first (OpenAI's order)."""
+        jobs = []
+        for d in self.root.glob("ftjob-*") if self.root.is_dir() else []:
+            try:
+                jobs.append(self.get(d.name, owner))
+            except NotFound:
+                continue
+        return sorted(jobs, key=lambda j: j.created_ns, reverse=True)
+
+    def queued(self) -> list[Job]:
+        """Jobs waiting for a worker, oldest first."""
+        return sorted((j for j in self.list() if j.status == "queued"), key=lambda j: j.created_ns)
+
+    def event(self, jid: str, message: str, level: str = "info", data: dict | None = None,
+              type: str = "message") -> dict:
+        ev = {"object": "fine_tuning.job.event", "id": new_id("ftevent"), "created_at": int(time.time()),
+              "level": level, "message": message, "data": data or {}, "type": type}
+        with open(self._dir(jid) / "events.jsonl", "a", encoding="utf-8") as f:  # one short append per event
+            f.write(json.dumps(ev) + "\n")
+        return ev
+
+    def events(self, jid: str) -> list[dict]:
+        """Newest first (OpenAI's order)."""
+        path = self._dir(jid) / "events.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line cut by a crash mid-append
+                continue
+        return out[::-1]
+
+    def claim(self, jid: str) -> bool:
+        """Take a queued job for this process (False: another worker has it). The claim names host and pid."""
+        try:
+            fd = os.open(self._dir(jid) / "claim", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return True
+
+    def release(self, jid: str) -> None:
+        (self._dir(jid) / "claim").unlink(missing_ok=True)
+
+    def claimed_by_live_process(self, jid: str) -> bool:
+        """A claim by a process still running on this host (a claim from another host counts as live)."""
+        try:
+            host, pid = (self._dir(jid) / "claim").read_text().split()
+        except (FileNotFoundError, ValueError):
+            return False
+        if host != socket.gethostname():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def request_cancel(self, jid: str) -> None:
+        (self._dir(jid) / "cancel").touch()
+
+    def cancel_requested(self, jid: str) -> bool:
+        return (self._dir(jid) / "cancel").exists()
+
+
+def page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
+    """OpenAI's cursor list: items after the one with id `after`, at most `limit`, and has_more."""
+    start = 0
+    if after:
+        ids = [i["id"] for i in items]
+        start = ids.index(after) + 1 if after in ids else len(items)
+    chunk = items[start:start + limit]
+    return {"object": "list", "data": chunk, "has_more": start + limit < len(items),
+            "first_id": chunk[0]["id"] if chunk else None, "last_id": chunk[-1]["id"] if chunk else None}
+
+
+def _safe(name: str) -> str:
+    """An id as a single path component: anything else can name no file or job."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        return ".invalid"
+    return name

@@ -1,0 +1,268 @@
+"""Files and fine-tuning jobs through the official openai SDK: upload, validate, list, cancel, errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+
+from tests.conftest import DEMO_TRAIN
+from tests.serve.conftest import API_KEY, base_registry, start_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    reg = base_registry(tiny_model, tmp_path_factory.mktemp("ft"))
+    s = start_server(reg, {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2", "SERVE_MAX_UPLOAD_BYTES": "200000",
+                           "SERVE_FINETUNE_WORKER": "off"})  # the tests below run the worker themselves
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _upload(client, data: bytes, name: str = "menu.jsonl"):
+    return client.files.create(file=(name, io.BytesIO(data)), purpose="fine-tune")
+
+
+def test_upload_list_read_and_delete_a_training_file(client):
+    data = DEMO_TRAIN.read_bytes()
+    f = _upload(client, data)
+    assert f.object == "file" and f.id.startswith("file-") and f.bytes == len(data)
+    assert f.filename == "menu.jsonl" and f.purpose == "fine-tune"
+    assert client.files.retrieve(f.id).bytes == len(data)
+    assert f.id in [x.id for x in client.files.list()]
+    assert client.files.content(f.id).read() == data
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(f.id)
+
+
+@pytest.mark.parametrize("body,where", [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{"messages": [\n',
+     "menu.jsonl:2: -: invalid JSON"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+     b'{"messages": [{"role": "user"}]}\n', "menu.jsonl:2: messages[0]"),
+    (b'{"prompt": "a"}\n', "menu.jsonl:1: completion: missing field"),
+])
+def test_a_bad_file_is_refused_at_upload_naming_the_line_and_field(client, body, where):
+    with pytest.raises(openai.BadRequestError) as e:
+        _upload(client, body)
+    err = e.value.body
+    assert where in err["message"] and err["param"] == "file" and err["code"] == "invalid_file_format"
+    assert "/.upload-" not in err["message"]  # the user's name for the file, not the server's temp path
+
+
+def test_wrong_purpose_and_oversized_files_are_refused(client):
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("a.jsonl", io.BytesIO(DEMO_TRAIN.read_bytes()[:2000])), purpose="assistants")
+    with pytest.raises(openai.APIStatusError) as e:
+        _upload(client, DEMO_TRAIN.read_bytes() * 2)  # 300 KB > the server's 200 KB limit
+    assert e.value.status_code == 413
+
+
+def test_a_job_is_queued_listed_paged_and_cancelled(client):
+    f = _upload(client, DEMO_TRAIN.read_bytes())
+    model = client.models.list().data[0].id
+    jobs = [client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="chef", seed=7,
+                                           method={"type": "supervised", "supervised": {"hyperparameters": {
+                                               "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}},
+                                           metadata={"team": "kitchen"})
+            for _ in range(3)]
+    j = jobs[0]
+    assert j.object == "fine_tuning.job" and j.status == "queued" and j.fine_tuned_model is None
+    assert j.model == model and j.training_file == f.id and j.seed == 7 and j.metadata == {"team": "kitchen"}
+    assert j.hyperparameters.n_epochs == 1 and j.method.type == "supervised"
+    assert client.fine_tuning.jobs.retrieve(j.id).status == "queued"
+    first = client.fine_tuning.jobs.list(limit=2)
+    assert [x.id for x in first.data] == [jobs[2].id, jobs[1].id] and first.has_more
+    rest = client.fine_tuning.jobs.list(limit=2, after=jobs[1].id)
+    assert [x.id for x in rest.data][:1] == [jobs[0].id]
+    events = client.fine_tuning.jobs.list_events(j.id)
+    assert "Created fine-tuning job" in [e.message for e in events.data]
+    assert client.fine_tuning.jobs.cancel(j.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="already cancelled"):
+        client.fine_tuning.jobs.cancel(j.id)
+    assert client.fine_tuning.jobs.checkpoints.list(j.id).data == []
+    for other in jobs[1:]:
+        client.fine_tuning.jobs.cancel(other.id)
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    ({"model": "gpt-4o-mini"}, "model"),
+    ({"method": {"type": "distillation"}}, "method"),
+    ({"method": {"type": "reinforcement", "reinforcement": {}}}, "method"),
+    ({"method": {"type": "reinforcement", "reinforcement": {"grader": {"type": "python", "source": "x"}}}}, "method"),
+    ({"hyperparameters": {"n_epochs": 1, "warmup": 3}}, "hyperparameters"),
+    ({"hyperparameters": {"n_epochs": -1}}, "hyperparameters"),
+    ({"suffix": "Not Valid!"}, "suffix"),
+    ({"integrations": [{"type": "wandb", "wandb": {"project": "x"}}]}, "integrations"),
+])
+def test_what_the_stack_cannot_do_is_refused_with_an_openai_error(client, kwargs, param):
+    f = _upload(client, DEMO_TRAIN.read_bytes()[:3000].rsplit(b"\n", 1)[0] + b"\n")
+    args = {"model": client.models.list().data[0].id, "training_file": f.id, **kwargs}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.fine_tuning.jobs.create(**args)
+    assert e.value.body["param"] == param, e.value.body
+
+
+def test_unknown_jobs_and_files_are_404_and_unknown_fields_400(client, server):
+    import httpx
+
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.retrieve("ftjob-nope")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file="file-doesnotexist")
+    assert e.value.body["param"] == "training_file" and e.value.body["code"] == "file_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.files.content("../../etc/passwd")
+    r = httpx.post(f"{server.url}/v1/fine_tuning/jobs", headers={"Authorization": f"Bearer {API_KEY}"},
+                   content=json.dumps({"model": "x", "training_file": "f", "learning_rate": 1}))
+    assert r.status_code == 400 and "not supported" in r.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/v1/files").status_code == 401
+
+
+# -- the worker: jobs run to the end, cancel, and survive restarts (tiny model, a few steps) ---------------
+WORKER_SETS = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
+               "training.batch_size=4", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.retention=false",
+               "method.r=4", "publish.force=true"]  # the tiny model learns nothing the gate would pass
+
+
+def _worker(server, *extra: str, background: bool = False):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    cmd = [sys.executable, "-m", "train", "worker", "--registry", str(server.registry), "--once",
+           *[a for s in WORKER_SETS for a in ("--set", s)], *extra]
+    if background:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _small_file(client):
+    rows = DEMO_TRAIN.read_bytes().splitlines()[:48]
+    return _upload(client, b"\n".join(rows) + b"\n")
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_a_job_runs_publishes_and_its_model_answers(client, server):
+    f = _small_file(client)
+    model = client.models.list().data[0].id
+    job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="chef")
+    p = _worker(server)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "succeeded", job.error
+    assert job.fine_tuned_model == f"ft:{model}:chef:{job.id.split('-', 1)[1][:8]}"
+    assert job.trained_tokens and job.finished_at and len(job.result_files) == 1
+    csv_text = client.files.content(job.result_files[0]).read().decode()
+    assert csv_text.splitlines()[0] == "step,train_loss,valid_loss" and len(csv_text.splitlines()) == 7
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert any(m.startswith("Step 6: training loss=") for m in messages)
+    assert "The job has successfully completed" in messages[0]  # newest first
+    steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
+    assert steps == [6, 4]  # on disk: training.save_total_limit (2) pruned step 2
+    out = _ask_when_served(client, job.fine_tuned_model)  # every replica picks the adapter up within seconds
+    assert out.model == job.fine_tuned_model and out.choices[0].message.content is not None
+    base = client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert base.model == model
+
+
+def _ask_when_served(client, model: str, seconds: float = 30):
+    import time
+
+    deadline = time.time() + seconds
+    while True:
+        try:
+            return client.chat.completions.create(model=model, max_tokens=4,
+                                                  messages=[{"role": "user", "content": "What is on the menu?"}])
+        except openai.NotFoundError:
+            assert time.time() < deadline, f"{model} not served after {seconds} s"
+            time.sleep(0.5)
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_checkpoints(client, server):
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    p = _worker(server, "--set", "publish.force=false", "--set", "publish.min_gain=50")
+    assert p.returncode == 0, p.stdout[-2000:]
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "failed" and job.fine_tuned_model is None
+    assert job.error.code == "publish_gate_refused" and "points" in job.error.message, job.error
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [6, 4]
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_cancel_stops_a_running_job_and_publishes_nothing(client, server):
+    import time
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id,
+                                         hyperparameters={"n_epochs": 50})
+    w = _worker(server, "--set", "training.max_steps=400", background=True)
+    try:
+        deadline = time.time() + 120
+        while not any(e.message.startswith("Step ") for e in client.fine_tuning.jobs.list_events(job.id).data):
+            assert time.time() < deadline and w.poll() is None, w.stdout.read() if w.poll() is not None else "timeout"
+            time.sleep(0.5)
+        assert client.fine_tuning.jobs.cancel(job.id).status == "running"  # the worker stops it
+        w.wait(timeout=60)
+    finally:
+        w.kill()
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    from artifacts import Registry
+
+    assert f"ft-{job.id.split('-', 1)[1][:8]}" not in Registry(server.registry).names("adapters")
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
+    import json as _json
+
+    from artifacts.finetune import JobStore
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    store = JobStore(server.registry)
+    j = store.get(job.id)
+    j.status = "running"  # what a worker killed mid-run leaves behind
+    store.save(j)
+    p = _worker(server)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    assert any("Worker restarted" in _json.dumps(e.model_dump()) for e in client.fine_tuning.jobs.list_events(job.id).data)
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model, tmp_path):
+    """Queued with the worker off; the server restarts with its local worker (the default) and the job runs."""
+    import time
+
+    reg = base_registry(tiny_model, tmp_path)
+    env = {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2"}
+    first = start_server(reg, {**env, "SERVE_FINETUNE_WORKER": "off"})
+    try:
+        c = openai.OpenAI(base_url=f"{first.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        job = c.fine_tuning.jobs.create(model=c.models.list().data[0].id, training_file=_small_file(c).id)
+    finally:
+        first.stop()
+    second = start_server(reg, {**env, "SERVE_FINETUNE_WORKER_ARGS": " ".join(WORKER_SETS)})
+    try:
+        c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        deadline = time.time() + 300
+        while (j := c.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.time() < deadline, j.status
+            time.sleep(1)
+        assert j.status == "succeeded", j.error
+        _ask_when_served(c, j.fine_tuned_model)
+    finally:
+        second.stop()
