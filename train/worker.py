@@ -49,6 +49,7 @@ class Worker:
         self.store = store_dir(registry, store)
         self.jobs, self.files = JobStore(registry, store), FileStore(registry, store)
         self.extra, self.python = list(extra), python
+        self.parent: int | None = None  # forever(parent=...): the server whose exit ends this worker, even mid-job
 
     # -- the queue -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -88,8 +89,9 @@ class Worker:
 
     def forever(self, poll: float, parent: int | None = None) -> None:
         """Run jobs as they come; with `parent`, exit once that process is gone (a server killed with -9)."""
-        self.recover()
+        self.parent = parent
         while parent is None or os.getppid() == parent:
+            self.recover()  # also between jobs: a worker that died while this one was busy left its job `running`
             if self.once() is None:
                 time.sleep(poll)
 
@@ -132,6 +134,8 @@ class Worker:
         if job.validation_file:
             val = self.files.content(job.validation_file)
             args += [f"data.validation={val}", f"data.eval={val}"]
+        else:  # the task metrics score a split of the job's own rows, never the demo's held-out file (the default)
+            args.append("data.eval=null")
         args += [*job.spec["overrides"], *self.extra]
         resume = job.spec.get("resume") and (run_dir / "checkpoints").is_dir() and not (run_dir / "manifest.json").exists()
         return [self.python, "-m", "train", "run", *args, *(["--resume"] if resume else ["output.overwrite=true"])]
@@ -146,6 +150,11 @@ class Worker:
             self._report(job, rd, progress)
             if rc is not None:
                 return rc, False
+            if self.parent is not None and os.getppid() != self.parent:
+                # the server that started this worker is gone (a restart): stop the run and leave the job `running`,
+                # as a killed worker would; the next worker resumes it from its checkpoint
+                _stop(proc)
+                os._exit(0)
             if self.jobs.cancel_requested(job.id):
                 _stop(proc)
                 return None, True

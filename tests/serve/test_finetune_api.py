@@ -169,6 +169,10 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
     assert "The job has successfully completed" in messages[0]  # newest first
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
     assert steps == [6, 4]  # on disk: training.save_total_limit (2) pruned step 2
+    import yaml
+
+    run_cfg = yaml.safe_load((server.registry / ".finetune" / "runs" / job.id / "config.yaml").read_text())
+    assert run_cfg["data"]["eval"] is None  # no validation_file: scored on a split of the job's rows, not the demo's
     out = _ask_when_served(client, job.fine_tuned_model)  # every replica picks the adapter up within seconds
     assert out.model == job.fine_tuned_model and out.choices[0].message.content is not None
     base = client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
