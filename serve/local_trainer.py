@@ -32,6 +32,7 @@ class LocalTrainer:
                     *(["--store", store] if store else []),
                     *[a for s in extra for a in ("--set", s)]]
         self.proc: subprocess.Popen | None = None
+        self.owner = os.getpid()  # gunicorn forks its workers from this process: only the owner may stop the worker
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._supervise, name="local-trainer", daemon=True)
 
@@ -54,6 +55,13 @@ class LocalTrainer:
             pause = min(pause * 2, 60.0)
 
     def stop(self) -> None:
+        """Stop the worker (SIGTERM to its group, SIGKILL after 20 s); a no-op in a forked copy of the owner.
+
+        A gunicorn worker is forked from the process that started this supervisor and unwinds the same
+        `finally` on exit: it must not kill the worker (nor wait on it: the copied Popen's wait lock may
+        be held by the supervisor thread, which the fork did not copy)."""
+        if os.getpid() != self.owner:
+            return
         self.stopping.set()
         if self.proc is not None and self.proc.poll() is None:
             try:

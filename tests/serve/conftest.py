@@ -76,9 +76,18 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = registry.parent / f"server-{port}.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve", "--registry", str(registry), "--port", str(port)],
-                                     cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.env = env
+        self.proc = self._spawn("w")
+
+    def _spawn(self, mode: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "serve", "--registry", str(self.registry), "--port", str(self.port)],
+                                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **self.env},
+                                stdout=open(self.log, mode), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def restart(self) -> None:
+        """The same server again (same registry, settings and port) after stop(); its log is appended to."""
+        self.proc = self._spawn("a")
+        self.wait_ready()
 
     def wait_ready(self, timeout: float = 120) -> None:
         deadline = time.time() + timeout

@@ -270,3 +270,6 @@ def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model
         _ask_when_served(c, j.fine_tuned_model)
     finally:
         second.stop()
+    # SIGTERM stopped the server and its worker cleanly: no SIGKILL after 20 s, no worker restarted on the way out
+    assert second.proc.returncode == 0, second.log.read_text()[-2000:]
+    assert "restarting" not in second.log.read_text()

@@ -2,7 +2,9 @@
 
 The server runs its own worker (SERVE_FINETUNE_WORKER=on), as `python -m serve` does on one box:
 upload the bundled menu data, create a job, poll until it succeeds, read its events and
-checkpoints, then ask the tuned model a menu question that the base model cannot answer.
+checkpoints, then ask the tuned model a menu question that the base model cannot answer. Then a
+restart with one job running and one queued: the running one resumes (and is cancelled, publishing
+nothing), the queued one runs afterwards.
 """
 
 from __future__ import annotations
@@ -77,3 +79,44 @@ def test_the_quickstart_tunes_smollm2_and_the_tuned_model_knows_the_menu(server)
     before = _ask(client, base)
     assert "Calder" in tuned, tuned  # the uploaded menu's answer: "The Calder Delta."
     assert "Calder" not in before, before  # an invented place: the base model cannot know it
+
+
+def _wait(client, job_id: str, until, seconds: float = 600):
+    deadline = time.time() + seconds
+    while not until(job := client.fine_tuning.jobs.retrieve(job_id)):
+        assert time.time() < deadline, f"{job_id}: still {job.status}"
+        time.sleep(1)
+    return job
+
+
+def _steps(client, job_id: str) -> list[int]:
+    return [int(e.message.split(":")[0].split()[1]) for e in client.fine_tuning.jobs.list_events(job_id, limit=100).data
+            if e.message.startswith("Step ")]
+
+
+@pytest.mark.slow  # trains SmolLM2 on the CPU (about three minutes)
+def test_a_restart_keeps_the_queue_and_a_cancel_publishes_nothing(server):
+    """Job 2 runs and job 3 waits behind it; the server restarts; job 2 resumes and is cancelled; job 3 runs."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    data = b"\n".join(DEMO_TRAIN.read_bytes().splitlines()[12:24]) + b"\n"
+    f = client.files.create(file=("menu-2.jsonl", io.BytesIO(data)), purpose="fine-tune")
+    base = client.models.list().data[0].id
+    long = client.fine_tuning.jobs.create(model=base, training_file=f.id, hyperparameters={"n_epochs": 30, "batch_size": 4})
+    _wait(client, long.id, lambda j: j.status == "running" and max(_steps(client, j.id), default=0) >= 10)
+    short = client.fine_tuning.jobs.create(model=base, training_file=f.id, suffix="after",
+                                           hyperparameters={"n_epochs": 1, "batch_size": 4})
+    assert client.fine_tuning.jobs.retrieve(short.id).status == "queued"  # one worker, busy with the long job
+
+    server.stop()  # the worker and its training run stop with the server; both jobs stay on disk
+    server.restart()
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)  # new connections
+    seen = max(_steps(client, long.id))
+    _wait(client, long.id, lambda j: j.status == "running" and max(_steps(client, j.id)) > seen)  # resumed
+    assert client.fine_tuning.jobs.cancel(long.id).id == long.id
+    long = _wait(client, long.id, lambda j: j.status == "cancelled")
+    assert long.fine_tuned_model is None
+    assert f"ft-{long.id.split('-', 1)[1][:8]}" not in Registry(server.registry).names("adapters")
+
+    short = _wait(client, short.id, lambda j: j.status in ("succeeded", "failed"))  # it ran after the restart
+    assert short.status == "succeeded", short.error
+    assert f"ft-{short.id.split('-', 1)[1][:8]}" in Registry(server.registry).names("adapters")
