@@ -28,8 +28,9 @@ from serve.protocol import ChatCompletionRequest, CompletionRequest
 
 Labels = tuple[str, str]  # (model, adapter) metric labels
 UPSTREAM_TIMEOUT = 600.0  # s of silence from vLLM before a request fails (504): a long unstreamed answer fits
-STATS_TIMEOUT = 1.0  # s: a /metrics scrape must not wait long on a stuck vLLM
+STATS_TIMEOUT = 3.0  # s: a /metrics scrape must not wait long on a stuck vLLM (a saturated CPU vLLM took > 1 s)
 STATS_TTL = 1.0  # s a reading of vLLM's queue is reused: Prometheus and KEDA poll every few seconds
+STATS_STALE = 15.0  # s a good reading outlives failed scrapes: a busy vLLM must not read as an empty queue
 # vLLM's scheduler gauges (vllm/v1/metrics/loggers.py), as EngineStats fields
 VLLM_GAUGES = {"vllm:num_requests_running": "running", "vllm:num_requests_waiting": "waiting"}
 UPSTREAM_ERRORS = (http.client.HTTPException, OSError)  # http.client's failures (TimeoutError is an OSError)
@@ -86,33 +87,41 @@ class _Upstream:
 class _SchedulerGauges:
     """vLLM's own running and waiting counts, from its /metrics: the queue KEDA scales on.
 
-    Read with a short timeout and reused for STATS_TTL, so scrapes cost vLLM little and never hang;
-    zeros when vLLM does not answer (its /ready is 503 then)."""
+    Read with a short timeout and reused for STATS_TTL, so scrapes cost vLLM little and never hang.
+    A scrape that fails keeps the last good reading for STATS_STALE: vLLM answers /metrics slowly when
+    it is saturated, which is when the queue matters most to the autoscaler. Zeros after that (vLLM is
+    down, and its /ready is 503 then)."""
 
     def __init__(self, host: str, port: int):
         self.host, self.port = host, port
         self._lock = threading.Lock()
-        self._at = float("-inf")
+        self._at = float("-inf")  # when the last scrape was tried
+        self._good_at = float("-inf")  # when the last scrape succeeded
         self._last = EngineStats()
 
     def read(self) -> EngineStats:
         with self._lock:  # concurrent scrapes share one reading
-            if time.monotonic() - self._at >= STATS_TTL:
-                self._last = self._scrape()
-                self._at = time.monotonic()
+            now = time.monotonic()
+            if now - self._at >= STATS_TTL:
+                self._at = now
+                fresh = self._scrape()
+                if fresh is not None:
+                    self._last, self._good_at = fresh, time.monotonic()
+                elif now - self._good_at > STATS_STALE:
+                    self._last = EngineStats()
             return self._last
 
-    def _scrape(self) -> EngineStats:
+    def _scrape(self) -> EngineStats | None:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=STATS_TIMEOUT)
         try:
             conn.request("GET", "/metrics")
             r = conn.getresponse()
             text = r.read().decode("utf-8", "replace")
         except UPSTREAM_ERRORS:
-            return EngineStats()
+            return None
         finally:
             conn.close()
-        return scheduler_counts(text) if r.status == 200 else EngineStats()
+        return scheduler_counts(text) if r.status == 200 else None
 
 
 def scheduler_counts(prometheus_text: str) -> EngineStats:

@@ -66,7 +66,7 @@ def _until(predicate, timeout: float, what: str) -> None:
 
 
 def _complete(server: Server, statuses: list[int]) -> None:
-    body = {"model": server.model, "prompt": "Tell me about soup.", "max_tokens": 48, "ignore_eos": True,
+    body = {"model": server.model, "prompt": "Tell me about soup.", "max_tokens": 96, "ignore_eos": True,
             "temperature": 0}
     statuses.append(httpx.post(f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=300).status_code)
 

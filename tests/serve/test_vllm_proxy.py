@@ -13,7 +13,7 @@ import pytest
 from serve.app import build_app, set_serving
 from serve.metrics import Metrics
 from serve.settings import Settings
-from serve.vllm_proxy import VLLMProxy, scheduler_counts
+from serve.vllm_proxy import STATS_STALE, VLLMProxy, _SchedulerGauges, scheduler_counts
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 WHOLE = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "base",
@@ -207,6 +207,17 @@ def test_vllm_queue_unreadable_is_zero_not_an_error():
     c, _ = _client("http://127.0.0.1:9")
     r = c.get("/metrics")
     assert r.status_code == 200 and "tunestack_requests_queued 0.0" in r.get_data(as_text=True)
+
+
+def test_a_failed_queue_scrape_keeps_the_last_reading_until_it_is_stale(stub_url):
+    """A saturated vLLM answers /metrics slowly: the queue must not read as empty just then (CI saw it)."""
+    host, port = stub_url.rsplit("/", 1)[1].split(":")
+    gauges = _SchedulerGauges(host, int(port))
+    assert gauges.read().waiting == 5
+    gauges.port, gauges._at = 9, float("-inf")  # vLLM stops answering; the next read scrapes again
+    assert gauges.read().waiting == 5  # the last good reading, younger than STATS_STALE
+    gauges._at = gauges._good_at = gauges._good_at - STATS_STALE - 1  # that reading is now too old
+    assert gauges.read().waiting == 0
 
 
 def test_vllm_silent_past_the_timeout_is_a_504(stub_url):
