@@ -76,7 +76,9 @@ class Server:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = registry.parent / f"server-{port}.log"
-        self.env = env
+        # no fine-tuning worker unless a test asks for one (SERVE_FINETUNE_WORKER): it is a Python process
+        # importing the training stack beside every test server, and only the fine-tuning tests use it
+        self.env = {"SERVE_FINETUNE_WORKER": "off", **env}
         self.proc = self._spawn("w")
 
     def _spawn(self, mode: str) -> subprocess.Popen:

@@ -259,7 +259,8 @@ def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model
         job = c.fine_tuning.jobs.create(model=c.models.list().data[0].id, training_file=_small_file(c).id)
     finally:
         first.stop()
-    second = start_server(reg, {**env, "SERVE_FINETUNE_WORKER_ARGS": " ".join(WORKER_SETS)})
+    second = start_server(reg, {**env, "SERVE_FINETUNE_WORKER": "auto",  # the default of python -m serve
+                                "SERVE_FINETUNE_WORKER_ARGS": " ".join(WORKER_SETS)})
     try:
         c = openai.OpenAI(base_url=f"{second.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
         deadline = time.time() + 300
