@@ -32,6 +32,27 @@ STATES = ("validating_files", "queued", "running", "succeeded", "failed", "cance
 FINAL = ("succeeded", "failed", "cancelled")
 
 
+def job_model_names(base: str, suffix: str | None, short: str) -> tuple[str, str]:
+    """A job's registry adapter and the model name clients call it by (OpenAI's `ft:<base>:<suffix>:<id>`)."""
+    return f"ft-{short}", f"ft:{base}:{suffix or ''}:{short}"
+
+
+def checkpoint_names(adapter: str, model: str, step: int) -> tuple[str, str]:
+    """A job checkpoint's registry adapter and model name (OpenAI's `<fine_tuned_model>:ckpt-step-<N>`)."""
+    return f"{adapter}-step-{step}", f"{model}:ckpt-step-{step}"
+
+
+def adapter_of(model: str, base: str) -> str | None:
+    """The registry adapter a fine-tuned model name refers to (None: not such a name for this base)."""
+    parts = model.split(":")
+    if parts[0] != "ft" or len(parts) not in (4, 5) or parts[1] != base or not parts[3]:
+        return None
+    if len(parts) == 4:
+        return f"ft-{parts[3]}"
+    step = parts[4].removeprefix("ckpt-step-")
+    return f"ft-{parts[3]}-step-{step}" if parts[4].startswith("ckpt-step-") and step.isdigit() else None
+
+
 class NotFound(KeyError):
     """No such file or job (or it belongs to another key's owner)."""
 

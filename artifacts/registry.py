@@ -15,6 +15,7 @@ Names are plain identifiers: never paths.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -301,6 +302,33 @@ class Registry:
 
         return self._publish_version(kind, name, fill, rm.metrics, gate, force, keep)
 
+    def publish_checkpoint(self, run: Path | str, step: int, name: str, keep: int = 1) -> Path:
+        """Publish the adapter of a finished run's checkpoint-<step> as `name` (a fine-tuning job's checkpoint).
+
+        Only the adapter's config and safetensors weights go in (never the optimizer's pickles); the manifest
+        is the run's, with the checkpoint's step and training loss. Not gated: the run's final adapter passed
+        the gate, and a checkpoint is an earlier state of that run, served by name on request."""
+        run_dir = RunDir(Path(run))
+        validate_name(name)
+        rm = self._check_run(run_dir)
+        src = run_dir.checkpoints / f"checkpoint-{step}"
+        weights = [src / "adapter_config.json", src / "adapter_model.safetensors"]
+        if not all(w.is_file() for w in weights) or not (src / "trainer_state.json").is_file():
+            raise RegistryError(f"{src}: not a complete adapter checkpoint")
+        self._check_base(name, rm.base_model)
+
+        def fill(tmp: Path) -> Manifest:
+            for w in weights:
+                _link_or_copy(w, tmp / w.name)
+            m = Manifest(kind="adapter", name=name, method=rm.method, base_model=rm.base_model,
+                         peft_config=rm.peft_config, dataset=rm.dataset, metrics=_checkpoint_metrics(src, step),
+                         servability=rm.servability, versions=rm.versions,
+                         extra={"run": str(run_dir.root.resolve()), "checkpoint_step": step})
+            m.files = file_checksums(tmp)
+            return m
+
+        return self._publish_version("adapters", name, fill, {}, None, False, keep)
+
     def publish_model(self, folder: Path | str, name: str, *, gate: GatePolicy | None = None, force: bool = False,
                       keep: int = KEEP_VERSIONS) -> Path:
         """Publish an exported model folder (merged, ONNX, int8, TensorRT) as a new version of models/<name>."""
@@ -360,6 +388,13 @@ class Registry:
         m = Manifest.read(p)
         m.verify_files(p)
         return m
+
+
+def _checkpoint_metrics(checkpoint: Path, step: int) -> dict:
+    """The step and the last logged training loss at or before it, from the Trainer's state in the checkpoint."""
+    history = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
+    losses = [h["loss"] for h in history if "loss" in h and h.get("step", 0) <= step]
+    return {"step": step, "train_loss": losses[-1] if losses else None}
 
 
 def _append_gate_to_card(folder: Path, m: Manifest, decision: GateResult) -> None:

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generator, Protocol, Union
 
+from artifacts.finetune import adapter_of
 from serve.engines.base import EngineStats
 from serve.errors import APIError, bad_request
 
@@ -74,11 +75,10 @@ class ServedModels:
     sync: AdapterSync | None = None
 
     def canonical(self, model: object) -> object:
-        """A fine-tuning job's model name, `ft:<base>:<suffix>:<id>`, is the registry adapter `ft-<id>`."""
+        """A fine-tuning job's model name, `ft:<base>:<suffix>:<id>`, is the registry adapter `ft-<id>`, and
+        its checkpoints' `...:ckpt-step-<N>` the adapter `ft-<id>-step-<N>`."""
         if isinstance(model, str) and model.startswith("ft:"):
-            parts = model.split(":")
-            if len(parts) == 4 and parts[1] == self.base and parts[3]:
-                return f"ft-{parts[3]}"
+            return adapter_of(model, self.base) or model
         return model
 
     def is_served(self, model: object) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from flask import Flask, Response, request, send_file
 
-from artifacts.finetune import FINAL, FileStore, Job, JobStore, NotFound, new_id, page
+from artifacts.finetune import FINAL, FileStore, Job, JobStore, NotFound, job_model_names, new_id, page
 from lm.data.formats import load_examples
 from lm.errors import DataError
 from serve.errors import APIError, bad_request
@@ -144,8 +144,8 @@ class FineTuneAPI:
         job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed,
                   suffix=req.suffix, metadata=req.metadata, hyperparameters=shown,
                   method={"type": kind, kind: {"hyperparameters": shown}}, owner=self.owner,
-                  spec={"overrides": _overrides(kind, hp, rewards, seed), "adapter_name": f"ft-{short}",
-                        "fine_tuned_model": f"ft:{base}:{req.suffix or ''}:{short}"})
+                  spec={"overrides": _overrides(kind, hp, rewards, seed),
+                        **dict(zip(("adapter_name", "fine_tuned_model"), job_model_names(base, req.suffix, short)))})
         self.jobs.create(job)
         self.jobs.event(jid, "Created fine-tuning job")
         self.jobs.event(jid, "Validated training file: " + train)

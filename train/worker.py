@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts import Registry, RunDir
-from artifacts.finetune import FileStore, Job, JobStore, store_dir
+from artifacts.registry import RegistryError
+from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, store_dir
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
 
@@ -190,7 +191,20 @@ class Worker:
         self.jobs.event(job.id, f"Evaluation: {head.get('metric', 'metric')} base {head.get('base', 0):.3f} -> "
                                 f"tuned {head.get('tuned', 0):.3f}", data={"evaluation": head})
         self.jobs.event(job.id, f"New fine-tuned model created: {job.fine_tuned_model}")
+        self._publish_checkpoints(job, rd)
         self.jobs.event(job.id, "The job has successfully completed")
+
+    def _publish_checkpoints(self, job: Job, rd: RunDir) -> None:
+        """Each listed checkpoint becomes servable as its `fine_tuned_model_checkpoint` name (the registry
+        adapter `ft-<id>-step-<N>`). Only for a job that succeeded: a refused job's checkpoints stay listed,
+        not served, as the gate refused the run."""
+        reg = Registry(self.registry)
+        for c in job.spec.get("checkpoints", []):
+            adapter, _ = checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], c["step_number"])
+            try:
+                reg.publish_checkpoint(rd.root, c["step_number"], adapter)
+            except (RegistryError, OSError) as e:
+                self.jobs.event(job.id, f"Checkpoint at step {c['step_number']} not served: {e}", level="warn")
 
     def _result_file(self, job: Job, rd: RunDir) -> str:
         """OpenAI's step metrics CSV (step, train_loss, valid_loss), stored as a file of the job's owner."""
@@ -228,7 +242,7 @@ def _checkpoints(job: Job, rd: RunDir, rows: list[dict]) -> list[dict]:
         r = by_step.get(step, {})
         out.append({"id": f"ftckpt-{job.id.split('-', 1)[1][:8]}-{step}", "created_at": int(d.stat().st_mtime),
                     "step_number": step, "metrics": {"step": step, "train_loss": r.get("loss")},
-                    "fine_tuned_model_checkpoint": f"{job.spec['fine_tuned_model']}:ckpt-step-{step}"})
+                    "fine_tuned_model_checkpoint": checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], step)[1]})
     return out
 
 

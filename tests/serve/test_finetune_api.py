@@ -8,6 +8,7 @@ import json
 import openai
 import pytest
 
+from artifacts import Registry
 from tests.conftest import DEMO_TRAIN
 from tests.serve.conftest import API_KEY, base_registry, start_server
 
@@ -177,6 +178,19 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
     assert out.model == job.fine_tuned_model and out.choices[0].message.content is not None
     base = client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])
     assert base.model == model
+    # each checkpoint is served under its own name, with only its safetensors weights in the registry
+    short = job.id.split("-", 1)[1][:8]
+    for c in client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert c.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{c.step_number}"
+        assert _ask_when_served(client, c.fine_tuned_model_checkpoint).model == c.fine_tuned_model_checkpoint
+        entry = Registry(server.registry).path("adapters", f"ft-{short}-step-{c.step_number}")
+        assert sorted(f.name for f in entry.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                          "manifest.json"]
+        manifest = Registry(server.registry).manifest("adapters", f"ft-{short}-step-{c.step_number}")
+        assert manifest.extra["checkpoint_step"] == c.step_number and manifest.metrics["train_loss"] > 0
+    with pytest.raises(openai.NotFoundError):  # a step that was never a listed checkpoint
+        client.chat.completions.create(model=f"{job.fine_tuned_model}:ckpt-step-2", max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
 
 
 def _ask_when_served(client, model: str, seconds: float = 30):
@@ -201,7 +215,13 @@ def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_ch
     job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "failed" and job.fine_tuned_model is None
     assert job.error.code == "publish_gate_refused" and "points" in job.error.message, job.error
-    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data] == [6, 4]
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in checkpoints] == [6, 4]
+    short = job.id.split("-", 1)[1][:8]
+    assert not [a for a in Registry(server.registry).adapters() if a.startswith(f"ft-{short}")]  # listed, never served
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model=checkpoints[0].fine_tuned_model_checkpoint, max_tokens=2,
+                                       messages=[{"role": "user", "content": "hi"}])
 
 
 @pytest.mark.slow  # trains the tiny model in a worker subprocess
