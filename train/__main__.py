@@ -69,6 +69,7 @@ def cmd_worker(args) -> int:
     from train.worker import Worker
 
     w = Worker(args.registry, args.extra, store=args.store)
+    w.stop_on_sigterm()
     if args.job:
         job = w.one(args.job)
         print(f"{job.id}: {job.status}")

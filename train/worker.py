@@ -33,6 +33,7 @@ from artifacts.registry import RegistryError
 from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, store_dir
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
+TERMINATED = 128 + signal.SIGTERM  # exit status of a worker stopped mid-job: not a success, so a Kubernetes Job retries
 
 
 @dataclass
@@ -51,6 +52,16 @@ class Worker:
         self.jobs, self.files = JobStore(registry, store), FileStore(registry, store)
         self.extra, self.python = list(extra), python
         self.parent: int | None = None  # forever(parent=...): the server whose exit ends this worker, even mid-job
+        self.terminating = False  # set by SIGTERM (stop_on_sigterm): stop the run, leave the job to resume, exit
+
+    def stop_on_sigterm(self) -> None:
+        """SIGTERM (a server stopping its worker, `docker stop`, a pod's termination) stops the running job's
+        training process group before this worker exits. The run lives in its own session, so without this it
+        outlived the worker, and the next worker resumed the same job beside it on the same run folder."""
+        def handler(signum, frame) -> None:
+            self.terminating = True
+
+        signal.signal(signal.SIGTERM, handler)
 
     # -- the queue -----------------------------------------------------------------------------------
     def recover(self) -> None:
@@ -91,7 +102,7 @@ class Worker:
     def forever(self, poll: float, parent: int | None = None) -> None:
         """Run jobs as they come; with `parent`, exit once that process is gone (a server killed with -9)."""
         self.parent = parent
-        while parent is None or os.getppid() == parent:
+        while not self.terminating and (parent is None or os.getppid() == parent):
             self.recover()  # also between jobs: a worker that died while this one was busy left its job `running`
             if self.once() is None:
                 time.sleep(poll)
@@ -151,11 +162,12 @@ class Worker:
             self._report(job, rd, progress)
             if rc is not None:
                 return rc, False
-            if self.parent is not None and os.getppid() != self.parent:
-                # the server that started this worker is gone (a restart): stop the run and leave the job `running`,
-                # as a killed worker would; the next worker resumes it from its checkpoint
+            if self.terminating or (self.parent is not None and os.getppid() != self.parent):
+                # SIGTERM, or the server that started this worker is gone (a restart): stop the run and leave the
+                # job `running`, as a killed worker would; the next worker resumes it from its checkpoint
                 _stop(proc)
-                os._exit(0)
+                self.jobs.event(job.id, "Worker stopped: the job resumes from its last checkpoint on the next worker")
+                os._exit(TERMINATED)
             if self.jobs.cancel_requested(job.id):
                 _stop(proc)
                 return None, True

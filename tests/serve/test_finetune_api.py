@@ -266,6 +266,44 @@ def test_a_job_left_running_by_a_dead_worker_resumes(client, server):
     assert any("Worker restarted" in _json.dumps(e.model_dump()) for e in client.fine_tuning.jobs.list_events(job.id).data)
 
 
+def _training_processes(job_id: str) -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if any(job_id in a for a in p.info["cmdline"] or [])
+            and "run" in (p.info["cmdline"] or [])]
+
+
+@pytest.mark.slow  # trains the tiny model in a worker subprocess
+def test_sigterm_stops_the_workers_run_and_the_next_worker_resumes_it(client, server):
+    """SIGTERM (a server stopping its worker, docker stop, a pod's end) stops the training run too: it runs in
+    its own session, and once outlived its worker, so that the next worker resumed the job beside it."""
+    import signal
+    import time
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id,
+                                         hyperparameters={"n_epochs": 50})
+    longer = ("--set", "training.max_steps=60")  # both workers: a resumed run must have the same config
+    w = _worker(server, *longer, background=True)
+    try:
+        deadline = time.time() + 120
+        while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+            assert time.time() < deadline and w.poll() is None, w.stdout.read() if w.poll() is not None else "timeout"
+            time.sleep(0.2)
+        assert _training_processes(job.id)
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=60) == 128 + signal.SIGTERM  # not a success: a Kubernetes Job's pod is retried
+    finally:
+        w.kill()
+    assert not _training_processes(job.id), "the training run outlived its worker"
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"  # left to resume, not failed
+    p = _worker(server, *longer)
+    assert p.returncode == 0, p.stdout[-2000:]
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "succeeded"
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]  # every page
+    assert any(m.startswith("Worker stopped") for m in messages) and any(m.startswith("Worker restarted") for m in messages)
+
+
 @pytest.mark.slow  # trains the tiny model in a worker subprocess
 def test_a_job_queued_before_a_restart_runs_on_the_servers_own_worker(tiny_model, tmp_path):
     """Queued with the worker off; the server restarts with its local worker (the default) and the job runs."""

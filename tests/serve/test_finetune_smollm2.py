@@ -108,6 +108,9 @@ def test_a_restart_keeps_the_queue_and_a_cancel_publishes_nothing(server):
     assert client.fine_tuning.jobs.retrieve(short.id).status == "queued"  # one worker, busy with the long job
 
     server.stop()  # the worker and its training run stop with the server; both jobs stay on disk
+    import psutil
+
+    assert not [q for q in psutil.process_iter(["cmdline"]) if any(long.id in a for a in q.info["cmdline"] or [])]
     server.restart()
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)  # new connections
     seen = max(_steps(client, long.id))
