@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts import Registry, RunDir
-from artifacts.registry import RegistryError
 from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, store_dir
+from artifacts.registry import RegistryError
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
 TERMINATED = 128 + signal.SIGTERM  # exit status of a worker stopped mid-job: not a success, so a Kubernetes Job retries
@@ -252,9 +252,10 @@ def _checkpoints(job: Job, rd: RunDir, rows: list[dict]) -> list[dict]:
             continue
         step = int(d.name.split("-")[1])
         r = by_step.get(step, {})
+        _, model = checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], step)
         out.append({"id": f"ftckpt-{job.id.split('-', 1)[1][:8]}-{step}", "created_at": int(d.stat().st_mtime),
                     "step_number": step, "metrics": {"step": step, "train_loss": r.get("loss")},
-                    "fine_tuned_model_checkpoint": checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], step)[1]})
+                    "fine_tuned_model_checkpoint": model})
     return out
 
 
