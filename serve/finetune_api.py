@@ -141,11 +141,12 @@ class FineTuneAPI:
         jid = new_id("ftjob")
         short = jid.split("-", 1)[1][:8]
         shown = {k: hp.get(k, "auto") for k in HYPER}
+        adapter, model = job_model_names(base, req.suffix, short)
         job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed,
                   suffix=req.suffix, metadata=req.metadata, hyperparameters=shown,
                   method={"type": kind, kind: {"hyperparameters": shown}}, owner=self.owner,
-                  spec={"overrides": _overrides(kind, hp, rewards, seed),
-                        **dict(zip(("adapter_name", "fine_tuned_model"), job_model_names(base, req.suffix, short)))})
+                  spec={"overrides": _overrides(kind, hp, rewards, seed), "adapter_name": adapter,
+                        "fine_tuned_model": model})
         self.jobs.create(job)
         self.jobs.event(jid, "Created fine-tuning job")
         self.jobs.event(jid, "Validated training file: " + train)

@@ -63,6 +63,10 @@ class Worker:
 
         signal.signal(signal.SIGTERM, handler)
 
+    def _must_stop(self) -> bool:
+        """SIGTERM came, or the server that started this worker is gone."""
+        return self.terminating or (self.parent is not None and os.getppid() != self.parent)
+
     # -- the queue -----------------------------------------------------------------------------------
     def recover(self) -> None:
         """Jobs left `running` by a worker that died: queued again, to resume from their last checkpoint."""
@@ -102,7 +106,7 @@ class Worker:
     def forever(self, poll: float, parent: int | None = None) -> None:
         """Run jobs as they come; with `parent`, exit once that process is gone (a server killed with -9)."""
         self.parent = parent
-        while not self.terminating and (parent is None or os.getppid() == parent):
+        while not self._must_stop():
             self.recover()  # also between jobs: a worker that died while this one was busy left its job `running`
             if self.once() is None:
                 time.sleep(poll)
@@ -162,7 +166,7 @@ class Worker:
             self._report(job, rd, progress)
             if rc is not None:
                 return rc, False
-            if self.terminating or (self.parent is not None and os.getppid() != self.parent):
+            if self._must_stop():
                 # SIGTERM, or the server that started this worker is gone (a restart): stop the run and leave the
                 # job `running`, as a killed worker would; the next worker resumes it from its checkpoint
                 _stop(proc)
