@@ -156,8 +156,10 @@ def _publish(reg: Registry, folder: Path, name: str, args: argparse.Namespace, f
 
 def _print_onnx(res: dict) -> None:
     p = res["parity"]
+    ties = f", {p['near_tie_mismatches']} near-ties" if p["near_tie_mismatches"] else ""
     print(f"ONNX: {res['path']} (export {res['export_seconds']} s; parity: max |logit diff| "
-          f"{p['max_abs_logit_diff']:.2e} <= {p['logit_tolerance']:.0e}, {p['greedy_steps']} greedy steps equal)")
+          f"{max(p['max_abs_logit_diff'], p['decode_max_abs_logit_diff']):.2e} <= {p['logit_tolerance']:.0e} "
+          f"over the prompts and {p['greedy_steps']} greedy decode steps{ties})")
 
 
 def _print_quality(res: dict) -> None:

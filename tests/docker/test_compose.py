@@ -86,8 +86,10 @@ def stack(dockerd):
     try:
         up = _sh(*compose, "up", "-d", env=env, timeout=2400, check=False)  # returns after train + export
         if up.returncode != 0:
-            logs = _sh(*compose, "logs", "--tail=40", env=env, check=False).stdout
-            raise AssertionError(f"compose up failed:\n{up.stderr[-2000:]}\n{logs[-5000:]}")
+            # each one-shot job's own tail: train's progress bars would push export's error out of one shared tail
+            logs = {svc: _sh(*compose, "logs", "--no-color", "--tail=25", svc, env=env, check=False).stdout[-3000:]
+                    for svc in ("train", "export", "trainer")}
+            raise AssertionError(f"compose up failed:\n{up.stderr[-2000:]}\n" + "\n".join(logs.values()))
         timings["up -d (train + export + start serve)"] = time.time() - t
         url = f"http://127.0.0.1:{ports['SERVE_PORT']}"
         deadline = time.time() + 300
