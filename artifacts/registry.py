@@ -26,6 +26,7 @@ from typing import Callable
 
 from artifacts.atomic import atomic_dir
 from artifacts.checksums import file_checksums, sha256_file, tree_sha256
+from artifacts.finetune import loss_at
 from artifacts.gate import GatePolicy, GateResult, enforce
 from artifacts.manifest import MANIFEST_NAME, Manifest, ManifestError
 from artifacts.run_dir import RunDir
@@ -393,8 +394,7 @@ class Registry:
 def _checkpoint_metrics(checkpoint: Path, step: int) -> dict:
     """The step and the last logged training loss at or before it, from the Trainer's state in the checkpoint."""
     history = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8")).get("log_history", [])
-    losses = [h["loss"] for h in history if "loss" in h and h.get("step", 0) <= step]
-    return {"step": step, "train_loss": losses[-1] if losses else None}
+    return {"step": step, "train_loss": loss_at(history, step)}
 
 
 def _append_gate_to_card(folder: Path, m: Manifest, decision: GateResult) -> None:

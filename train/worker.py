@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from artifacts import Registry, RunDir
-from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, store_dir
+from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, loss_at, store_dir
 from artifacts.registry import RegistryError
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
@@ -250,15 +250,13 @@ def _metrics(rd: RunDir) -> list[dict]:
 
 def _checkpoints(job: Job, rd: RunDir, rows: list[dict]) -> list[dict]:
     out = []
-    by_step = {r["step"]: r for r in rows if "loss" in r}
     for d in sorted(rd.checkpoints.glob("checkpoint-*")) if rd.checkpoints.is_dir() else []:
         if not (d / "trainer_state.json").is_file():  # written last by the Trainer: the checkpoint is complete
             continue
         step = int(d.name.split("-")[1])
-        r = by_step.get(step, {})
         _, model = checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], step)
         out.append({"id": f"ftckpt-{job.id.split('-', 1)[1][:8]}-{step}", "created_at": int(d.stat().st_mtime),
-                    "step_number": step, "metrics": {"step": step, "train_loss": r.get("loss")},
+                    "step_number": step, "metrics": {"step": step, "train_loss": loss_at(rows, step)},
                     "fine_tuned_model_checkpoint": model})
     return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from artifacts.finetune import adapter_of, checkpoint_names, job_model_names
+from artifacts.finetune import adapter_of, checkpoint_names, job_model_names, loss_at
 
 
 def test_a_job_and_its_checkpoints_round_trip_to_their_adapters():
@@ -26,3 +26,9 @@ def test_a_job_and_its_checkpoints_round_trip_to_their_adapters():
 ])
 def test_other_names_map_to_no_adapter(name):
     assert adapter_of(name, "SmolLM2") is None
+
+
+def test_a_checkpoints_loss_is_the_last_logged_at_or_before_its_step():
+    history = [{"step": 1, "loss": 3.0}, {"step": 4, "loss": 2.0}, {"step": 5, "eval_loss": 1.5}, {"step": 8, "loss": 1.0}]
+    assert [loss_at(history, s) for s in (0, 1, 5, 7, 8, 99)] == [None, 3.0, 2.0, 2.0, 1.0, 1.0]
+    assert loss_at(list(reversed(history)), 5) == 2.0  # the order it was read in does not matter

@@ -67,15 +67,15 @@ def stack(dockerd):
     timings["base image"] = time.time() - t0
     ports = {"SERVE_PORT": _free_port(), "PROMETHEUS_PORT": _free_port()}
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "API_KEY": API_KEY,
-           # a short training run: the int8 gate judges an 8-row eval set and the publish gate a 20-step run
+           # a short training run: the int8 gate judges an 8-row eval set and the publish gate a 10-step run
            # (replay and retention on small samples), so both are loosened here only
-           "TRAIN_ARGS": "training.max_steps=20 training.eval_steps=10 training.save_steps=10 eval.max_examples=8 "
+           "TRAIN_ARGS": "training.max_steps=10 training.eval_steps=5 training.save_steps=5 eval.max_examples=8 "
                          "data.replay=0 training.group_by_length=false eval.retain_max_examples=16 "
                          "publish.min_gain=-100 publish.max_retention_drop=100",
            "EXPORT_ARGS": "--max-metric-drop 100 --min-gain -100 --max-retention-drop 100",
            # the same loosening for the fine-tuning API's jobs, which the trainer service runs
            "TRAINER_ARGS": " ".join(f"--set {a}" for a in (
-               "training.max_steps=20", "training.eval_steps=10", "training.save_steps=10", "eval.max_examples=8",
+               "training.max_steps=10", "training.eval_steps=5", "training.save_steps=5", "eval.max_examples=8",
                "data.replay=0", "eval.retain_max_examples=16", "publish.min_gain=-100",
                "publish.max_retention_drop=100"))}
     compose = ["docker-compose", "-p", PROJECT, *FILES]

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FULL, ROOT
 
 pytestmark = pytest.mark.slow
-FULL = os.environ.get("TUNESTACK_FULL") == "1"
 # CI size: steps per run (the configs' full size when TUNESTACK_FULL=1) and thresholds well below the CI-size figures.
 DISTILL_STEPS, DPO_STEPS, GRPO_STEPS = 40, 6, 8
 

@@ -188,6 +188,7 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
                                                           "manifest.json"]
         manifest = Registry(server.registry).manifest("adapters", f"ft-{short}-step-{c.step_number}")
         assert manifest.extra["checkpoint_step"] == c.step_number and manifest.metrics["train_loss"] > 0
+        assert c.metrics.train_loss == manifest.metrics["train_loss"]  # the listing and the registry: one rule
     with pytest.raises(openai.NotFoundError):  # a step that was never a listed checkpoint
         client.chat.completions.create(model=f"{job.fine_tuned_model}:ckpt-step-2", max_tokens=2,
                                        messages=[{"role": "user", "content": "hi"}])
