@@ -48,12 +48,14 @@ def train(config: str, out: Path, *overrides: str, ci: tuple[str, ...] = ()) -> 
 def students(demo_run, tmp_path_factory) -> dict[str, dict]:
     """The half-depth student distilled from the demo teacher, and the same student on plain CE."""
     work = tmp_path_factory.mktemp("distill")
-    ci = (f"training.max_steps={DISTILL_STEPS}", "eval.compare_base=false", "eval.max_new_tokens=8")
+    # CI size: the validation loss carries the comparison, so the generated answers are scored on 16 rows only
+    ci = (f"training.max_steps={DISTILL_STEPS}", "eval.compare_base=false", "eval.max_new_tokens=8",
+          "eval.max_examples=16")
     teacher = f"method.teacher={demo_run['run']}"
     out = {"kd": train("smollm2_distill_chef.yaml", work / "kd", teacher, ci=ci),
            "ce": train("smollm2_distill_chef.yaml", work / "ce", teacher, "method.distill_alpha=0", ci=ci)}
     for arm in ("kd", "ce"):
-        out[arm]["heldout_answer_logprob"] = heldout_answer_logprob(work / arm)
+        out[arm]["heldout_answer_logprob"] = heldout_answer_logprob(work / arm) if FULL else float("nan")
     return out
 
 
@@ -67,7 +69,8 @@ def test_distilled_half_depth_student_beats_plain_cross_entropy(students):
     # CI size (40 steps) keyword accuracy is a few rows either way (10.0 % vs 6.2 % measured), and so is the
     # held-out answers' likelihood: -17.98 vs -18.65 with the teacher before replay, -19.00 vs -18.65 with the
     # demo teacher trained with replay (its soft labels keep general-chat mass). The validation loss carries
-    # the comparison at CI size: 2.19 vs 2.36 before, 1.90 vs 2.36 now.
+    # the comparison at CI size: 2.19 vs 2.36 before, 1.90 vs 2.36 with the 3-epoch demo teacher, 1.82 vs 2.36
+    # with the 2-epoch CI-size one. 20 steps are too few: 3.83 vs 3.75, the half-depth student still recovering.
     if FULL:
         assert kd["keyword_accuracy"] >= ce["keyword_accuracy"] + 0.05, (kd, ce)
     assert kd["val_loss"] < 0.97 * ce["val_loss"], (kd, ce)
