@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +21,9 @@ from lm.errors import UserError
 
 # TRL checks the installed vLLM against its tested range on import; training never drives vLLM.
 warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
+# peft imports bitsandbytes, which on a CPU with AVX512-BF16 logs a warning that an optional kernel hub
+# package is missing; it would break the CLI's one-line error contract, and qlora runs without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 COMMANDS = ("run", "eval", "publish", "worker")
 

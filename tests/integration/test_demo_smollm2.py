@@ -65,7 +65,7 @@ def test_merged_model_equals_base_plus_adapter(demo_run, tmp_path):
                                       return_tensors="pt", return_dict=True)["input_ids"]
         with torch.no_grad():
             diff = (merged(input_ids=ids).logits.double() - ref(input_ids=ids).logits).abs().max().item()
-        assert diff <= 1e-4, diff
+        assert diff <= 5e-4, diff  # fp32 rounding of the merged weights (1.1e-4 measured); a wrong merge is >= 1e-2 off
     assert merged.dtype == torch.float32
     assert not any(f.suffix in (".bin", ".pt", ".pth") for f in out.iterdir())
     again = subprocess.run([sys.executable, "-m", "export", "merge", str(demo_run["run"]), "--out", str(out)],
