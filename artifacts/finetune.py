@@ -56,8 +56,8 @@ def adapter_of(model: str, base: str) -> str | None:
 def loss_at(history: list[dict[str, Any]], step: int) -> float | None:
     """A checkpoint's training loss: the last logged loss at or before its step (the Trainer logs every
     logging_steps, not at each save). `history`: the Trainer's log_history, or the run's metrics log."""
-    logged = sorted((h["step"], h["loss"]) for h in history if "loss" in h and h.get("step", 0) <= step)
-    return logged[-1][1] if logged else None
+    logged = [h for h in history if "loss" in h and h.get("step", 0) <= step]
+    return max(logged, key=lambda h: h.get("step", 0))["loss"] if logged else None
 
 
 class NotFound(KeyError):

@@ -123,7 +123,7 @@ def _ort_forced(ort_model: OrtCausalLM, ids, mask, pos, tokens: np.ndarray) -> n
     return np.stack(out, 1)
 
 
-def _clear_mismatches(want: np.ndarray, ref: np.ndarray, got: np.ndarray) -> tuple[int, int]:
+def _mismatches(want: np.ndarray, ref: np.ndarray, got: np.ndarray) -> tuple[int, int]:
     """(steps where onnxruntime's argmax differs, of those the ones PyTorch's own margin does not excuse).
 
     A mismatch is excused when PyTorch's chosen token beats onnxruntime's choice by at most the tolerance."""
@@ -144,9 +144,9 @@ def parity(model, tok, ort_model: OrtCausalLM, steps: int = GREEDY_STEPS) -> dic
     want, ref_steps = _torch_greedy(model, ids, mask, pos, steps)
     got_steps = _ort_forced(ort_model, ids, mask, pos, want)
     decode_diff = float(np.abs(got_steps - ref_steps).max())
-    near_ties, clear = _clear_mismatches(want, ref_steps, got_steps)
+    mismatches, clear = _mismatches(want, ref_steps, got_steps)
     return {"max_abs_logit_diff": diff, "decode_max_abs_logit_diff": decode_diff, "logit_tolerance": LOGIT_TOLERANCE,
-            "greedy_steps": steps, "greedy_equal": near_ties == 0, "near_tie_mismatches": near_ties - clear,
+            "greedy_steps": steps, "greedy_equal": mismatches == 0, "near_tie_mismatches": mismatches - clear,
             "clear_mismatches": clear, "prompts": len(prompts),
             "ok": max(diff, decode_diff) <= LOGIT_TOLERANCE and clear == 0}
 
