@@ -259,7 +259,8 @@ def _serve(app: Flask, settings: Settings, plan: LaunchPlan, metrics: Metrics) -
     for n, state in plan.launched.items():  # already loaded by --lora-modules at launch
         sync.mark_loaded(n, state)
     sync.start()
-    set_serving(app, VLLMProxy(plan.url, plan.name, sync, metrics, settings.max_model_len), sync)
+    set_serving(app, VLLMProxy(plan.url, plan.name, sync, metrics, settings.max_model_len,
+                                   max_batch=settings.max_batch), sync)
     log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", plan.name, plan.max_lora_rank, sync.loaded())
 
 

@@ -150,20 +150,34 @@ class VLLMProxy:
     """The Backend in front of vLLM: forwards OpenAI requests, recording per-adapter metrics on the way."""
 
     def __init__(self, base_url: str, served_name: str, sync: AdapterSync | None, metrics: Metrics,
-                 max_model_len: int = 2048, timeout: float = UPSTREAM_TIMEOUT):
+                 max_model_len: int = 2048, timeout: float = UPSTREAM_TIMEOUT, max_batch: int = 32):
         self.base_url = base_url
+        self.max_batch = max_batch  # vLLM's --max-num-seqs: what this proxy has in vLLM beyond it is waiting
         self.max_model_len = max_model_len
         self.model_name = served_name
         self.metrics = metrics
         self.served = ServedModels(served_name, sync)
         self.up = _Upstream(base_url, timeout)
         self.scheduler = _SchedulerGauges(self.up.host, self.up.port)
+        self._forwarded = 0  # requests this proxy has in vLLM: between in_flight.inc and _finish
+        self._forwarded_lock = threading.Lock()
 
     def is_served(self, model: object) -> bool:
         return self.served.is_served(model)
 
     def stats(self) -> EngineStats:
-        return self.scheduler.read()
+        """vLLM's own counts, floored by what this proxy knows without asking: of the requests it has in
+        vLLM, at most max_batch run and the rest wait. A saturated vLLM can be too slow to answer its
+        /metrics (CI saw the queue read 0 through a whole burst); the queue KEDA scales on must not."""
+        seen = self.scheduler.read()
+        with self._forwarded_lock:
+            n = self._forwarded
+        return EngineStats(running=max(seen.running, min(n, self.max_batch)),
+                           waiting=max(seen.waiting, n - self.max_batch))
+
+    def _forwarding(self, step: int) -> None:
+        with self._forwarded_lock:
+            self._forwarded += step
 
     def models(self) -> JSONReply:
         """vLLM's own list, each adapter entry with its registry evidence added (extra fields)."""
@@ -205,6 +219,7 @@ class VLLMProxy:
         if not wants_usage:
             raw = _asking_for_usage(body)
         self.metrics.in_flight.inc()  # decremented by _finish: once the answer is read, failed or the stream closed
+        self._forwarding(1)
         before = time.perf_counter() - t0
         up = self._send(path, raw, labels, t0)
         if not stream or up.status != 200:
@@ -217,6 +232,7 @@ class VLLMProxy:
         """The one place a forwarded request ends: recorded, and out of the in-flight gauge."""
         self.metrics.record_request(labels, status, t0, usage, first)
         self.metrics.in_flight.dec()
+        self._forwarding(-1)
 
     def _send(self, path: str, raw: bytes, labels: Labels, t0: float) -> http.client.HTTPResponse:
         try:

@@ -78,18 +78,26 @@ def test_a_burst_beyond_max_batch_queues_and_reaches_the_metrics(vllm_server):
     threads = [threading.Thread(target=_complete, args=(vllm_server, statuses)) for _ in range(BURST)]
     for t in threads:
         t.start()
-    queued = running = vllm_running = 0.0
-    deadline = time.time() + 300
+    queued = running = vllm_running = vllm_waiting = 0.0
+    trace: list[tuple[float, float, float, float]] = []  # (s, proxy queued, vLLM waiting, scrape s): the failure message
+    start = time.time()
+    deadline = start + 300
     while any(t.is_alive() for t in threads) and time.time() < deadline:
+        t0 = time.time()
         proxy = _samples(vllm_server.url)
+        scrape = time.time() - t0
+        engine = _samples(vllm_server.vllm_url)
         queued = max(queued, proxy["tunestack_requests_queued"])
         running = max(running, proxy["tunestack_requests_running"])
-        vllm_running = max(vllm_running, _samples(vllm_server.vllm_url)["vllm:num_requests_running"])
+        vllm_running = max(vllm_running, engine["vllm:num_requests_running"])
+        vllm_waiting = max(vllm_waiting, engine["vllm:num_requests_waiting"])
+        trace.append((round(t0 - start, 1), proxy["tunestack_requests_queued"], engine["vllm:num_requests_waiting"],
+                      round(scrape, 2)))
         time.sleep(0.2)
     for t in threads:
         t.join(timeout=60)
     assert statuses == [200] * BURST
-    assert queued > 0, "the proxy's queue gauge never saw vLLM's waiting requests"
+    assert queued > 0, f"the proxy's queue gauge never saw vLLM's waiting requests (vLLM's own max {vllm_waiting}): {trace}"
     assert 0 < running <= MAX_BATCH and vllm_running <= MAX_BATCH
     assert _samples(vllm_server.url)["tunestack_requests_in_flight"] == 0, "a finished request stayed in flight"
 

@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from serve.app import build_app, set_serving
+from serve.engines.base import EngineStats
 from serve.metrics import Metrics
 from serve.settings import Settings
 from serve.vllm_proxy import STATS_STALE, VLLMProxy, _SchedulerGauges, scheduler_counts
@@ -218,6 +219,29 @@ def test_a_failed_queue_scrape_keeps_the_last_reading_until_it_is_stale(stub_url
     assert gauges.read().waiting == 5  # the last good reading, younger than STATS_STALE
     gauges._at = gauges._good_at = gauges._good_at - STATS_STALE - 1  # that reading is now too old
     assert gauges.read().waiting == 0
+
+
+def test_the_queue_is_floored_by_the_requests_the_proxy_has_in_vllm(stub_url):
+    """vLLM's /metrics unanswered (saturated) while three requests are in it, max_batch 1: the gauges still
+    say 1 running and 2 waiting, and fall back to 0 once the answers are in."""
+    metrics = Metrics()
+    app = build_app(Settings(), None, metrics)
+    proxy = VLLMProxy(stub_url, "base", None, metrics, max_model_len=64, timeout=30, max_batch=1)
+    proxy.scheduler.port = 9  # the scrape fails: only the proxy's own count is left
+    set_serving(app, proxy, None)
+    calls = [threading.Thread(target=app.test_client().post, args=("/v1/completions",),
+                              kwargs={"json": {"model": "base", "prompt": "fault:stall"}}) for _ in range(3)]
+    for t in calls:
+        t.start()
+    deadline = time.time() + STALL_SECONDS
+    while proxy.stats().waiting < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    text = app.test_client().get("/metrics").get_data(as_text=True)
+    assert "tunestack_requests_queued 2.0" in text and "tunestack_requests_running 1.0" in text, text
+    for t in calls:
+        t.join(timeout=30)
+    StubVLLM.seen.pop("fault:stall")  # the 504 test counts its own
+    assert proxy.stats() == EngineStats(running=0, waiting=0)
 
 
 def test_vllm_silent_past_the_timeout_is_a_504(stub_url):
