@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import statistics
 import sys
@@ -99,13 +100,15 @@ class Meter:
     def __init__(self, warmup: int, window: int, tokens: list[int]):
         self.warmup, self.window, self.tokens = warmup, window, tokens
         self.edges: list[float] = []
+        self.marks: list = []  # at each window edge: the CUDA graphs captured so far (project arm), else None
         self.losses: list[float] = []
 
-    def step_done(self, step: int) -> None:  # step counts from 1
+    def step_done(self, step: int, mark=None) -> None:  # step counts from 1
         if step in (self.warmup, self.warmup + self.window, self.warmup + 2 * self.window):
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.edges.append(time.perf_counter())
+            self.marks.append(mark)
 
     def tokens_per_s(self) -> list[float]:
         out = []
@@ -126,6 +129,10 @@ def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
+def _peak_reserved_gib() -> float | None:  # what the device holds: CUDA graphs keep their pool reserved
+    return torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None
+
+
 def project_arm(args, project_args: list[str], model_dir: Path, data: Path, method: str, work: Path, steps: int, meter: Meter,
                 capture: list | None = None) -> dict:
     """The recipe, as `python -m train` runs it; `capture` receives the batches its data loader yields."""
@@ -140,13 +147,16 @@ def project_arm(args, project_args: list[str], model_dir: Path, data: Path, meth
                  "training.lr_scheduler=constant", "training.warmup_ratio=0", f"training.lr={LR[method]}",
                  "training.eval_steps=100000", "training.save_steps=100000", "eval.enabled=false",
                  f"output.dir={work}", "output.overwrite=true", *project_args]
+    overrides.append(f"method.dropout={args.dropout}")
     if args.tiny:
-        overrides += ["training.fast_path=on", "method.dropout=0"]
+        overrides += ["training.fast_path=on"]
     cfg = load_config(None, overrides)
 
     class Timer(TrainerCallback):
         def on_step_end(self, a, state, control, **kw):
-            meter.step_done(state.global_step)
+            graphs = getattr(_fused_step(kw.get("model")), "graphs", None)
+            meter.step_done(state.global_step, None if graphs is None else
+                            graphs.off or f"{len(graphs.graphs)} graphs, {graphs.capture_s:.1f} s capturing")
             control.should_save = False  # the timed run writes no checkpoint
 
         def on_log(self, a, state, control, logs=None, **kw):
@@ -159,7 +169,14 @@ def project_arm(args, project_args: list[str], model_dir: Path, data: Path, meth
     if capture is not None:
         capture += _loader_batches(recipe, steps)
     trainer = recipe.train(extra_callbacks=[Timer()])
-    return {"peak_gib": _peak_gib(), "fast_path": getattr(trainer.model.forward, "__class__", type(None)).__name__}
+    step = _fused_step(trainer.model)
+    return {"peak_gib": _peak_gib(), "peak_reserved_gib": _peak_reserved_gib(), "fast_path": type(step).__name__,
+            "cuda_graphs_at_edges": meter.marks}
+
+
+def _fused_step(model):
+    """The model's forward as install() bound it (accelerate wraps it in an autocast function and keeps the original)."""
+    return getattr(model, "_original_forward", getattr(model, "forward", None))
 
 
 def _loader_batches(recipe, steps: int) -> list[list[dict]]:
@@ -189,7 +206,7 @@ def baseline_arm(args, model_dir: Path, method: str, batches: list[list[dict]], 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa").to(dev)
     if method == "lora":
-        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0 if args.tiny else 0.05,
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=args.dropout,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
@@ -210,7 +227,7 @@ def baseline_arm(args, model_dir: Path, method: str, batches: list[list[dict]], 
     meter.losses = [float(x) for x in losses]
     peak = _peak_gib()
     del model, opt, params
-    return {"peak_gib": peak}
+    return {"peak_gib": peak, "peak_reserved_gib": _peak_reserved_gib()}
 
 
 # -- FLOPs and the card's peak --------------------------------------------------------------------------
@@ -255,11 +272,19 @@ def run_case(args, shape: str, method: str, data_kind: str, work: Path, peak: fl
     steps = args.warmup + 2 * args.window
     batches: list[list[dict]] = []
     tokens: list[int] = []
-    res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra]}
+    env = dict(e[4:].split("=", 1) for e in extra if e.startswith("env:"))  # env:NAME=VALUE for the project's arm
+    extra = [e for e in extra if not e.startswith("env:")]
+    res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra], "env": env}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     proj_meter = Meter(args.warmup, args.window, tokens)
     # The project's arm first: its data loader fixes the batches, then the baseline replays them.
-    res["project"] = project_arm(args, res["project_args"], model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}", steps,
-                                 proj_meter, capture=batches)
+    try:
+        res["project"] = project_arm(args, res["project_args"], model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}",
+                                     steps, proj_meter, capture=batches)
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     tokens += [sum(len(r["input_ids"]) for r in rows) for rows in batches]
     base_meter = Meter(args.warmup, args.window, tokens)
     res["baseline"] = baseline_arm(args, model_dir, method, batches, base_meter)
@@ -282,19 +307,25 @@ def _fmt(xs: list[float], f: str) -> str:
 def report(results: list[dict], peak: float | None) -> None:
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     print(f"\n{dev}; bf16 matmul peak measured {peak / 1e12:.0f} TFLOP/s" if peak else f"\n{dev}")
-    print("| case | arm | tokens/s (2 windows) | vs baseline | peak GiB | vs baseline | MFU | loss first -> last | max |dloss| |")
+    print("| case | arm | tokens/s (2 windows) | vs baseline (mean / 2nd window) | peak GiB (reserved) | vs baseline | MFU "
+          "| loss first -> last | max |dloss| |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         b, p = r["baseline"], r["project"]
         bt, pt = statistics.mean(b["tokens_per_s"] or [0]), statistics.mean(p["tokens_per_s"] or [0])
         diff = max((abs(x - y) for x, y in zip(b["losses"], p["losses"])), default=float("nan"))
-        case = f"{r['shape']} {r['method']} {r['data']}"
-        for arm, a, ratio in (("baseline", b, 1.0), ("project", p, pt / bt if bt else float("nan"))):
-            mem = a["peak_gib"]
+        case = " ".join([r["shape"], r["method"], r["data"], *r["project_args"], *(f"{k}={v}" for k, v in r.get("env", {}).items())])
+        last = p["tokens_per_s"][-1] / b["tokens_per_s"][-1] if b["tokens_per_s"] and p["tokens_per_s"] else float("nan")
+        for arm, a, ratio in (("baseline", b, "1.00x"), ("project", p, f"{pt / bt if bt else float('nan'):.2f}x / {last:.2f}x")):
+            mem, res = a["peak_gib"], a.get("peak_reserved_gib")
             mem_ratio = f"{mem / b['peak_gib']:.2f}x" if mem and b["peak_gib"] else "-"
-            print(f"| {case} | {arm} | {_fmt(a['tokens_per_s'], ',.0f')} | {ratio:.2f}x | "
-                  f"{'-' if mem is None else format(mem, '.1f')} | {mem_ratio} | {_fmt(a.get('mfu', []), '.1%')} | "
+            print(f"| {case} | {arm} | {_fmt(a['tokens_per_s'], ',.0f')} | {ratio} | "
+                  f"{'-' if mem is None else format(mem, '.1f')}{'' if res is None else f' ({res:.1f})'} | {mem_ratio} | "
+                  f"{_fmt(a.get('mfu', []), '.1%')} | "
                   f"{a['losses'][0]:.3f} -> {a['losses'][-1]:.3f} | {diff if arm == 'project' else 0:.4f} |")
+    for r in results:
+        if any(r["project"].get("cuda_graphs_at_edges") or []):
+            print(f"{r['shape']} {r['method']}: CUDA graphs at the window edges: {r['project']['cuda_graphs_at_edges']}")
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -325,6 +356,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--lengths", type=int, nargs=2, default=(50, 2000))
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout of both arms (0: the curves must coincide)")
     ap.add_argument("--tiny", action="store_true", help="CPU smoke size: tiny model, short rows, few steps, fp32")
     ap.add_argument("--project-args", nargs="*", default=[], help="extra section.field=value for the project's arm")
     ap.add_argument("--work", type=Path, default=Path("/tmp/train_speed"))
@@ -333,6 +365,7 @@ def main() -> None:
     if args.tiny:
         args.cases = "tiny:lora:var,tiny:full:var" if args.cases == ap.get_default("cases") else args.cases
         args.warmup, args.window, args.rows, args.lengths, args.max_length = 1, 2, 200, (20, 120), 256
+        args.dropout = 0.0
     if args.tokenizer is None:
         from train.base_model import resolve
         args.tokenizer = Path(resolve("embedded:smollm2-135m-instruct").path)

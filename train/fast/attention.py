@@ -31,6 +31,8 @@ def per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
     gqa = q.shape[1] != k.shape[1]
     out = []
     for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:  # an empty document slot (a CUDA graph's fixed number of slots)
+            continue
         qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))
         out.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa).transpose(0, 1))
     return torch.cat(out)

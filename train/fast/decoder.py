@@ -9,7 +9,9 @@ the arithmetic of a step changes:
 - LoRA as stacked A and block-diagonal B products (ops.py);
 - the output layer's loss on target tokens only, in chunks, never holding the full logits (loss.py);
 - on CUDA, the two halves of a decoder layer compiled once (torch.compile, dynamic shapes) and reused
-  by every layer; a compile failure falls back to the same functions run eagerly, with one log line.
+  by every layer; a compile failure falls back to the same functions run eagerly, with one log line;
+- with LoRA on CUDA (`graphs=True`), the whole stack's forward and backward replayed from a CUDA graph
+  per bucket of token count (graphs.py): the host-bound LoRA step's ~1,600 launches become two.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from train.fast import ops
 from train.fast.attention import causal_varlen
+from train.fast.graphs import StackGraphs, graphable
 from train.fast.loss import ce_chunk, linear_cross_entropy
 from train.fast.plan import ModelParts, Proj
 
@@ -64,9 +67,11 @@ def _fuse_frozen(group: list[Proj], dtype: torch.dtype) -> torch.Tensor:
 
 
 class FusedStep:
-    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool):
+    def __init__(self, model: torch.nn.Module, parts: ModelParts, dtype: torch.dtype, compile: bool,
+                 graphs: bool = False):
         self.model, self.p, self.dtype = model, parts, dtype
         self.frozen = not any(p.linear.weight.requires_grad for layer in parts.layers for g in layer.groups for p in g)
+        self.graphs = self._graphs_for(parts) if graphs else None
         # per layer, the four groups' tensors as ops.project takes them: built at the first step, on the training
         # device (after the Trainer moved the model), then reused: a step only reads them
         self._groups: list[tuple[ops.Weights, ...]] | None = None
@@ -93,6 +98,19 @@ class FusedStep:
         self._out = _MaybeCompiled(attention_out_mlp, compile)
         self._norm = _MaybeCompiled(final_norm, compile)
         self._ce = _MaybeCompiled(ce_chunk, compile, grad_only=False)  # runs inside an autograd.Function: no grad mode
+
+    def _graphs_for(self, parts: ModelParts) -> StackGraphs | None:
+        """CUDA graphs of the stack when only the adapters train; else None, with one line saying why."""
+        projs = [p for layer in parts.layers for g in layer.groups for p in g]
+        params = [t for p in projs if p.lora for t in (p.lora.A, p.lora.B)]
+        frozen = [parts.embed.weight, parts.norm, *(p.linear.weight for p in projs),
+                  *(p.linear.bias for p in projs if p.linear.bias is not None),
+                  *(w for layer in parts.layers for w in (layer.ln_in, layer.ln_post))]
+        why = graphable(params, frozen)
+        if why:
+            print(f"note: CUDA graphs of the fused step off ({why}); the step runs eagerly", flush=True)
+            return None
+        return StackGraphs(lambda h, cos, sin, cu, n: self._stack(h, cos, sin, cu, n, True), params)
 
     # -- the tensors of one projection group, as ops.project takes them ----------------------------
     def _zero(self, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -132,17 +150,30 @@ class FusedStep:
                  cu_seqlens: torch.Tensor, max_seqlen: int, target_positions: torch.Tensor,
                  num_items_in_batch: Any = None, **_: Any) -> CausalLMOutput:
         p, training = self.p, self.model.training
+        h, cos, sin = self._inputs(input_ids, position_ids)
+        out = None
+        if self.graphs is not None and training and torch.is_grad_enabled() and not p.lm.is_gradient_checkpointing:
+            out = self.graphs.run(h, cos, sin, cu_seqlens, max_seqlen)  # None: this step runs eagerly
+        if out is None:
+            out = self._stack(h, cos, sin, cu_seqlens, max_seqlen, training)
+        return self._loss(out, shift_labels, target_positions, num_items_in_batch)
+
+    def _inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
+        """The stack's inputs: embeddings [T, d] and rotary cos, sin [T, 1, D], in the compute dtype."""
         self._prepare(input_ids.device)
-        h = F.embedding(input_ids.view(-1), p.embed.weight).to(self.dtype)
-        cos, sin = p.rotary(h, position_ids.view(1, -1))
-        cos, sin = cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)
-        recompute = training and torch.is_grad_enabled() and p.lm.is_gradient_checkpointing
-        for i in range(len(p.layers)):
+        h = F.embedding(input_ids.view(-1), self.p.embed.weight).to(self.dtype)
+        cos, sin = self.p.rotary(h, position_ids.view(1, -1))
+        return h, cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)
+
+    def _stack(self, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool) -> torch.Tensor:
+        """Every decoder layer and the final norm: [T, d] embeddings -> [T, d] normed hidden states."""
+        recompute = training and torch.is_grad_enabled() and self.p.lm.is_gradient_checkpointing
+        for i in range(len(self.p.layers)):
             if recompute:
                 h = checkpoint(self._layer, i, h, cos, sin, cu_seqlens, max_seqlen, training, use_reentrant=False)
             else:
                 h = self._layer(i, h, cos, sin, cu_seqlens, max_seqlen, training)
-        return self._loss(self._norm(h, p.norm), shift_labels, target_positions, num_items_in_batch)
+        return self._norm(h, self.p.norm)
 
     def _loss(self, h, shift_labels, target_positions, num_items_in_batch) -> CausalLMOutput:
         p = self.p

@@ -1,9 +1,15 @@
-"""Binding the fused step to a model for training, or saying why not (one line, then the HF forward)."""
+"""Binding the fused step to a model for training, or saying why not (one line, then the HF forward).
+
+CUDA graphs of the stack (graphs.py) are on wherever the step runs on CUDA with only adapters training;
+`TUNESTACK_FAST_GRAPHS=off` in the environment turns them off (for A/B measurements and as an escape hatch).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import os
 
 import torch
 
@@ -40,11 +46,13 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
         return None
     dtype = compute_dtype(mixed_precision(cfg.model.dtype))
     compile_on = _wanted(t.compile, on_cuda)
-    step = FusedStep(model, parts, dtype, compile=compile_on)
+    graphs_on = on_cuda and os.environ.get("TUNESTACK_FAST_GRAPHS", "auto") != "off" and not t.gradient_checkpointing
+    step = FusedStep(model, parts, dtype, compile=compile_on, graphs=graphs_on)
     model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
     device = torch.device("cuda" if on_cuda else "cpu")  # where the Trainer will put the model
     summary = (f"fast path: padding-free batches, {kernel_name(device)} attention, fused projections"
                f"{' + LoRA' if any(pr.lora for pr in parts.layers[0].groups[0]) else ''}, chunked output loss on "
-               f"target tokens, {'torch.compile' if compile_on else 'eager'}, {str(dtype).replace('torch.', '')}")
+               f"target tokens, {'torch.compile' if compile_on else 'eager'}{', CUDA graphs' if step.graphs else ''}, "
+               f"{str(dtype).replace('torch.', '')}")
     print(summary, flush=True)
     return FastPath(step, PaddingFreeCollator(cfg.data.pad_to_multiple_of), summary)
