@@ -18,6 +18,7 @@ manifest; a failure writes nothing.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import time
@@ -35,6 +36,7 @@ from lm.chat import encode_generation_prompt, encode_text
 from lm.loading import load_model, load_tokenizer
 from lm.padding import left_pad
 
+log = logging.getLogger(__name__)
 LOGIT_TOLERANCE = 1e-3  # fp32 ORT vs PyTorch: kernels differ in summation order only
 GREEDY_STEPS = 32
 PARITY_PROMPTS = [[{"role": "user", "content": "What is the main ingredient of the house stew?"}],
@@ -75,7 +77,8 @@ def io_description(config) -> dict:
             "num_key_value_heads": heads, "head_dim": head_dim, "dtype": "float32"}
 
 
-def _export(model, io: dict, path: Path) -> None:
+def _export(model, io: dict, path: Path) -> str:
+    """Export to `path`; returns which graph optimisation ran (optimize_graph)."""
     from torch.export import Dim
 
     b, s, p = 2, 3, 5  # distinct sizes > 1, so the exporter cannot specialise any axis
@@ -89,9 +92,44 @@ def _export(model, io: dict, path: Path) -> None:
     big = sum(t.numel() * t.element_size() for t in model.parameters()) > TWO_GB
     with torch.no_grad():
         program = torch.onnx.export(_DecoderWithPast(model).eval(), args, dynamo=True, dynamic_shapes=dynamic,
-                                    input_names=io["inputs"], output_names=io["outputs"], optimize=True,
+                                    input_names=io["inputs"], output_names=io["outputs"], optimize=False,
                                     external_data=big, verbose=False)
+    optimizer = optimize_graph(program)
     program.save(str(path), external_data=big)
+    return optimizer
+
+
+def optimize_graph(program) -> str:
+    """Constant folding and clean-up passes, not torch.onnx's optimize=True.
+
+    optimize=True adds onnxscript's pattern rewriter: 408,000 rule matches, ~25 s of a 90 s SmolLM2
+    export on 2 cores, for no onnxruntime speed (ORT fuses the graph itself when a session opens:
+    decode tokens/s within noise of each other, docs/export.md). Should onnxscript's or onnx_ir's pass
+    API change, torch's own optimize() runs instead, with one log line. Returns which ran."""
+    try:
+        _light_passes(program.model)
+        return "light"
+    except Exception as e:  # noqa: BLE001 (any failure of an external pass API: torch's optimizer still works)
+        log.warning("ONNX light optimisation unavailable (%s: %s); using torch.onnx's optimizer",
+                    type(e).__name__, e)
+        program.optimize()
+        return "torch"
+
+
+def _light_passes(model) -> None:
+    """onnxscript's optimize_ir without its rewriter: inline, fold constants, drop what is unused,
+    lift constants to initializers, deduplicate, common subexpressions, fix names."""
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants_ir
+
+    common.InlinePass()(model)
+    fold_constants_ir(model, onnx_shape_inference=True)
+    ir.passes.Sequential(
+        common.RemoveUnusedNodesPass(), common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.LiftSubgraphInitializersToMainGraphPass(), common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(), common.OutputFixPass(), common.NameFixPass())(model)
 
 
 @torch.no_grad()
@@ -169,7 +207,7 @@ def export_onnx(source: Source, out: Path, *, replace: bool = False, threads: in
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".onnx-") as work:
         work = Path(work)
-        _export(model, io, work / ONNX_FILE)
+        optimizer = _export(model, io, work / ONNX_FILE)
         seconds = time.time() - t0
         copy_tokenizer(source.model_dir, work)
         tok.save_pretrained(work)  # the chat template the run trained with travels with the model
@@ -178,7 +216,8 @@ def export_onnx(source: Source, out: Path, *, replace: bool = False, threads: in
                        metrics=source.manifest.metrics if source.manifest else {},
                        extra={"source": str(source.model_dir.resolve()), "run": str(source.run) if source.run else None,
                               "onnx": {"io": io, "exporter": f"torch.onnx dynamo (torch {torch.__version__})",
-                                       "opset": _opset(work / ONNX_FILE), "export_seconds": round(seconds, 1)}})
+                                       "opset": _opset(work / ONNX_FILE), "export_seconds": round(seconds, 1),
+                                       "graph_optimizer": optimizer}})
         man.write(work)  # OrtCausalLM reads the io description from it
         ref = load_model(str(source.model_dir), torch.float32).eval()  # the serving attention (sdpa) as reference
         check = parity(ref, tok, OrtCausalLM(work, threads=threads))

@@ -27,6 +27,25 @@ def test_export_records_a_passing_parity_check(exported):
     assert p["ok"] and p["clear_mismatches"] == 0 and p["greedy_steps"] == 32
     assert p["max_abs_logit_diff"] <= 1e-3 and 0 < p["decode_max_abs_logit_diff"] <= 1e-3
     assert m.method == "onnx" and m.base_model["sha256"] and m.peft_config["r"] == 4
+    assert m.extra["onnx"]["graph_optimizer"] == "light"  # constant folding and clean-up, no pattern rewriter
+
+
+def test_graph_optimisation_falls_back_to_torchs_optimizer(monkeypatch, caplog):
+    """The light passes use onnxscript's and onnx_ir's pass API; should it change, torch.onnx's own
+    optimize() runs instead with one log line, and the export goes on (its parity check still judges it)."""
+    class Program:
+        model, optimized = object(), False
+
+        def optimize(self):
+            self.optimized = True
+
+    def broken(model):
+        raise AttributeError("module 'onnx_ir.passes.common' has no attribute 'InlinePass'")
+
+    monkeypatch.setattr(onnx_export, "_light_passes", broken)
+    program = Program()
+    assert onnx_export.optimize_graph(program) == "torch" and program.optimized
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "InlinePass" in caplog.text
 
 
 def test_a_near_tie_is_excused_and_a_clear_disagreement_is_not():
