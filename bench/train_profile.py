@@ -162,6 +162,7 @@ def check_graphs(shape: str) -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            del loss  # as the Trainer does: a live graph keeps the adapters' gradient nodes, and a capture fails (graphs.py)
         print(f"trajectory {name}: " + " ".join(f"{x:.4f}" for x in losses), flush=True)
     del step, m, graphs, params, start
     _dropout_masks(shape)

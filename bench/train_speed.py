@@ -27,6 +27,10 @@ Data: chat rows whose token lengths are drawn uniformly from 50 to 2,000 (`var`)
 
   python bench/train_speed.py --tokenizer TOK --cases qwen2-0.5b:lora:var,qwen2-0.5b:full:var --out DIR
   python bench/train_speed.py --tiny --out DIR      # CPU, tiny model, fp32: checks that it all runs
+
+A case's optional 4th field sets the project arm apart: `section.field=value` (a recipe override) or
+`env.NAME=VALUE` (an environment variable, e.g. env.TUNESTACK_FAST_GRAPHS=off for the A/B of CUDA graphs).
+`--dropout 0` takes dropout's random masks out of both arms, so their loss curves must coincide.
 """
 
 from __future__ import annotations
@@ -272,8 +276,8 @@ def run_case(args, shape: str, method: str, data_kind: str, work: Path, peak: fl
     steps = args.warmup + 2 * args.window
     batches: list[list[dict]] = []
     tokens: list[int] = []
-    env = dict(e[4:].split("=", 1) for e in extra if e.startswith("env:"))  # env:NAME=VALUE for the project's arm
-    extra = [e for e in extra if not e.startswith("env:")]
+    env = dict(e[4:].split("=", 1) for e in extra if e.startswith("env."))  # env.NAME=VALUE: for the project arm
+    extra = [e for e in extra if not e.startswith("env.")]
     res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra], "env": env}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

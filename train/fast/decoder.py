@@ -30,12 +30,16 @@ from train.fast.loss import ce_chunk, linear_cross_entropy
 from train.fast.plan import ModelParts, Proj
 
 
+# bf16 roundings at the functions' explicit casts kept inside fused kernels, as the eager step rounds
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 class _MaybeCompiled:
     """fn compiled with torch.compile; if the first compiled call fails, fn itself from then on."""
 
     def __init__(self, fn: Callable, enabled: bool, grad_only: bool = True):
         self.fn, self.name = fn, getattr(fn, "__name__", "fn")
-        self.compiled = torch.compile(fn, dynamic=True) if enabled else None
+        self.compiled = torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS) if enabled else None
         self.proven = False
         self.grad_only = grad_only  # evaluation (no grad) runs eagerly rather than compiling a second graph
 

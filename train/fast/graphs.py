@@ -17,6 +17,12 @@ with two launches. A graph fixes every shape and address, so:
 Only the frozen-base case is graphed (full fine-tuning is GPU-bound, and its gradients would be a
 second copy of the model). A capture that fails switches graphs off for the run with one log line,
 and the step runs as before.
+
+Known limit (seen on an H200, torch 2.11): a capture fails if the previous step's autograd graph is
+still alive (a caller holding its loss tensor): the adapters' gradient nodes then belong to the
+default stream and the capture's backward waits on it. The Trainer detaches its loss, so its runs
+capture cleanly. After such a failure torch's CUDA generator stayed in capture mode and the next
+random op raised, so a caller that keeps its loss should pass `graphs=False`.
 """
 
 from __future__ import annotations
