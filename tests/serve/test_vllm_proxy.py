@@ -226,14 +226,15 @@ def test_the_queue_is_floored_by_the_requests_the_proxy_has_in_vllm(stub_url):
     say 1 running and 2 waiting, and fall back to 0 once the answers are in."""
     metrics = Metrics()
     app = build_app(Settings(), None, metrics)
-    proxy = VLLMProxy(stub_url, "base", None, metrics, max_model_len=64, timeout=30, max_batch=1)
+    # the stub stalls STALL_SECONDS without answering: the proxy's own timeout ends each request (504) before that
+    proxy = VLLMProxy(stub_url, "base", None, metrics, max_model_len=64, timeout=STALL_SECONDS - 0.5, max_batch=1)
     proxy.scheduler.port = 9  # the scrape fails: only the proxy's own count is left
     set_serving(app, proxy, None)
     calls = [threading.Thread(target=app.test_client().post, args=("/v1/completions",),
                               kwargs={"json": {"model": "base", "prompt": "fault:stall"}}) for _ in range(3)]
     for t in calls:
         t.start()
-    deadline = time.time() + STALL_SECONDS
+    deadline = time.time() + STALL_SECONDS - 1
     while proxy.stats().waiting < 2 and time.time() < deadline:
         time.sleep(0.05)
     text = app.test_client().get("/metrics").get_data(as_text=True)
