@@ -1,4 +1,4 @@
-"""The one direction of imports, artifacts <- lm <- {train, export, serve}, checked by import-linter."""
+"""The one direction of imports, artifacts <- lm <- {train, export, serve} <- tunestack, checked by import-linter."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tests.conftest import ROOT
 
-PACKAGES = ("artifacts", "lm", "train", "export", "serve")
+PACKAGES = ("artifacts", "lm", "train", "export", "serve", "tunestack")
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
@@ -23,7 +23,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_contract_is_kept_with_no_ignored_imports():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
     assert all("ignore_imports" not in c for c in cfg["contracts"])
-    assert cfg["contracts"][0]["layers"] == ["train | export | serve", "lm", "artifacts"]
+    assert cfg["contracts"][0]["layers"] == ["tunestack", "train | export | serve", "lm", "artifacts"]
     p = lint_imports(ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "1 kept, 0 broken" in p.stdout
