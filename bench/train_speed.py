@@ -28,8 +28,8 @@ Data: chat rows whose token lengths are drawn uniformly from 50 to 2,000 (`var`)
   python bench/train_speed.py --tokenizer TOK --cases qwen2-0.5b:lora:var,qwen2-0.5b:full:var --out DIR
   python bench/train_speed.py --tiny --out DIR      # CPU, tiny model, fp32: checks that it all runs
 
-A case's optional 4th field sets the project arm apart: `section.field=value` (a recipe override) or
-`env.NAME=VALUE` (an environment variable, e.g. env.TUNESTACK_FAST_GRAPHS=off for the A/B of CUDA graphs).
+A case's optional 4th field sets the project arm apart with a recipe override `section.field=value`,
+e.g. `training.cuda_graphs=off` for the A/B of CUDA graphs.
 `--dropout 0` takes dropout's random masks out of both arms, so their loss curves must coincide.
 """
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import statistics
 import sys
@@ -276,19 +275,11 @@ def run_case(args, shape: str, method: str, data_kind: str, work: Path, peak: fl
     steps = args.warmup + 2 * args.window
     batches: list[list[dict]] = []
     tokens: list[int] = []
-    env = dict(e[4:].split("=", 1) for e in extra if e.startswith("env."))  # env.NAME=VALUE: for the project arm
-    extra = [e for e in extra if not e.startswith("env.")]
-    res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra], "env": env}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    res = {"shape": shape, "method": method, "data": data_kind, "project_args": [*args.project_args, *extra]}
     proj_meter = Meter(args.warmup, args.window, tokens)
     # The project's arm first: its data loader fixes the batches, then the baseline replays them.
-    try:
-        res["project"] = project_arm(args, res["project_args"], model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}",
-                                     steps, proj_meter, capture=batches)
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    res["project"] = project_arm(args, res["project_args"], model_dir, data, method, work / f"run-{shape}-{method}-{data_kind}",
+                                 steps, proj_meter, capture=batches)
     tokens += [sum(len(r["input_ids"]) for r in rows) for rows in batches]
     base_meter = Meter(args.warmup, args.window, tokens)
     res["baseline"] = baseline_arm(args, model_dir, method, batches, base_meter)
@@ -318,7 +309,7 @@ def report(results: list[dict], peak: float | None) -> None:
         b, p = r["baseline"], r["project"]
         bt, pt = statistics.mean(b["tokens_per_s"] or [0]), statistics.mean(p["tokens_per_s"] or [0])
         diff = max((abs(x - y) for x, y in zip(b["losses"], p["losses"])), default=float("nan"))
-        case = " ".join([r["shape"], r["method"], r["data"], *r["project_args"], *(f"{k}={v}" for k, v in r.get("env", {}).items())])
+        case = " ".join([r["shape"], r["method"], r["data"], *r["project_args"]])
         last = p["tokens_per_s"][-1] / b["tokens_per_s"][-1] if b["tokens_per_s"] and p["tokens_per_s"] else float("nan")
         for arm, a, ratio in (("baseline", b, "1.00x"), ("project", p, f"{pt / bt if bt else float('nan'):.2f}x / {last:.2f}x")):
             mem, res = a["peak_gib"], a.get("peak_reserved_gib")

@@ -87,9 +87,12 @@ class TrainingConfig:
     compile: str = opt("auto", "torch.compile of the fused step: auto = on CUDA (on a CPU the compile costs more than it saves "
                        "at demo size); on | off")
 
+    cuda_graphs: str = opt("auto", "auto = replay the fused step's decoder stack from CUDA graphs wherever it runs on CUDA "
+                           "(not with gradient checkpointing): most of its LoRA speed-up; off = eager launches (A/B, escape hatch)")
 
 ON_OFF = ("fast_path", "compile")  # auto | on | off settings
 
+AUTO_OFF = ("cuda_graphs",)  # auto | off settings: nothing to force where no CUDA device is
 
 @dataclass
 class OutputConfig:
@@ -168,7 +171,7 @@ def _coerce(section: str, key: str, value: Any, hint: Any, where: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if hint is str:
-            if isinstance(value, bool) and key in ON_OFF:  # YAML 1.1 reads a bare on/off as a boolean
+            if isinstance(value, bool) and key in ON_OFF + AUTO_OFF:  # YAML 1.1 reads a bare on/off as a boolean
                 return "on" if value else "off"
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError(value)
@@ -246,6 +249,9 @@ def validate(cfg: Config) -> None:
     for name in ON_OFF:
         if getattr(cfg.training, name) not in ("auto", "on", "off"):
             raise ConfigError(f"{where}: training.{name}: {getattr(cfg.training, name)!r}; choose auto, on, off")
+    for name in AUTO_OFF:
+        if getattr(cfg.training, name) not in ("auto", "off"):
+            raise ConfigError(f"{where}: training.{name}: {getattr(cfg.training, name)!r}; choose auto, off")
     if not 0.0 <= cfg.data.replay <= 4.0:
         raise ConfigError(f"{where}: data.replay: must be in [0, 4] (a fraction of the training rows)")
     if cfg.data.replay > 0 and cfg.method.name in ("dpo", "orpo", "grpo"):

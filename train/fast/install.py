@@ -1,15 +1,13 @@
 """Binding the fused step to a model for training, or saying why not (one line, then the HF forward).
 
 CUDA graphs of the stack (graphs.py) are on wherever the step runs on CUDA with only adapters training;
-`TUNESTACK_FAST_GRAPHS=off` in the environment turns them off (for A/B measurements and as an escape hatch).
+`training.cuda_graphs=off` turns them off (for A/B measurements and as an escape hatch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-
-import os
 
 import torch
 
@@ -31,6 +29,11 @@ def _wanted(setting: str, on_cuda: bool) -> bool:
     return setting == "on" or (setting == "auto" and on_cuda)
 
 
+def graphs_wanted(training: Any, on_cuda: bool) -> bool:
+    """CUDA graphs of the stack: on CUDA unless training.cuda_graphs=off or gradient checkpointing recomputes layers."""
+    return on_cuda and training.cuda_graphs == "auto" and not training.gradient_checkpointing
+
+
 def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
     """Make `model.forward` the fused step when training.fast_path allows it and the model is covered."""
     t = cfg.training
@@ -46,7 +49,7 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
         return None
     dtype = compute_dtype(mixed_precision(cfg.model.dtype))
     compile_on = _wanted(t.compile, on_cuda)
-    graphs_on = on_cuda and os.environ.get("TUNESTACK_FAST_GRAPHS", "auto") != "off" and not t.gradient_checkpointing
+    graphs_on = graphs_wanted(t, on_cuda)
     step = FusedStep(model, parts, dtype, compile=compile_on, graphs=graphs_on)
     model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
     device = torch.device("cuda" if on_cuda else "cpu")  # where the Trainer will put the model

@@ -2,7 +2,7 @@
 
 The capture and replay themselves need a GPU (bench/train_profile.py checks them there against the eager step);
 here: the padded stack gives the real rows the same outputs and the adapters the same gradients, and a CPU run
-asked for graphs says so once and trains eagerly.
+asked for graphs says so once and trains eagerly; `training.cuda_graphs` decides whether the step asks.
 """
 
 from __future__ import annotations
@@ -10,10 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lm.errors import ConfigError
 from tests.train.fast.models import rows, tiny
+from train.config import help_text, load_config
 from train.fast.collate import PaddingFreeCollator
 from train.fast.decoder import FusedStep
 from train.fast.graphs import Bucket, Inputs, StackGraphs, bucket_for, padded_stack
+from train.fast.install import graphs_wanted
 from train.fast.plan import model_parts
 
 
@@ -82,3 +85,23 @@ def test_graphs_leave_cpu_tensors_and_full_fine_tuning_to_the_eager_step():
     full = tiny("llama")
     step = FusedStep(full, model_parts(full, 256), torch.float32, compile=False, graphs=True)
     assert step.graphs is None
+
+
+@pytest.mark.parametrize("setting, on_cuda, checkpointing, wanted", [
+    ("auto", True, False, True),
+    ("off", True, False, False),  # the A/B arm and escape hatch
+    ("auto", False, False, False),  # nothing to capture without CUDA
+    ("auto", True, True, False),  # gradient checkpointing recomputes layers outside the captured stack
+])
+def test_training_cuda_graphs_decides_the_capture(setting, on_cuda, checkpointing, wanted):
+    cfg = load_config(None, [f"training.cuda_graphs={setting}", f"training.gradient_checkpointing={checkpointing}"])
+    assert graphs_wanted(cfg.training, on_cuda) is wanted
+
+
+def test_training_cuda_graphs_is_a_validated_config_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("training:\n  cuda_graphs: off\n")  # YAML 1.1 reads a bare off as false
+    assert load_config(p).training.cuda_graphs == "off"
+    with pytest.raises(ConfigError, match=r"^config: training.cuda_graphs: 'on'; choose auto, off$"):
+        load_config(None, ["training.cuda_graphs=on"])
+    assert "training.cuda_graphs = 'auto'" in help_text()
