@@ -88,7 +88,7 @@ RUN pip install --no-deps . && rm -rf build /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
-CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
+CMD ["python", "-m", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
      "output.registry=/data/registry", "output.overwrite=true"]
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +113,7 @@ RUN pip install --no-deps . && rm -rf build /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
-CMD ["python", "-m", "train", "configs/smollm2_lora_chef.yaml", "output.dir=/data/runs/chef-lora", \
+CMD ["python", "-m", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
      "output.registry=/data/registry", "output.overwrite=true"]
 
 # ---------------------------------------------------------------------------------------------

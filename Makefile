@@ -41,7 +41,7 @@ docker:
 # Fine-tune the embedded SmolLM2 on the bundled menu data, score base vs tuned, publish to ./registry;
 # then merge, export ONNX (parity-checked) and int8 (quality-gated), and publish those too.
 demo: $(STAMP)
-	$(PY) -m train configs/smollm2_lora_chef.yaml output.overwrite=true
+	$(PY) -m train smollm2_lora_chef output.overwrite=true
 	$(PY) -m export all runs/chef-lora --registry registry --name chef --force
 
 test: $(STAMP) $(VLLM_STAMP) promtool browser docker

@@ -1,6 +1,6 @@
 """The demo recipe with replay and without, in one run: task score, retention, KL and the publish gate.
 
-Trains configs/smollm2_lora_chef.yaml twice on the embedded SmolLM2, once as it is (data.replay 0.15)
+Trains smollm2_lora_chef twice on the embedded SmolLM2, once as it is (data.replay 0.15)
 and once with data.replay=0, both for the same number of optimizer steps (the replay arm's), then
 asks the gate of each run what `train publish` would do. Prints one table and the ratios; writes
 results.json. A finished arm (its manifest.json present) is reused, so an interrupted bench resumes.
@@ -21,7 +21,7 @@ from artifacts import GatePolicy, Manifest
 from artifacts.gate import check
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/smollm2_lora_chef.yaml"
+CONFIG = "smollm2_lora_chef"
 
 
 def train(out: Path, *overrides: str) -> dict:

@@ -40,7 +40,7 @@ def build_registry(work: Path) -> Path:
     """Two real (briefly trained) r=16 all-linear adapters on the embedded SmolLM2, published."""
     reg = work / "registry"
     for i, name in enumerate(("lora-a", "lora-b")):
-        sh("-m", "train", "configs/smollm2_lora_chef.yaml", f"output.dir={work / name}", f"output.registry={reg}",
+        sh("-m", "train", "smollm2_lora_chef", f"output.dir={work / name}", f"output.registry={reg}",
            f"output.adapter_name={name}", "training.max_steps=2", f"training.seed={i}", "eval.enabled=false")
     return reg
 

@@ -26,7 +26,7 @@ class DemoSize:
     TUNESTACK_FULL=1: the demo as shipped (3 epochs) against the README's bars. CI: 2 epochs, a third
     less training (~4 of its ~16 minutes), against bars below what that size measured."""
 
-    overrides: tuple[str, ...]  # on top of configs/smollm2_lora_chef.yaml
+    overrides: tuple[str, ...]  # on top of train/configs/smollm2_lora_chef.yaml
     min_gain_points: float  # held-out keyword accuracy over the base's (0 %), in points
     min_tuned: float  # the tuned model's held-out keyword accuracy
     min_int8: float  # the same after int8 quantisation (export)
@@ -104,7 +104,7 @@ def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
-    """The README demo (configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2, sized by DEMO.
+    """The README demo (train/configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2, sized by DEMO.
 
     TUNESTACK_REUSE_DEMO=DIR (a directory holding run/ and registry/ from an earlier session) skips the
     10-minute run while iterating on serve tests; CI never sets it.
@@ -113,7 +113,7 @@ def demo_run(tmp_path_factory):
     if reuse and (Path(reuse) / "run" / "manifest.json").is_file():
         return {"run": Path(reuse) / "run", "registry": Path(reuse) / "registry", "stdout": "points (reused)"}
     d = tmp_path_factory.mktemp("demo")
-    p = subprocess.run([sys.executable, "-m", "train", "configs/smollm2_lora_chef.yaml", f"output.dir={d / 'run'}",
+    p = subprocess.run([sys.executable, "-m", "train", "smollm2_lora_chef", f"output.dir={d / 'run'}",
                         f"output.registry={d / 'registry'}", *DEMO.overrides], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]

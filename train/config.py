@@ -20,6 +20,7 @@ import yaml
 from lm.data.config import DataConfig, EvalConfig
 from lm.errors import ConfigError
 from lm.options import opt
+from train import bundled
 
 
 @dataclass
@@ -205,10 +206,9 @@ def _apply_to(obj, section: str, values: dict[str, Any], where: str) -> None:
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     cfg = Config()
+    bundled.resolve_defaults(cfg)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
+        path = bundled.config_file(path)
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
@@ -217,7 +217,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        for section, values in raw.items():
+        for section, values in bundled.resolve_file_paths(raw, path).items():
             _apply(cfg, section, values or {}, str(path))
     for ov in overrides:
         if "=" not in ov or "." not in ov.split("=", 1)[0]:

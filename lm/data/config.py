@@ -18,11 +18,12 @@ from lm.options import opt
 
 @dataclass
 class DataConfig:
-    train: str = opt("train/demo_data/chef_train.jsonl", "bundled demo: a fictional restaurant's menu the base model cannot know")
+    train: str = opt("demo_data/chef_train.jsonl", "bundled demo: a fictional restaurant's menu the base model cannot know "
+                     "(a relative default is inside the train package; see train/bundled.py)")
     format: str = opt("auto", "auto-detects chat / instruction / prompt_completion / classification from the fields")
     validation: str | None = opt(None, "None = split validation_fraction off the training file")
     validation_fraction: float = opt(0.05, "small split: enough for a stable loss, leaves most rows for training")
-    eval: str | None = opt("train/demo_data/chef_heldout.jsonl", "held-out questions in unseen phrasings for task metrics; None = use validation")
+    eval: str | None = opt("demo_data/chef_heldout.jsonl", "held-out questions in unseen phrasings for task metrics; None = use validation")
     labels: list[str] = opt([], "classification labels; empty = inferred from the training file")
     text_field: str = opt("text", "classification input column")
     label_field: str = opt("label", "classification label column")

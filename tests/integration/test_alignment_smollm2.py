@@ -36,7 +36,7 @@ def heldout_answer_logprob(run: Path) -> float:
 def train(config: str, out: Path, *overrides: str, ci: tuple[str, ...] = ()) -> dict:
     """python -m train CONFIG; CI-size overrides unless TUNESTACK_FULL=1. Returns eval.json."""
     # At CI size these runs measure their own method, not retention (the demo run and test_retention_smollm2 do).
-    args = [sys.executable, "-m", "train", f"configs/{config}", f"output.dir={out}", "output.registry=null",
+    args = [sys.executable, "-m", "train", config, f"output.dir={out}", "output.registry=null",
             *overrides, *(() if FULL else (*ci, "eval.retention=false"))]
     p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3000,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

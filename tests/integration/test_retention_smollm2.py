@@ -37,7 +37,7 @@ def test_demo_with_replay_keeps_retention_and_passes_the_gate(demo_run):
                     "~15 min; CI checks the refusal on the demo run's own numbers below")
 def test_the_recipe_without_replay_is_refused_for_retention(tmp_path):
     out = tmp_path / "no-replay"
-    p = run_train_cli("configs/smollm2_lora_chef.yaml", f"output.dir={out}", "output.registry=null",
+    p = run_train_cli("smollm2_lora_chef", f"output.dir={out}", "output.registry=null",
                       "data.replay=0", "training.group_by_length=false", timeout=3000)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((out / "eval.json").read_text())["retention"]

@@ -11,7 +11,7 @@ from train.__main__ import main
 from train.config import Config, help_text, load_config
 from lm.errors import ConfigError
 
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "train" / "configs").glob("*.yaml"))
 
 
 def test_configs_exist():
@@ -28,7 +28,7 @@ def test_every_shipped_config_loads(path: Path):
 
 
 def test_overrides_win_and_are_typed():
-    cfg = load_config(ROOT / "configs/smollm2_lora_chef.yaml",
+    cfg = load_config(ROOT / "train/configs/smollm2_lora_chef.yaml",
                       ["method.r=8", "training.lr=1e-4", "method.target_modules=[q_proj,v_proj]", "output.merge=true"])
     assert cfg.method.r == 8 and cfg.training.lr == 1e-4 and cfg.output.merge is True
     assert cfg.method.target_modules == ["q_proj", "v_proj"]
@@ -73,13 +73,13 @@ def test_help_documents_every_field():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config(ROOT / "configs/smollm2_lora_chef.yaml", ["method.r=4"])
+    cfg = load_config(ROOT / "train/configs/smollm2_lora_chef.yaml", ["method.r=4"])
     p = tmp_path / "resolved.yaml"
     p.write_text(cfg.to_yaml())
     assert load_config(p).to_dict() == cfg.to_dict()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("smollm2_*.yaml")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted((ROOT / "train" / "configs").glob("smollm2_*.yaml")), ids=lambda p: p.stem)
 def test_every_example_config_loads(path):
     cfg = load_config(path)
     assert f"_{cfg.method.name}_" in path.stem  # smollm2_<method>_<task>.yaml
