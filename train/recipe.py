@@ -80,7 +80,6 @@ def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
     t = cfg.training
     precision = mixed_precision(cfg.model.dtype)
     early = t.early_stopping_patience > 0 and has_val
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(rd.tensorboard)
     return dict(
         output_dir=str(rd.checkpoints),
         num_train_epochs=t.epochs, max_steps=t.max_steps,
@@ -96,7 +95,7 @@ def _training_kwargs(cfg: Config, rd: RunDir, has_val: bool) -> dict[str, Any]:
         save_strategy="steps", save_steps=t.eval_steps if early else t.save_steps,
         save_total_limit=t.save_total_limit, save_only_model=False,
         load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
-        logging_steps=t.logging_steps, logging_first_step=True, report_to=["tensorboard"],
+        logging_steps=t.logging_steps, logging_first_step=True, report_to="none",  # TensorBoard: reporting.TensorBoard
         remove_unused_columns=False, dataloader_num_workers=0,
         fsdp=t.fsdp or "", ddp_find_unused_parameters=False if cfg.method.name != "prompt_tuning" else None,
         ddp_bucket_cap_mb=t.ddp_bucket_mb or None, ddp_broadcast_buffers=False,  # buffers (rotary tables) never change
@@ -210,7 +209,8 @@ class FineTuneRecipe:
 
     def _trainer(self) -> Trainer:
         cfg, p = self.cfg, self.p
-        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log), checkpoints.DropPickledArgs()]
+        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log), reporting.TensorBoard(self.rd.tensorboard),
+                     checkpoints.DropPickledArgs()]
         if cfg.training.early_stopping_patience > 0 and p.val_feats:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
         has_val = bool(p.val_feats)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 
 from artifacts import RunDir
 
@@ -24,6 +25,15 @@ class JsonlMetrics(TrainerCallback):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}) + "\n")
+
+
+class TensorBoard(TensorBoardCallback):
+    """transformers' TensorBoard logging into the run's logs/tensorboard, given here rather than read from the
+    process environment (TENSORBOARD_LOGGING_DIR), which a run must not change for the rest of the process."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.logging_dir = str(log_dir)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
