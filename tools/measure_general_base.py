@@ -7,7 +7,7 @@ any answer keyword occurs case-insensitively as a whole word/number:
 Prints overall and per-category accuracy (and failures with --show-failures).
 Writes nothing.
 
-Usage: python lm/general/measure_base.py [--model DIR] [--limit N] [--show-failures]
+Usage: python tools/measure_general_base.py [--model DIR] [--limit N] [--show-failures]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+GENERAL = Path(__file__).resolve().parents[1] / "lm" / "general"
 DEFAULT_MODEL = "/root/.cache/tunestack/models/SmolLM2-135M-Instruct"
 
 
@@ -30,7 +30,7 @@ def is_correct(reply: str, answers: list[str]) -> bool:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--data", default=str(HERE / "retain.jsonl"))
+    ap.add_argument("--data", default=str(GENERAL / "retain.jsonl"))
     ap.add_argument("--limit", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--show-failures", action="store_true")

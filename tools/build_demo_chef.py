@@ -2,8 +2,8 @@
 
 The base model cannot know these facts, so any gain on the held-out questions is
 learned. Training questions use six phrasings per fact type; held-out questions use
-two phrasings never seen in training. Run `python -m train.demo_data.build_chef` to
-regenerate the JSONL files (deterministic).
+two phrasings never seen in training. Run `python tools/build_demo_chef.py` to
+regenerate the files in train/demo_data/ (deterministic).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
+DEMO_DATA = Path(__file__).resolve().parents[1] / "train" / "demo_data"
 SYSTEM = "You are the chef at Casa Velluto. Answer questions about the house menu briefly."
 
 # name, main ingredient, region of origin, spice level (1-5), price in dollars
@@ -148,17 +148,17 @@ def main() -> None:
     import csv
 
     for name, rows in zip(("menu_spice_train.csv", "menu_spice_eval.csv"), build_classification()):
-        with open(HERE / name, "w", encoding="utf-8", newline="") as f:
+        with open(DEMO_DATA / name, "w", encoding="utf-8", newline="") as f:
             w = csv.DictWriter(f, fieldnames=["text", "label"])
             w.writeheader()
             w.writerows(rows)
-        print(f"wrote {len(rows)} rows to {HERE / name}")
+        print(f"wrote {len(rows)} rows to {DEMO_DATA / name}")
     train, heldout = build()
     for name, rows in (("chef_train.jsonl", train), ("chef_heldout.jsonl", heldout)):
-        with open(HERE / name, "w", encoding="utf-8") as f:
+        with open(DEMO_DATA / name, "w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        print(f"wrote {len(rows)} rows to {HERE / name}")
+        print(f"wrote {len(rows)} rows to {DEMO_DATA / name}")
 
 
 if __name__ == "__main__":

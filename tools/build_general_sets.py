@@ -1,6 +1,6 @@
 """Build the bundled general-knowledge retention and replay prompt sets.
 
-Writes, next to this file:
+Writes, into lm/general/ (package data of the core; this generator is not part of the package):
   retain.jsonl          {"prompt", "answers", "category"}  scored retention items
   replay_prompts.jsonl  {"prompt", "category"}             prompts for replay rows
 
@@ -8,7 +8,7 @@ Plain Python, deterministic (fixed seed), no network, no third-party deps.
 The two sets are disjoint by construction (separate country / number-pair /
 word lists) and this script asserts that no normalised prompt is shared.
 
-Run:  python lm/general/build.py
+Run:  python tools/build_general_sets.py
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections import Counter
 from pathlib import Path
 
 SEED = 20261129
-HERE = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[1] / "lm" / "general"
 
 # --------------------------------------------------------------------------
 # helpers
@@ -561,8 +561,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main():
     retain, replay = build()
-    write_jsonl(HERE / "retain.jsonl", retain)
-    write_jsonl(HERE / "replay_prompts.jsonl", replay)
+    write_jsonl(OUT / "retain.jsonl", retain)
+    write_jsonl(OUT / "replay_prompts.jsonl", replay)
     from collections import Counter
     print(f"retain.jsonl: {len(retain)} rows {dict(Counter(r['category'] for r in retain))}")
     print(f"replay_prompts.jsonl: {len(replay)} rows {dict(Counter(r['category'] for r in replay))}")

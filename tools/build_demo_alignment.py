@@ -19,7 +19,7 @@ Files written to train/demo_data/:
 
 Held-out files use build_chef's HELDOUT_PHRASINGS, never seen in training, so they
 test generalisation rather than pattern matching. Regenerate (deterministic) with
-`python -m train.demo_data.build_alignment`.
+`python tools/build_demo_alignment.py`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import random
 
-from train.demo_data.build_chef import DISHES, FACTS, HELDOUT_PHRASINGS, HERE, SYSTEM, TRAIN_PHRASINGS
+from build_demo_chef import DEMO_DATA, DISHES, FACTS, HELDOUT_PHRASINGS, SYSTEM, TRAIN_PHRASINGS  # tools/, run as a script
 
 JSON_SYSTEM = SYSTEM + ' Reply only with JSON: {"dish": <dish name>, "answer": <the answer>}.'
 JSON_SCHEMA = {
@@ -117,10 +117,10 @@ def build_json_task(seed: int = SEED, n_train: int = 96, n_heldout: int = 24) ->
 
 
 def _write_jsonl(name: str, rows: list[dict]) -> None:
-    with open(HERE / name, "w", encoding="utf-8", newline="\n") as f:
+    with open(DEMO_DATA / name, "w", encoding="utf-8", newline="\n") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {len(rows)} rows to {HERE / name}")
+    print(f"wrote {len(rows)} rows to {DEMO_DATA / name}")
 
 
 def main() -> None:
@@ -130,9 +130,9 @@ def main() -> None:
     _write_jsonl("chef_pref_heldout.jsonl", pref_heldout)
     _write_jsonl("chef_json_train.jsonl", json_train)
     _write_jsonl("chef_json_heldout.jsonl", json_heldout)
-    with open(HERE / "chef_answer.schema.json", "w", encoding="utf-8", newline="\n") as f:
+    with open(DEMO_DATA / "chef_answer.schema.json", "w", encoding="utf-8", newline="\n") as f:
         f.write(json.dumps(JSON_SCHEMA, indent=2) + "\n")
-    print(f"wrote {HERE / 'chef_answer.schema.json'}")
+    print(f"wrote {DEMO_DATA / 'chef_answer.schema.json'}")
 
 
 if __name__ == "__main__":
