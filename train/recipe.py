@@ -41,7 +41,7 @@ from train import checkpoints, replay, reporting
 from train.base_model import ResolvedModel, cache_dir, resolve
 from train.config import Config
 from train.disk import check_writable, writing
-from train.methods import Method, TrainerParts, get_method
+from train.methods import Method, TrainerParts, check_config, get_method
 
 
 def _rank() -> int:
@@ -145,6 +145,7 @@ class FineTuneRecipe:
     # -- setup: validate everything, write nothing ----------------------------------------------
     def setup(self) -> Prepared:
         cfg = self.cfg
+        check_config(cfg)  # the method's own config checks (train.config imports no method)
         if cfg.training.num_threads > 0:
             torch.set_num_threads(cfg.training.num_threads)
         set_seed(cfg.training.seed)

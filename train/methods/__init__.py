@@ -21,4 +21,9 @@ def get_method(name: str, cfg=None) -> Method:
     return METHODS[name](cfg)
 
 
-__all__ = ["METHODS", "ListDataset", "Method", "TrainerParts", "get_method"]
+def check_config(cfg) -> None:
+    """The chosen method's config checks that need no model or data (ConfigError); train.config validated the rest."""
+    METHODS[cfg.method.name].check(cfg)
+
+
+__all__ = ["METHODS", "ListDataset", "Method", "TrainerParts", "check_config", "get_method"]
