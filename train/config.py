@@ -92,13 +92,13 @@ class TrainingConfig:
                          "fine-tuning, the transformers forward otherwise; on = also on CPU; off = never")
     compile: str = opt("auto", "torch.compile of the fused step: auto = on CUDA (on a CPU the compile costs more than it saves "
                        "at demo size); on | off")
-
     cuda_graphs: str = opt("auto", "auto = replay the fused step's decoder stack from CUDA graphs wherever it runs on CUDA "
                            "(not with gradient checkpointing): most of its LoRA speed-up; off = eager launches (A/B, escape hatch)")
 
-ON_OFF = ("fast_path", "compile")  # auto | on | off settings
 
+ON_OFF = ("fast_path", "compile")  # auto | on | off settings
 AUTO_OFF = ("cuda_graphs",)  # auto | off settings: nothing to force where no CUDA device is
+
 
 @dataclass
 class OutputConfig:
