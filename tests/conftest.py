@@ -16,14 +16,14 @@ DEMO_TRAIN = ROOT / "train" / "demo_data" / "chef_train.jsonl"
 DEMO_HELDOUT = ROOT / "train" / "demo_data" / "chef_heldout.jsonl"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-FULL = os.environ.get("TUNESTACK_FULL") == "1"  # integration runs at full size (CI runs them sized for 2 cores)
+FULL = False  # --full: integration and reliability runs at full size (CI runs them sized for 2 cores); set in pytest_configure
 
 
 @dataclass(frozen=True)
 class DemoSize:
     """The README demo as the tests run it, and the bars its quality must clear at that size.
 
-    TUNESTACK_FULL=1: the demo as shipped (3 epochs) against the README's bars. CI: 2 epochs, a third
+    --full: the demo as shipped (3 epochs) against the README's bars. CI: 2 epochs, a third
     less training (~4 of its ~16 minutes), against bars below what that size measured."""
 
     overrides: tuple[str, ...]  # on top of train/configs/smollm2_lora_chef.yaml
@@ -32,7 +32,28 @@ class DemoSize:
     min_int8: float  # the same after int8 quantisation (export)
 
 
-DEMO = DemoSize((), 60, 0.875, 0.6) if FULL else DemoSize(("training.epochs=2",), 50, 0.5, 0.45)
+def demo_size(full: bool) -> DemoSize:
+    return DemoSize((), 60, 0.875, 0.6) if full else DemoSize(("training.epochs=2",), 50, 0.5, 0.45)
+
+
+DEMO = demo_size(FULL)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("tunestack", "tunestack's test sizes")
+    group.addoption("--full", action="store_true", default=False,
+                    help="run the integration and reliability tests at full size (the demo as shipped, 64 clients "
+                         "for 60 s, >= 1,000 fuzz cases per backend); default: the CI sizes")
+    group.addoption("--reuse-demo", metavar="DIR", default=None,
+                    help="reuse the demo run in DIR (run/ and registry/ of an earlier session) instead of training it; "
+                         "for iterating on the serve tests, never in CI")
+
+
+def pytest_configure(config):
+    """FULL and DEMO are read by test modules at import (`from tests.conftest import FULL`), after this runs."""
+    global FULL, DEMO
+    FULL = config.getoption("full")
+    DEMO = demo_size(FULL)
 
 
 def build_tiny_llama(out: Path) -> Path:
@@ -103,13 +124,13 @@ def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, pytestconfig):
     """The README demo (train/configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2, sized by DEMO.
 
-    TUNESTACK_REUSE_DEMO=DIR (a directory holding run/ and registry/ from an earlier session) skips the
-    10-minute run while iterating on serve tests; CI never sets it.
+    --reuse-demo=DIR (a directory holding run/ and registry/ from an earlier session) skips the
+    10-minute run while iterating on serve tests; CI never passes it.
     """
-    reuse = os.environ.get("TUNESTACK_REUSE_DEMO")
+    reuse = pytestconfig.getoption("reuse_demo")
     if reuse and (Path(reuse) / "run" / "manifest.json").is_file():
         return {"run": Path(reuse) / "run", "registry": Path(reuse) / "registry", "stdout": "points (reused)"}
     d = tmp_path_factory.mktemp("demo")

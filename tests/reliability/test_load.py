@@ -2,22 +2,21 @@
 
 0 failed requests, resident memory growth under 10 % from the first window to the last, the server
 healthy and idle (in-flight 0) afterwards; p50/p99 latency and tokens/s are printed for the docs.
-CI size: 64 clients for 20 s (5 s windows). TUNESTACK_FULL=1: 64 clients for 60 s (10 s windows).
+CI size: 64 clients for 20 s (5 s windows). `pytest --full`: 64 clients for 60 s (10 s windows).
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 import httpx
 import pytest
 
+from tests.conftest import FULL  # --full (pytest_configure sets it before this import)
 from tests.reliability.loadgen import LoadConfig, run_load
 from tests.reliability.servers import API_KEY, gauge
 
 pytestmark = pytest.mark.slow
-FULL = os.environ.get("TUNESTACK_FULL") == "1"
 
 
 def test_mixed_load_has_no_failures_and_no_memory_growth(served):

@@ -1,6 +1,6 @@
 """Training under faults: kill -9 then --resume, a full disk or unwritable output, and hostile data files.
 
-TUNESTACK_FULL=1 runs the full-size variants (a longer run around the kill, more generated data files).
+`pytest --full` runs the full-size variants (a longer run around the kill, more generated data files).
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from artifacts import RunDir
-from tests.conftest import DEMO_TRAIN, ROOT, run_train_cli, tiny_overrides
+from tests.conftest import DEMO_TRAIN, FULL, ROOT, run_train_cli, tiny_overrides
 from train import checkpoints
 from train.__main__ import main
-
-FULL = os.environ.get("TUNESTACK_FULL") == "1"
 
 
 def _one_line_error(err: str, *needles: str) -> str:
