@@ -39,10 +39,9 @@ docker:
 		docker.io docker-compose debootstrap >/dev/null)
 
 # Fine-tune the embedded SmolLM2 on the bundled menu data, score base vs tuned, publish to ./registry;
-# then merge, export ONNX (parity-checked) and int8 (quality-gated), and publish those too.
+# then merge, export ONNX (parity-checked) and int8 (quality-gated), and publish those too (tunestack/demo.py).
 demo: $(STAMP)
-	$(PY) -m train smollm2_lora_chef output.overwrite=true
-	$(PY) -m export all runs/chef-lora --registry registry --name chef --force
+	.venv/bin/tunestack demo
 
 test: $(STAMP) $(VLLM_STAMP) promtool browser docker
 	$(PY) -m pytest

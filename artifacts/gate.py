@@ -5,9 +5,10 @@ Both numbers come from the manifest's `metrics`, written by the training run's e
     metrics.headline   {"metric", "base", "tuned", "gain_points"}  task metric, base vs tuned
     metrics.retention  {"base", "tuned", "drop_points", "kl", ...}   the general set, base vs tuned
 
-`train publish`, the recipe's auto-publish and `export publish` all go through `Registry`, which
-calls `check` and refuses with `GateRefused` (one line, both numbers) unless forced; what was
-decided, with the thresholds, is recorded in the published manifest (`extra.gate`).
+`tunestack registry publish`, the recipe's auto-publish and `tunestack export all --registry` all go
+through `Registry`, which calls `check` and refuses with `GateRefused` (one line, both numbers) unless
+overridden with a reason (`--override-gate REASON`); what was decided, with the thresholds and the
+reason, is recorded in the published manifest (`extra.gate`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ class GateResult:
     retention_base: float | None  # accuracy in points
     retention_tuned: float | None
     reasons: list[str] = field(default_factory=list)
-    forced: bool = False
+    override_reason: str | None = None  # why a refused publish went ahead (--override-gate REASON)
+
+    @property
+    def forced(self) -> bool:
+        return self.override_reason is not None
 
     @property
     def passed(self) -> bool:
@@ -56,7 +61,7 @@ class GateResult:
         return {**asdict(self.policy), "task_metric": self.task_metric, "task_gain": self.task_gain,
                 "retention_base": self.retention_base, "retention_tuned": self.retention_tuned,
                 "retention_drop": self.retention_drop, "passed": self.passed, "forced": self.forced,
-                "reasons": list(self.reasons)}
+                "override_reason": self.override_reason, "reasons": list(self.reasons)}
 
 
 class GateRefused(ValueError):
@@ -84,12 +89,14 @@ def check(metrics: dict[str, Any], policy: GatePolicy) -> GateResult:
     return res
 
 
-def enforce(metrics: dict[str, Any], policy: GatePolicy, name: str, force: bool) -> GateResult:
-    """check(); raise GateRefused (one line) unless it passed or `force` overrides, which is recorded."""
+def enforce(metrics: dict[str, Any], policy: GatePolicy, name: str, override: str | None = None) -> GateResult:
+    """check(); raise GateRefused (one line) unless it passed or `override` (a reason) overrides; the reason is recorded."""
+    if override is not None and not override.strip():
+        raise GateRefused(f"refusing to publish {name!r}: overriding the gate needs a reason (--override-gate REASON)")
     res = check(metrics, policy)
     if not res.passed:
-        if not force:
+        if override is None:
             raise GateRefused(f"refusing to publish {name!r}: {'; '.join(res.reasons)}: {res.numbers()}; "
-                              f"--force (publish.force) overrides")
-        res.forced = True
+                              f"--override-gate REASON (publish.override_gate) publishes it anyway, recording the reason")
+        res.override_reason = override.strip()
     return res

@@ -192,11 +192,11 @@ class Registry:
         return gone
 
     def _publish_version(self, kind: str, name: str, fill: Callable[[Path], Manifest], metrics: dict,
-                         gate: GatePolicy | None, force: bool, keep: int) -> Path:
+                         gate: GatePolicy | None, override_gate: str | None, keep: int) -> Path:
         """Gate, then write `name@vN` (fill writes the files and returns the manifest), point `name` at it, prune."""
         decision: GateResult | None = None
         if gate is not None:
-            decision = enforce(metrics, gate, name, force)
+            decision = enforce(metrics, gate, name, override_gate)
         version = self._next_version(kind, name)
         target = self.root / kind / version_ref(name, version)
         try:
@@ -269,12 +269,12 @@ class Registry:
                 f"adapter {name!r} was trained on base sha256 {str(base.get('sha256'))[:12]}, "
                 f"but the registry serves {current[0]!r} ({str(have)[:12]})")
 
-    def publish_run(self, run: Path | str, name: str, *, gate: GatePolicy | None = None, force: bool = False,
-                    keep: int = KEEP_VERSIONS) -> Path:
+    def publish_run(self, run: Path | str, name: str, *, gate: GatePolicy | None = None,
+                    override_gate: str | None = None, keep: int = KEEP_VERSIONS) -> Path:
         """Publish a finished run's adapter (or full model) as a new version of `name`, atomically.
 
-        With a gate policy the run's metrics must pass it (GateRefused otherwise, unless `force`, which
-        is recorded). Registers the base model if needed. Returns the new version's folder.
+        With a gate policy the run's metrics must pass it (GateRefused otherwise, unless `override_gate`
+        gives a reason, which is recorded). Registers the base model if needed. Returns the new version's folder.
         """
         run_dir = RunDir(Path(run))
         validate_name(name)
@@ -301,7 +301,7 @@ class Registry:
             m.files = files
             return m
 
-        return self._publish_version(kind, name, fill, rm.metrics, gate, force, keep)
+        return self._publish_version(kind, name, fill, rm.metrics, gate, override_gate, keep)
 
     def publish_checkpoint(self, run: Path | str, step: int, name: str, keep: int = 1) -> Path:
         """Publish the adapter of a finished run's checkpoint-<step> as `name` (a fine-tuning job's checkpoint).
@@ -328,10 +328,10 @@ class Registry:
             m.files = file_checksums(tmp)
             return m
 
-        return self._publish_version("adapters", name, fill, {}, None, False, keep)
+        return self._publish_version("adapters", name, fill, {}, None, None, keep)
 
-    def publish_model(self, folder: Path | str, name: str, *, gate: GatePolicy | None = None, force: bool = False,
-                      keep: int = KEEP_VERSIONS) -> Path:
+    def publish_model(self, folder: Path | str, name: str, *, gate: GatePolicy | None = None,
+                      override_gate: str | None = None, keep: int = KEEP_VERSIONS) -> Path:
         """Publish an exported model folder (merged, ONNX, int8, TensorRT) as a new version of models/<name>."""
         folder = Path(folder)
         validate_name(name)
@@ -353,7 +353,7 @@ class Registry:
             src.files = {k: v for k, v in _verified_digests(src.files, "", tmp).items() if k != "README.md"}
             return src
 
-        return self._publish_version("models", name, fill, src.metrics, gate, force, keep)
+        return self._publish_version("models", name, fill, src.metrics, gate, override_gate, keep)
 
     def unpublish(self, kind: str, ref: str) -> None:
         """Remove a name with all its versions, or one pinned `name@vN` that the name does not serve."""
@@ -402,6 +402,7 @@ def _append_gate_to_card(folder: Path, m: Manifest, decision: GateResult) -> Non
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else f"# {m.name}\n"
     card.unlink(missing_ok=True)  # may be a hard link into the source: write a new file
-    verdict = "passed" if decision.passed else "REFUSED, published with --force (override recorded)"
+    verdict = ("passed" if decision.passed
+               else f"REFUSED, published with --override-gate (reason: {decision.override_reason})")
     text += (f"\n## Publish gate (version v{m.extra.get('version')})\n\n{verdict}: {decision.numbers()}.\n")
     card.write_text(text, encoding="utf-8")

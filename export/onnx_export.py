@@ -198,7 +198,7 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 def export_onnx(source: Source, out: Path, *, replace: bool = False, threads: int = 0) -> dict:
     """Export, check parity, then write `out` atomically (model.onnx, tokenizer, config, manifest)."""
     if out.exists() and not replace:
-        raise ExportError(f"{out}: exists; pass --force to replace it")
+        raise ExportError(f"{out}: exists; pass --overwrite to replace it")
     tok = load_tokenizer(str(source.model_dir))
     model = load_model(str(source.model_dir), torch.float32, attn_implementation="eager").eval()
     model.config.use_cache = True

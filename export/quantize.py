@@ -195,7 +195,7 @@ def quantize(onnx_dir: Path, out: Path, *, limits: QualityLimits = QualityLimits
     if method not in METHODS:
         raise ExportError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if out.exists() and not replace:
-        raise ExportError(f"{out}: exists; pass --force to replace it")
+        raise ExportError(f"{out}: exists; pass --overwrite to replace it")
     src = Manifest.read(onnx_dir)
     if src.method != "onnx":
         raise ExportError(f"{onnx_dir}/manifest.json: method {src.method!r}; quantize takes an fp32 ONNX export")

@@ -79,7 +79,7 @@ def resolve_source(src: Path | str) -> Source:
         m = read_verified(src)
         if m.kind == "run":
             if not rd.model.is_dir():
-                raise ExportError(f"{src}: the run has no merged model yet; run: python -m export merge {src}")
+                raise ExportError(f"{src}: the run has no merged model yet; run: tunestack export merge {src}")
             mm = read_verified(rd.model) if (rd.model / "manifest.json").is_file() else m
             check_architecture(rd.model)
             return Source(rd.model, run=src, manifest=mm, base_model=m.base_model)

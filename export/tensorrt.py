@@ -99,7 +99,7 @@ def build_engine(onnx_dir: Path, out: Path, args: BuildArgs, *, replace: bool = 
     max_pos = json.loads((onnx_dir / "config.json").read_text()).get("max_position_embeddings")
     args.check(max_pos)
     if out.exists() and not replace:
-        raise ExportError(f"{out}: exists; pass --force to replace it")
+        raise ExportError(f"{out}: exists; pass --overwrite to replace it")
     shapes = profiles(args, io)
     trt = _require_tensorrt()
     t0 = time.time()

@@ -1,10 +1,10 @@
-"""python -m train: fine-tune, evaluate, publish.
+"""tunestack train (alias: python -m train): fine-tune and evaluate.
 
-  python -m train [run] [CONFIG.yaml] [section.field=value ...] [--resume]
-  python -m train eval  (--run RUN | --model MODEL) --data FILE [--out FILE]
-  python -m train publish RUN --registry DIR [--name NAME] [--force] [--min-gain P] [--max-retention-drop P] [--keep N]
-  python -m train worker --registry DIR [--once] [--poll S] [--set section.field=value ...]   runs queued API jobs
+  tunestack train [run] [CONFIG] [section.field=value ...] [--resume]
+  tunestack train eval  (--run RUN | --model MODEL) --data FILE [--out FILE]
+  tunestack train worker --registry DIR [--once] [--poll S] [--set section.field=value ...]   runs queued API jobs
 
+Publishing a finished run is `tunestack registry publish RUN`.
 Bad input exits 2 with one line naming file:line:field.
 """
 
@@ -25,48 +25,58 @@ warnings.filterwarnings("ignore", message="TRL currently supports vLLM")
 # package is missing; it would break the CLI's one-line error contract, and qlora runs without it.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-COMMANDS = ("run", "eval", "publish", "worker")
+COMMANDS = ("run", "eval", "worker")
+EXTRA = "train"  # the optional dependencies (pyproject) every train command needs
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
+    from lm.cli import OneLineParser
+
+    ap = OneLineParser(prog=prog)
+    configure(ap)
+    return ap
+
+
+def configure(ap: argparse.ArgumentParser) -> None:
+    """The train command's arguments, on `python -m train`'s parser or on `tunestack train`."""
+    from lm.cli import HelpFormatter
     from train.config import help_text
 
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_text())
-    sub = ap.add_subparsers(dest="cmd")
-    r = sub.add_parser("run", help="fine-tune (the default command)", epilog=help_text(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("args", nargs="*", help="an optional CONFIG.yaml, then section.field=value overrides")
+    ap.description, ap.epilog, ap.formatter_class = __doc__, help_text(), HelpFormatter
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="{run,eval,worker}")
+    r = sub.add_parser("run", help="fine-tune (the default command: `train CONFIG` means `train run CONFIG`)",
+                       epilog=help_text(), formatter_class=HelpFormatter)
+    r.add_argument("args", nargs="*", help="an optional CONFIG (a YAML file or a bundled config's name), "
+                   "then section.field=value overrides")
     r.add_argument("--resume", action="store_true", help="continue output.dir from its last checkpoint")
-    e = sub.add_parser("eval", help="score a run or a base model on a dataset")
+    e = sub.add_parser("eval", help="score a run or a base model on a dataset", formatter_class=HelpFormatter)
     g = e.add_mutually_exclusive_group(required=True)
     g.add_argument("--run", type=Path, help="a finished run directory")
     g.add_argument("--model", help="a base model: folder, hub id or embedded:<name>")
     e.add_argument("--data", required=True, help="dataset file (any supported format)")
-    e.add_argument("--format", default="auto")
-    e.add_argument("--labels", default="", help="comma-separated classification labels (default: from the data)")
-    e.add_argument("--max-new-tokens", type=int, default=32)
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--max-examples", type=int, default=0)
+    e.add_argument("--format", default="auto", help="the dataset's format; auto detects it from the rows")
+    e.add_argument("--labels", default="", help="comma-separated classification labels (empty: from the data)")
+    e.add_argument("--max-new-tokens", type=int, default=32, help="generation length per answer")
+    e.add_argument("--batch-size", type=int, default=16, help="rows generated together")
+    e.add_argument("--max-examples", type=int, default=0, help="score only the first N rows; 0 = all")
     e.add_argument("--out", type=Path, help="write the JSON report here too")
-    p = sub.add_parser("publish", help="publish a finished run into a model registry (atomic)")
-    p.add_argument("run", type=Path)
-    p.add_argument("--registry", required=True, type=Path)
-    p.add_argument("--name", help="default: the run directory's name")
-    p.add_argument("--force", action="store_true", help="publish even if the gate refuses (recorded in the manifest)")
-    p.add_argument("--min-gain", type=float, help="task gain in points the gate requires (default: the run's publish.min_gain)")
-    p.add_argument("--max-retention-drop", type=float, help="retention drop in points the gate allows (default: the run's publish.max_retention_drop)")
-    p.add_argument("--keep", type=int, help="versions kept per name (default: the run's publish.keep_versions)")
-    w = sub.add_parser("worker", help="run the fine-tuning jobs the serving API queued in a registry")
-    w.add_argument("--registry", required=True, type=Path)
-    w.add_argument("--once", action="store_true", help="run the queued jobs, then exit (default: wait for more)")
-    w.add_argument("--store", type=Path, help="where the API keeps files and jobs (default: REGISTRY/.finetune)")
+    w = sub.add_parser("worker", help="run the fine-tuning jobs the serving API queued in a registry",
+                       formatter_class=HelpFormatter)
+    w.add_argument("--registry", required=True, type=Path, help="the registry the serving API queues jobs in")
+    w.add_argument("--once", action="store_true", help="run the queued jobs, then exit (unset: wait for more)")
+    w.add_argument("--store", type=Path, help="where the API keeps files and jobs (unset: REGISTRY/.finetune)")
     w.add_argument("--job", help="run this job only (what a Kubernetes Job's pod does), then exit")
     w.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     w.add_argument("--exit-with-parent", action="store_true", help="exit when the process that started it is gone")
     w.add_argument("--set", dest="extra", action="append", default=[], metavar="section.field=value",
                    help="an override applied to every job (repeatable), e.g. eval.retain_max_examples=40")
-    return ap
+
+
+def with_default_command(argv: list[str]) -> list[str]:
+    """`train CONFIG ...` (or no arguments) means `train run CONFIG ...`."""
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        return ["run", *argv]
+    return argv
 
 
 def cmd_worker(args) -> int:
@@ -133,32 +143,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_publish(args) -> int:
-    from artifacts import GatePolicy, GateRefused, Manifest, Registry, RegistryError
-    from train.config import PublishConfig, section_from_yaml
-
-    pub: PublishConfig = section_from_yaml(args.run / "config.yaml", "publish", PublishConfig)
-    policy = GatePolicy(pub.min_gain if args.min_gain is None else args.min_gain,
-                        pub.max_retention_drop if args.max_retention_drop is None else args.max_retention_drop)
-    name = args.name or args.run.name
-    try:
-        path = Registry(args.registry).publish_run(args.run, name, gate=policy, force=args.force,
-                                                   keep=args.keep or pub.keep_versions)
-    except (RegistryError, GateRefused) as e:
-        raise UserError(str(e)) from None
-    gate = Manifest.read(path).extra["gate"]
-    print(f"published {path} ({'gate REFUSED, forced (recorded)' if gate['forced'] else 'gate passed'}); "
-          f"{name!r} serves {path.name}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
-        argv = ["run", *argv]
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(with_default_command(list(sys.argv[1:] if argv is None else argv)))
+    return run_command(args)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed train command; bad input (and a missing train extra) exits 2 with one line."""
+    from lm.cli import require_extras
+
+    require_extras("train", EXTRA)
     try:
-        return {"run": cmd_run, "eval": cmd_eval, "publish": cmd_publish, "worker": cmd_worker}[args.cmd](args)
+        return {"run": cmd_run, "eval": cmd_eval, "worker": cmd_worker}[args.cmd](args)
     except UserError as e:
         _end_progress_bars()
         print(f"error: {e}", file=sys.stderr)

@@ -115,7 +115,7 @@ class PublishConfig:
 
     min_gain: float = opt(1.0, "points the task metric must beat the base by: an adapter that learnt nothing is not shipped")
     max_retention_drop: float = opt(10.0, "points of general-set accuracy (eval.retention) the tuned model may lose vs its base")
-    force: bool = opt(False, "publish even when the gate refuses; the override is recorded in the manifest and card")
+    override_gate: str | None = opt(None, "a reason to publish although the gate refuses (recorded in the manifest and card); unset: the gate decides")
     keep_versions: int = opt(5, "versions kept per name (older ones pruned, never the one served): enough to roll back")
 
     def policy(self):

@@ -348,9 +348,10 @@ class FineTuneRecipe:
         if not reg:
             return None
         name, pub = self.cfg.output.adapter_name or self.rd.root.name, self.cfg.publish
-        path = Registry(reg).publish_run(self.rd.root, name, gate=pub.policy(), force=pub.force, keep=pub.keep_versions)
+        path = Registry(reg).publish_run(self.rd.root, name, gate=pub.policy(), override_gate=pub.override_gate,
+                                         keep=pub.keep_versions)
         gate = Manifest.read(path).extra["gate"]
-        note = "gate REFUSED, forced (recorded)" if gate["forced"] else "gate passed"
+        note = f"gate REFUSED, overridden: {gate['override_reason']}" if gate["forced"] else "gate passed"
         print(f"published {name!r} as {path.name} ({note}) to {path.parent}; it serves as {name!r} and {path.name!r}",
               flush=True)
         return path

@@ -1,4 +1,4 @@
-"""The publish gate on constructed manifests: refusals name both numbers, --force is recorded."""
+"""The publish gate on constructed manifests: refusals name both numbers, --override-gate REASON is recorded."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _run_with(src, dst, metrics):
     return dst
 
 
-def test_registry_refuses_in_one_line_and_force_is_recorded(finished_run, tmp_path):  # noqa: F811
+def test_registry_refuses_in_one_line_and_the_override_reason_is_recorded(finished_run, tmp_path):  # noqa: F811
     bad = _run_with(finished_run.root, tmp_path / "bad", {**GOOD, "retention": {"base": 0.62, "tuned": 0.17}})
     reg = Registry(tmp_path / "reg")
     with pytest.raises(GateRefused) as e:
@@ -48,12 +48,19 @@ def test_registry_refuses_in_one_line_and_force_is_recorded(finished_run, tmp_pa
     msg = str(e.value)
     assert len(msg.splitlines()) == 1 and "+88.0" in msg and "45.0" in msg and "62.0 -> 17.0" in msg, msg
     assert reg.adapters() == []  # nothing written
-    path = reg.publish_run(bad, "chef", gate=GatePolicy(), force=True)
+    assert "--override-gate REASON" in msg, msg
+    for blank in ("", "   "):  # an override must say why
+        with pytest.raises(GateRefused, match="needs a reason"):
+            reg.publish_run(bad, "chef", gate=GatePolicy(), override_gate=blank)
+    assert reg.adapters() == []
+    path = reg.publish_run(bad, "chef", gate=GatePolicy(), override_gate="menu launch; retention fixed in v2")
     gate = Manifest.read(path).extra["gate"]
     assert gate["forced"] and not gate["passed"] and gate["retention_drop"] == pytest.approx(45.0)
+    assert gate["override_reason"] == "menu launch; retention fixed in v2"
     assert gate["max_retention_drop"] == 10.0 and gate["min_gain"] == 1.0
     card = (path / "README.md").read_text()
-    assert "Publish gate (version v1)" in card and "--force" in card and "45.0" in card
+    assert "Publish gate (version v1)" in card and "--override-gate" in card and "45.0" in card
+    assert "menu launch; retention fixed in v2" in card
     reg.verify("adapters", "chef")  # the card's new checksum is in the manifest
 
 
@@ -62,3 +69,4 @@ def test_passing_run_records_the_gate(finished_run, tmp_path):  # noqa: F811
     path = Registry(tmp_path / "reg").publish_run(good, "chef", gate=GatePolicy(min_gain=5, max_retention_drop=8))
     gate = Manifest.read(path).extra["gate"]
     assert gate["passed"] and not gate["forced"] and gate["min_gain"] == 5 and gate["task_gain"] == 88.0
+    assert gate["override_reason"] is None

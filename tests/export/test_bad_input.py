@@ -10,6 +10,7 @@ import pytest
 
 from export.__main__ import main
 from tests.conftest import refused
+from tunestack.cli import main as tunestack_main
 
 
 def _refused(capsys, argv: list[str], *needles: str) -> str:
@@ -44,11 +45,11 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert not (tmp_path / "gpt2-onnx").exists()
 
 
-def test_existing_output_without_force(exported, capsys):
+def test_existing_output_without_overwrite(exported, capsys):
     before = (exported["onnx"] / "model.onnx").stat().st_mtime_ns
-    _refused(capsys, ["onnx", str(exported["run"])], str(exported["onnx"]), "exists; pass --force")
-    _refused(capsys, ["merge", str(exported["run"])], str(exported["model"]), "exists; pass --force")
-    _refused(capsys, ["quantize", str(exported["onnx"]), "--out", str(exported["int8"])], "exists; pass --force")
+    _refused(capsys, ["onnx", str(exported["run"])], str(exported["onnx"]), "exists; pass --overwrite")
+    _refused(capsys, ["merge", str(exported["run"])], str(exported["model"]), "exists; pass --overwrite")
+    _refused(capsys, ["quantize", str(exported["onnx"]), "--out", str(exported["int8"])], "exists; pass --overwrite")
     assert (exported["onnx"] / "model.onnx").stat().st_mtime_ns == before
 
 
@@ -69,14 +70,15 @@ def test_corrupt_export_is_not_published(exported, tmp_path, capsys):
     with open(copy / "model.onnx", "r+b") as f:
         f.seek(-8, 2)
         f.write(b"\0" * 8)
-    _refused(capsys, ["publish", str(copy), "--registry", str(tmp_path / "reg"), "--name", "x"], "sha256 does not match")
+    refused(tunestack_main, capsys, ["registry", "publish", str(copy), "--registry", str(tmp_path / "reg"), "--name", "x"],
+            "sha256 does not match")
     assert not (tmp_path / "reg" / "models" / "x").exists()
 
 
 def test_run_without_merged_model_asks_for_merge(tiny_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("model", "onnx*", "checkpoints"))
-    _refused(capsys, ["onnx", str(run)], "python -m export merge")
+    _refused(capsys, ["onnx", str(run)], "tunestack export merge")
     assert not (run / "onnx").exists()
 
 

@@ -14,6 +14,7 @@ from export import onnx_export
 from export.__main__ import main
 from export.errors import ExportError
 from tests.conftest import refused
+from tunestack.cli import main as tunestack_main
 from lm.onnx_runtime import OrtCausalLM
 from export.quantize import QualityLimits, quantize
 from export.source import resolve_source
@@ -118,15 +119,17 @@ def test_quality_gate_refuses_and_writes_nothing(exported, tmp_path):
 def test_publish_puts_the_export_into_the_registry(exported, tmp_path, capsys):
     reg = tmp_path / "registry"
     # The tiny run was scored without its base (eval.compare_base=false): the gate has no gain to check.
-    refused(main, capsys, ["publish", str(exported["int8"]), "--registry", str(reg), "--name", "chef-int8"],
-            "refusing to publish 'chef-int8'", "no base-vs-tuned task metric", "--force")
+    publish = ["registry", "publish", str(exported["int8"]), "--registry", str(reg)]
+    refused(tunestack_main, capsys, [*publish, "--name", "chef-int8"],
+            "refusing to publish 'chef-int8'", "no base-vs-tuned task metric", "--override-gate REASON")
     assert not (reg / "models").exists()
-    assert main(["publish", str(exported["int8"]), "--registry", str(reg), "--name", "chef-int8", "--force"]) == 0
+    override = ["--override-gate", "tiny test model"]
+    assert tunestack_main([*publish, "--name", "chef-int8", *override]) == 0
     m = Registry(reg).verify("models", "chef-int8")
     assert m.method == "onnx-int8" and (reg / "models" / "chef-int8" / "model.onnx").is_file()
-    assert m.extra["gate"]["forced"] and m.extra["version"] == 1
-    assert main(["publish", str(exported["int8"]), "--registry", str(reg), "--name", "../x", "--force"]) == 2
-    assert main(["publish", str(exported["int8"]), "--registry", str(reg), "--name", "chef-int8", "--force"]) == 0
+    assert m.extra["gate"]["override_reason"] == "tiny test model" and m.extra["version"] == 1
+    assert tunestack_main([*publish, "--name", "../x", *override]) == 2
+    assert tunestack_main([*publish, "--name", "chef-int8", *override]) == 0
     assert [v.version for v in Registry(reg).versions("models", "chef-int8")] == [1, 2]
     assert json.loads((reg / "models" / "chef-int8" / "manifest.json").read_text())["name"] == "chef-int8"
 

@@ -70,7 +70,7 @@ def test_merged_model_equals_base_plus_adapter(demo_run, tmp_path):
     assert not any(f.suffix in (".bin", ".pt", ".pth") for f in out.iterdir())
     again = subprocess.run([sys.executable, "-m", "export", "merge", str(demo_run["run"]), "--out", str(out)],
                            cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
 def test_demo_published_to_registry(demo_run):

@@ -23,7 +23,7 @@ def demo_export(demo_run):
     run = demo_run["run"]
     if not (run / "onnx-int8" / "manifest.json").is_file():  # a reused demo dir may already hold it
         p = subprocess.run([sys.executable, "-m", "export", "all", str(run), "--registry", str(demo_run["registry"]),
-                            "--name", "chef", "--force"], cwd=ROOT, capture_output=True, text=True,
+                            "--name", "chef", "--overwrite"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
         assert p.returncode == 0, p.stderr[-3000:]
     return {"run": run, "registry": demo_run["registry"]}

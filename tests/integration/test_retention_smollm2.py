@@ -5,12 +5,15 @@ refusal on the demo run's own drop with a tighter threshold)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from artifacts import Registry
-from tests.conftest import DEMO, FULL, run_train_cli
+from tests.conftest import DEMO, FULL, ROOT, run_train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -46,19 +49,25 @@ def test_the_recipe_without_replay_is_refused_for_retention(tmp_path):
 
 
 def test_a_retention_drop_over_the_threshold_is_refused(demo_run, tmp_path):
-    """The gate on the real demo run's measured drop: a threshold below it refuses, --force overrides."""
+    """The gate on the real demo run's measured drop: a threshold below it refuses, --override-gate REASON overrides."""
     r = json.loads((demo_run["run"] / "eval.json").read_text())["retention"]
     assert r["drop_points"] > 0.5, r
     _refused_then_forced(demo_run["run"], tmp_path / "registry", r["drop_points"],
                          ["--max-retention-drop", f"{r['drop_points'] - 0.5:.2f}"])
 
 
+def _publish(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tunestack", "registry", "publish", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 def _refused_then_forced(run: Path, reg: Path, drop: float, extra: list[str]) -> None:
-    q = run_train_cli("publish", str(run), "--registry", str(reg), "--name", "chef", *extra)
+    q = _publish(str(run), "--registry", str(reg), "--name", "chef", *extra)
     err = q.stderr.strip()
     assert q.returncode == 2 and len(err.splitlines()) == 1, err
     assert "retention dropped more than max_retention_drop" in err and f"{drop:.1f}" in err, err
     assert not (reg / "adapters").exists()  # nothing published
-    forced = run_train_cli("publish", str(run), "--registry", str(reg), "--name", "chef", "--force", *extra)
-    assert forced.returncode == 0 and "gate REFUSED, forced" in forced.stdout
-    assert Registry(reg).manifest("adapters", "chef").extra["gate"]["forced"]
+    forced = _publish(str(run), "--registry", str(reg), "--name", "chef", "--override-gate", "retention test", *extra)
+    assert forced.returncode == 0 and "gate REFUSED, overridden: retention test" in forced.stdout, forced.stderr
+    gate = Registry(reg).manifest("adapters", "chef").extra["gate"]
+    assert gate["forced"] and gate["override_reason"] == "retention test"

@@ -220,7 +220,7 @@ def test_full_disk_while_publishing(tiny_model, small_data, tmp_path, capsys, mo
     monkeypatch.setattr(artifacts.registry, "_link_or_copy", lambda src, dst: (_ for _ in ()).throw(_enospc(dst)))
     argv = tiny_overrides(tiny_model, small_data, out.root, **{
         "training.max_steps": 1, "training.save_steps": 10, "eval.enabled": False, "output.registry": reg,
-        "publish.force": True})
+        "publish.override_gate": "full-disk test"})
     assert main(argv) == 2
     err = _last_line_error(capsys.readouterr().err, str(reg), "No space left on device", "nothing was published")
     assert str(out.root) in err and out.is_finished()  # the run itself is complete and says where it is

@@ -131,7 +131,7 @@ def test_unknown_jobs_and_files_are_404_and_unknown_fields_400(client, server):
 # -- the worker: jobs run to the end, cancel, and survive restarts (tiny model, a few steps) ---------------
 WORKER_SETS = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
                "training.batch_size=4", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.retention=false",
-               "method.r=4", "publish.force=true"]  # the tiny model learns nothing the gate would pass
+               "method.r=4", "publish.override_gate=tiny-model"]  # the tiny model learns nothing the gate would pass
 
 
 def _worker(server, *extra: str, background: bool = False):
@@ -211,7 +211,7 @@ def _ask_when_served(client, model: str, seconds: float = 30):
 def test_a_job_the_publish_gate_refuses_fails_with_both_numbers_and_keeps_its_checkpoints(client, server):
     f = _small_file(client)
     job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
-    p = _worker(server, "--set", "publish.force=false", "--set", "publish.min_gain=50")
+    p = _worker(server, "--set", "publish.override_gate=null", "--set", "publish.min_gain=50")
     assert p.returncode == 0, p.stdout[-2000:]
     job = client.fine_tuning.jobs.retrieve(job.id)
     assert job.status == "failed" and job.fine_tuned_model is None

@@ -33,7 +33,7 @@ def server(tmp_path_factory):
     # publish gate refuses it (measured: keyword accuracy 0 -> 100 %, but general-skill retention 50 -> 19 %,
     # past the 10-point limit; with data.replay=0.5 still 38 -> 13 %); test_finetune_api.py tests that refusal.
     # So this test publishes anyway and skips the retention measurement: CI-sized.
-    worker_args = ("publish.force=true eval.retention=false eval.max_new_tokens=12 training.save_steps=10"
+    worker_args = ("publish.override_gate=smoke-test eval.retention=false eval.max_new_tokens=12 training.save_steps=10"
                    " training.logging_steps=5")
     s = start_server(reg, {"SERVE_API_KEY": API_KEY, "SERVE_THREADS": "2", "SERVE_FINETUNE_WORKER": "on",
                            "SERVE_FINETUNE_WORKER_ARGS": worker_args})

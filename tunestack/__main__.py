@@ -1,0 +1,5 @@
+import sys
+
+from tunestack.cli import main
+
+sys.exit(main())
