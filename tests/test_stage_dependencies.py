@@ -195,3 +195,55 @@ def test_serve_starts_and_answers_without_the_training_stack(blocker, tiny_model
         server.stop()
     log = server.log.read_text()
     assert "Traceback" not in log, log[-3000:]
+
+
+# -- a missing optional extra: one line naming the extra to install, never a ModuleNotFoundError traceback ----
+TUNESTACK = Path(sys.executable).parent / "tunestack"  # the console script, as a wheel install runs it
+
+
+def _tunestack(env: dict[str, str], *args: str, module: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", module] if module else [str(TUNESTACK)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": env["PYTHONPATH"]})
+
+
+@pytest.mark.parametrize("argv,extra", [
+    (["export", "onnx", "runs/x"], "export"),
+    (["export", "all", "runs/x", "--registry", "reg"], "export"),
+    (["train", "smollm2_lora_chef"], "train"),
+    (["train", "worker", "--registry", "reg", "--once"], "train"),
+    (["demo"], "train"),
+])
+def test_a_stage_without_its_extra_names_the_extra(blocker, argv, extra):
+    p = _tunestack(blocker, *argv)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1, (p.returncode, err[-3000:])
+    assert f"tunestack {argv[0]} needs the '{extra}' extra" in err and f"pip install 'tunestack[{extra}]'" in err, err
+
+
+def test_the_alias_without_its_extra_names_it_too(blocker):
+    p = _tunestack(blocker, "onnx", "runs/x", module="export")
+    assert p.returncode == 2 and p.stderr.strip().endswith("pip install 'tunestack[export]'"), p.stderr[-3000:]
+
+
+def test_help_and_the_registry_need_no_stage_extra(blocker, tiny_model, tmp_path):
+    """The serve image has no train/export extras: `tunestack --help`, every stage's --help and the registry
+    commands still run there."""
+    for argv in (["--help"], ["train", "--help"], ["export", "all", "--help"], ["serve", "--help"]):
+        p = _tunestack(blocker, *argv)
+        assert p.returncode == 0 and p.stderr == "", (argv, p.stderr[-3000:])
+    Registry(tmp_path / "reg").register_base(tiny_model, "tiny-llama")
+    p = _tunestack(blocker, "registry", "list", "--registry", str(tmp_path / "reg"))
+    assert p.returncode == 0 and p.stdout.startswith("base  tiny-llama"), p.stderr[-3000:]
+
+
+def test_serve_without_the_serve_extra_names_it(tmp_path):
+    d = tmp_path / "no-serve-extra"
+    d.mkdir()
+    hidden = {"modules": ["flask", "gunicorn", "prometheus_client"], "dists": ["flask", "gunicorn", "prometheus-client"]}
+    (d / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER % hidden))
+    p = _tunestack({"PYTHONPATH": f"{d}{os.pathsep}{ROOT}"}, "serve", "--registry", str(tmp_path / "reg"))
+    err = p.stderr.strip()
+    assert p.returncode == 2 and len(err.splitlines()) == 1, err[-3000:]
+    assert "needs the 'serve' extra (flask, gunicorn, prometheus-client not installed)" in err, err
+    assert err.endswith("pip install 'tunestack[serve]'"), err
