@@ -7,7 +7,8 @@
     <registry>/.finetune/jobs/<job-id>/cancel          present once a cancel was asked for
 
 Serving writes files and queued jobs; a worker (`python -m train worker`) claims queued jobs and
-writes their progress. Both sides only use this module, so neither imports the other. Every file is
+writes their progress. A job's `spec` (JobSpec) is typed and holds no default of its own: what the
+client left unset stays None, and the worker builds the train config from the config's own defaults. Both sides only use this module, so neither imports the other. Every file is
 written atomically (temp + rename): a reader sees the old or the new version, never half of one.
 The folder starts with '.', so the registry's listing of adapters never sees it.
 """
@@ -136,6 +137,54 @@ class FileStore:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+@dataclass(frozen=True)
+class Hyperparameters:
+    """What a job asks of the trainer. None everywhere means the train config's own value (the method's
+    documented default or the operator's override): this contract repeats no training default."""
+
+    n_epochs: int | None = None  # the config's training.epochs
+    batch_size: int | None = None  # the config's training.batch_size
+    learning_rate_multiplier: float | None = None  # scales the config's training.lr (OpenAI's meaning)
+    beta: float | None = None  # DPO: the config's method.beta
+
+    def __post_init__(self) -> None:
+        for name in ("n_epochs", "batch_size", "learning_rate_multiplier", "beta"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise ValueError(f"hyperparameters.{name}: {v!r} is not a positive number")
+
+    def public(self) -> dict[str, Any]:
+        """OpenAI's job.hyperparameters: the three it names, "auto" where the trainer's default applies."""
+        return {k: "auto" if getattr(self, k) is None else getattr(self, k)
+                for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+
+
+@dataclass
+class JobSpec:
+    """What a worker needs to run a job: the training method, the typed hyperparameters, the GRPO rewards,
+    the names it publishes under; then the worker's own record (resume, checkpoints)."""
+
+    method: str = ""  # the training method (train config method.name): lora | dpo | grpo
+    hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    rewards: list[str] = field(default_factory=list)  # grpo: the config's method.rewards
+    adapter_name: str = ""
+    fine_tuned_model: str = ""
+    resume: bool = False  # a worker restarted the job: resume from its last checkpoint
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    outdated: str | None = None  # why no worker can run it (a spec written by an older server); None: it can
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobSpec":
+        """A spec from job.json. An older server wrote train overrides as strings ("overrides", with the
+        learning rate already multiplied out): such a job stays readable, and a worker fails it with this reason."""
+        known = {k: d[k] for k in ("adapter_name", "fine_tuned_model", "resume", "checkpoints") if k in d}
+        if "method" not in d:
+            return cls(**known, outdated="written by an older server (train overrides as strings, not typed "
+                                         "hyperparameters); create the job again")
+        return cls(method=d["method"], hyperparameters=Hyperparameters(**d.get("hyperparameters") or {}),
+                   rewards=list(d.get("rewards") or []), outdated=d.get("outdated"), **known)
+
+
 @dataclass
 class Job:
     """OpenAI's fine-tuning job object, plus what the worker needs (`spec`) and who may see it (`owner`)."""
@@ -161,8 +210,12 @@ class Job:
     integrations: list = field(default_factory=list)
     object: str = "fine_tuning.job"
     owner: str | None = None
-    spec: dict[str, Any] = field(default_factory=dict)  # the worker's plan: config overrides, names, paths
+    spec: JobSpec = field(default_factory=JobSpec)  # the worker's plan (typed; read from job.json's dict)
     created_ns: int = field(default_factory=time.time_ns)  # orders jobs created within one second
+
+    def __post_init__(self) -> None:
+        if isinstance(self.spec, dict):  # as json.loads gives it
+            self.spec = JobSpec.from_dict(self.spec)
 
     def public(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("owner", "spec", "created_ns")}

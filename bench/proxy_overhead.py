@@ -49,11 +49,11 @@ def free_port() -> int:
 
 
 def run_proxy(port: int, upstream: str) -> None:
-    from serve.app import build_app, set_serving
+    from serve.http.app import build_app, set_serving
     from serve.metrics import Metrics
-    from serve.server import run_gunicorn
+    from serve.process.gunicorn import run_gunicorn
     from serve.settings import Settings
-    from serve.vllm_proxy import VLLMProxy
+    from serve.vllm.proxy import VLLMProxy
 
     settings = Settings(port=port)
 

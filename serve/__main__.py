@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import sys
 
-from serve.local_trainer import start_local_trainer
+from serve.finetune.local_trainer import start_local_trainer
 from serve.settings import Settings
 
 EXTRA = "serve"  # the optional dependencies (pyproject) the server needs
@@ -65,10 +65,12 @@ def run_command(args: argparse.Namespace) -> int:
 def _serve(settings: Settings) -> int:
     try:
         if settings.backend == "vllm":
-            from serve.vllm_backend import run_vllm
+            from serve.vllm.server import run_vllm
 
             return run_vllm(settings)
-        from serve.server import create_flask_app, registry_base, registry_onnx_model, run_gunicorn
+        from serve.flask_backend.server import create_flask_app
+        from serve.process.gunicorn import run_gunicorn
+        from serve.served_model import registry_base, registry_onnx_model
 
         # fail fast (exit 2) before forking a worker
         if settings.engine == "onnx":

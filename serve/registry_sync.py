@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from artifacts import Manifest, ManifestError, Registry, RegistryError
 from lm.adapters import lora_rank, mixed_batch_refusal
 
-log = logging.getLogger("serve.adapters")
+log = logging.getLogger("serve.registry_sync")
 
 
 def evidence(m: Manifest) -> dict[str, Any]:

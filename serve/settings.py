@@ -1,4 +1,5 @@
-"""Server settings: one typed object read from the environment (SERVE_*), overridable by CLI flags.
+"""Server settings: one typed object read from the environment (SERVE_<FIELD>, one variable per field), overridable by
+CLI flags (--<field>); every field carries its reason (`opt`), printed by --help.
 
 Compose and Kubernetes set these without code changes. Unsafe values are refused at start.
 """
@@ -7,44 +8,46 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from lm.options import opt
 
 
 @dataclass
 class Settings:
-    registry: Path = field(default=Path("registry"), metadata={"help": "model registry to serve (base + adapters)"})
-    backend: str = field(default="flask", metadata={"help": "flask (CPU/edge, PyTorch engine) or vllm (GPU production)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "bind address; 0.0.0.0 in containers"})
-    port: int = field(default=8000, metadata={"help": "HTTP port"})
-    api_key: str = field(default="", metadata={"help": "Bearer key for /v1/*; empty = no auth (local use only)"})
-    admin_key: str = field(default="", metadata={"help": "Bearer key for /admin/*; empty = admin API off"})
-    max_body_bytes: int = field(default=1 << 20, metadata={"help": "larger bodies get 413; 1 MiB fits any chat"})
-    max_upload_bytes: int = field(default=512 << 20, metadata={"help": "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows"})
-    finetune_worker: str = field(default="auto", metadata={"help": "fine-tuning jobs: auto = run `python -m train worker` beside the server when the training stack is installed (one box); on = that, or exit 2; off = jobs wait for an external worker (compose's trainer service); k8s = each job becomes a batch/v1 Job"})
-    finetune_dir: str = field(default="", metadata={"help": "where uploaded files and jobs live; empty = <registry>/.finetune (set it where the registry is mounted read-only)"})
-    finetune_job_template: Path = field(default=Path("/etc/tunestack/train-job.yaml"), metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the training Job template (k8s/base/train-job.yaml, mounted from a ConfigMap)"})
-    finetune_namespace: str = field(default="tunestack", metadata={"help": "SERVE_FINETUNE_WORKER=k8s: the namespace Jobs are created in (the serving pod's own)"})
-    finetune_worker_args: str = field(default="", metadata={"help": "overrides for every job the local worker runs, space-separated section.field=value (e.g. eval sizes)"})
-    upload_timeout: float = field(default=600.0, metadata={"help": "seconds a training-file upload may take to arrive (512 MiB at ~1 MB/s)"})
-    max_batch: int = field(default=32, metadata={"help": "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it"})
-    max_model_len: int = field(default=2048, metadata={"help": "prompt + max_tokens limit (capped by the model)"})
-    max_lora_rank: int = field(default=64, metadata={"help": "larger adapters are refused (vLLM needs it at start)"})
-    max_loras: int = field(default=8, metadata={"help": "vLLM: adapters resident on the GPU at once"})
-    max_cpu_loras: int = field(default=32, metadata={"help": "vLLM: adapters cached in host memory"})
-    poll_seconds: float = field(default=0.5, metadata={"help": "registry poll period; publish -> servable in < 2 s"})
-    engine: str = field(default="torch", metadata={"help": "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)"})
-    model: str = field(default="", metadata={"help": "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there"})
-    lora_impl: str = field(default="fused", metadata={"help": "Flask engine LoRA path: fused (fast) or peft (reference)"})
-    dtype: str = field(default="auto", metadata={"help": "weights: auto (fp32 on CPU, the model's own on GPU vLLM), float32, bfloat16 (CPUs with AVX512-BF16/AMX), float16 (GPU vLLM)"})
-    forward: str = field(default="lean", metadata={"help": "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = all cores"})
-    http_threads: int = field(default=64, metadata={"help": "concurrent HTTP connections (gunicorn gthread)"})
-    body_timeout: float = field(default=30.0, metadata={"help": "seconds a request body may take to arrive; a client that trickles or stalls gets 408 and frees its thread (a 64 KiB chat arrives in ms)"})
-    drain_seconds: float = field(default=25.0, metadata={"help": "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20"})
-    cpu_on_gpu_host: bool = field(default=False, metadata={"help": "let the torch engine serve on the CPU of a machine with a GPU; refused by default, as vLLM (SERVE_BACKEND=vllm) is the GPU engine"})
-    vllm_port: int = field(default=0, metadata={"help": "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)"})
-    vllm_args: str = field(default="", metadata={"help": "extra vLLM server arguments, space-separated"})
+    registry: Path = opt(Path("registry"), "model registry to serve (base + adapters); ./registry is where training publishes by default")
+    backend: str = opt("flask", "flask (CPU/edge, PyTorch engine) or vllm (GPU production); flask runs anywhere, with no extra install")
+    host: str = opt("127.0.0.1", "bind address; 0.0.0.0 in containers")
+    port: int = opt(8000, "HTTP port; 8000 as vLLM and most OpenAI-compatible servers, so clients need no change")
+    api_key: str = opt("", "Bearer key for /v1/*; empty = no auth (local use only)")
+    admin_key: str = opt("", "Bearer key for /admin/*; empty = admin API off")
+    max_body_bytes: int = opt(1 << 20, "larger bodies get 413; 1 MiB fits any chat")
+    max_upload_bytes: int = opt(512 << 20, "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows")
+    finetune_worker: str = opt("auto", "fine-tuning jobs: auto = run `python -m train worker` beside the server when the training stack is installed (one box); on = that, or exit 2; off = jobs wait for an external worker (compose's trainer service); k8s = each job becomes a batch/v1 Job")
+    finetune_dir: str = opt("", "where uploaded files and jobs live; empty = <registry>/.finetune (set it where the registry is mounted read-only)")
+    finetune_job_template: Path = opt(Path("/etc/tunestack/train-job.yaml"), "SERVE_FINETUNE_WORKER=k8s: the training Job template (k8s/base/train-job.yaml, mounted from a ConfigMap)")
+    finetune_namespace: str = opt("tunestack", "SERVE_FINETUNE_WORKER=k8s: the namespace Jobs are created in (the serving pod's own)")
+    finetune_worker_args: str = opt("", "overrides for every job the local worker runs, space-separated section.field=value (e.g. eval sizes)")
+    upload_timeout: float = opt(600.0, "seconds a training-file upload may take to arrive (512 MiB at ~1 MB/s)")
+    max_batch: int = opt(32, "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it")
+    max_model_len: int = opt(2048, "prompt + max_tokens limit (capped by the model); 2048 keeps a CPU KV cache small")
+    max_lora_rank: int = opt(64, "larger adapters are refused (vLLM needs it at start); 64 covers the usual ranks 8-64")
+    max_loras: int = opt(8, "vLLM: adapters resident on the GPU at once; 8 batch together without crowding the KV cache")
+    max_cpu_loras: int = opt(32, "vLLM: adapters cached in host memory; LoRA weights are small (tens of MB), so it holds 4x the GPU set")
+    poll_seconds: float = opt(0.5, "registry poll period; publish -> servable in < 2 s")
+    engine: str = opt("torch", "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)")
+    model: str = opt("", "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there")
+    lora_impl: str = opt("fused", "Flask engine LoRA path: fused (fast; tested equal to peft) or peft (reference)")
+    dtype: str = opt("auto", "weights: auto (fp32 on CPU, the model's own on GPU vLLM), float32, bfloat16 (CPUs with AVX512-BF16/AMX), float16 (GPU vLLM)")
+    forward: str = opt("lean", "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers")
+    threads: int = opt(0, "torch CPU threads; 0 = all cores (one server per machine)")
+    http_threads: int = opt(64, "concurrent HTTP connections (gunicorn gthread); 64 covers streaming clients waiting on a batch of 32")
+    body_timeout: float = opt(30.0, "seconds a request body may take to arrive; a client that trickles or stalls gets 408 and frees its thread (a 64 KiB chat arrives in ms)")
+    drain_seconds: float = opt(25.0, "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20")
+    cpu_on_gpu_host: bool = opt(False, "let the torch engine serve on the CPU of a machine with a GPU; refused by default, as vLLM (SERVE_BACKEND=vllm) is the GPU engine")
+    vllm_port: int = opt(0, "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)")
+    vllm_args: str = opt("", "extra vLLM server arguments, space-separated, last on its command line; empty: the settings above say everything")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":

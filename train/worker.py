@@ -2,13 +2,18 @@
 
     python -m train worker --registry DIR [--once] [--poll 1] [--set section.field=value ...]
 
-The API (serve/finetune_api.py) only records jobs in the registry volume (artifacts/finetune.py).
+The API (serve/finetune/api.py) only records jobs in the registry volume (artifacts/finetune.py).
 This worker claims the oldest queued job and trains it as a `python -m train` subprocess (its own
 process group), so a crash in training never takes the worker or the server down. While it runs,
 the worker turns the run's metrics log into job events and its checkpoints into the job's checkpoint
 list, and it stops the process group if a cancel is asked for (then nothing is published: the
 recipe publishes only after training, evaluation and the gate). The run publishes the adapter into
 the registry under the job's name (`ft-<id>`), where every replica picks it up within seconds.
+
+The job's spec is typed (artifacts.finetune.JobSpec) and repeats no training default: the worker
+builds the train config (train/config.py) from the method's documented defaults, sets what the job
+asked for (the learning-rate multiplier scales the config's own training.lr), and the run gets that
+config as a file (runs/<job>.yaml beside its log).
 
 A worker that starts finds any job left `running` by a worker that died, and queues it again to
 resume from its last checkpoint. `--set` applies operator overrides to every job (e.g. eval sizes).
@@ -28,9 +33,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from artifacts import Registry, RunDir
+from artifacts.atomic import atomic_write_text
 from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, loss_at, store_dir
 from artifacts.registry import RegistryError
+from lm.errors import ConfigError
+from train.config import Config, load_config, validate
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
 TERMINATED = 128 + signal.SIGTERM  # exit status of a worker stopped mid-job: not a success, so a Kubernetes Job retries
@@ -73,7 +83,7 @@ class Worker:
         for job in self.jobs.list():
             if job.status == "running" and not self.jobs.claimed_by_live_process(job.id):
                 self.jobs.release(job.id)
-                job.status, job.spec["resume"] = "queued", True
+                job.status, job.spec.resume = "queued", True
                 self.jobs.save(job)
                 self.jobs.event(job.id, "Worker restarted: the job is queued again and resumes from its last checkpoint")
 
@@ -93,7 +103,7 @@ class Worker:
         job = self.jobs.get(jid)
         if job.status == "running" and not self.jobs.claimed_by_live_process(jid):
             self.jobs.release(jid)
-            job.status, job.spec["resume"] = "queued", True
+            job.status, job.spec.resume = "queued", True
             self.jobs.save(job)
             self.jobs.event(jid, "Retried: the job resumes from its last checkpoint")
         if job.status != "queued" or self.jobs.cancel_requested(jid) or not self.jobs.claim(jid):
@@ -114,13 +124,17 @@ class Worker:
     # -- one job -----------------------------------------------------------------------------------------
     def run(self, job: Job) -> Job:
         run_dir = self.store / "runs" / job.id
+        try:
+            command = self._command(job, run_dir)
+        except ConfigError as e:  # a spec no config can be built from (an older server's): the job fails, the worker goes on
+            return self._invalid(job, str(e))
         job.status = "running"
         self.jobs.save(job)
         self.jobs.event(job.id, "Fine-tuning job started")
         log_path = run_dir.parent / f"{job.id}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(self._command(job, run_dir), stdout=log, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
             rc, cancelled = self._watch(job, proc, RunDir(run_dir))
         job = self.jobs.get(job.id)
@@ -141,20 +155,49 @@ class Worker:
         return job
 
     def _command(self, job: Job, run_dir: Path) -> list[str]:
+        config = run_dir.parent / f"{job.id}.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config, self.train_config(job, run_dir).to_yaml())
+        return [self.python, "-m", "train", "run", str(config), *(["--resume"] if _resumes(job, run_dir) else [])]
+
+    def train_config(self, job: Job, run_dir: Path) -> Config:
+        """The job's typed train config: the method's documented defaults and the operator's --set overrides,
+        then the job's data, names and hyperparameters wherever the operator did not set that field."""
+        spec = job.spec
+        if spec.outdated:
+            raise ConfigError(f"job {job.id}: {spec.outdated}")
         base = Registry(self.registry).base()
         if base is None:
             raise RuntimeError(f"{self.registry}: no base model registered")
-        args = [f"model.name_or_path={base[1]}", f"data.train={self.files.content(job.training_file)}",
-                f"output.dir={run_dir}", f"output.registry={self.registry}",
-                f"output.adapter_name={job.spec['adapter_name']}"]
-        if job.validation_file:
-            val = self.files.content(job.validation_file)
-            args += [f"data.validation={val}", f"data.eval={val}"]
-        else:  # the task metrics score a split of the job's own rows, never the demo's held-out file (the default)
-            args.append("data.eval=null")
-        args += [*job.spec["overrides"], *self.extra]
-        resume = job.spec.get("resume") and (run_dir / "checkpoints").is_dir() and not (run_dir / "manifest.json").exists()
-        return [self.python, "-m", "train", "run", *args, *(["--resume"] if resume else ["output.overwrite=true"])]
+        cfg = load_config(None, [f"method.name={spec.method}", *self.extra])
+        hp, val = spec.hyperparameters, job.validation_file
+        val = str(self.files.content(val)) if val else None
+        fields = {"model.name_or_path": base[1], "data.train": str(self.files.content(job.training_file)),
+                  "data.validation": val,  # None: the config's split of the training file
+                  "data.eval": val,  # None: task metrics on that split, never the demo's held-out file (the default)
+                  "output.dir": str(run_dir), "output.registry": str(self.registry),
+                  "output.overwrite": not _resumes(job, run_dir),
+                  "output.adapter_name": spec.adapter_name, "training.seed": job.seed,
+                  "method.rewards": list(spec.rewards) or None, "method.beta": hp.beta,
+                  "training.epochs": None if hp.n_epochs is None else float(hp.n_epochs),
+                  "training.batch_size": hp.batch_size,
+                  "training.lr": None if hp.learning_rate_multiplier is None
+                  else cfg.training.lr * hp.learning_rate_multiplier}  # OpenAI's multiplier of the method's own rate
+        nullable = {"data.eval"}  # None there means "none"; elsewhere, "the config's value"
+        operator = {ov.split("=", 1)[0] for ov in self.extra}
+        for key, value in fields.items():
+            if key not in operator and (value is not None or key in nullable):
+                section, name = key.split(".", 1)
+                setattr(getattr(cfg, section), name, value)
+        validate(cfg)
+        return cfg
+
+    def _invalid(self, job: Job, message: str) -> Job:
+        job.status, job.finished_at = "failed", int(time.time())
+        job.error = {"code": "invalid_job_spec", "message": message[:2000], "param": None}
+        self.jobs.save(job)
+        self.jobs.event(job.id, f"Fine-tuning job failed: {message}", level="error")
+        return job
 
     def _watch(self, job: Job, proc: subprocess.Popen, rd: RunDir) -> tuple[int | None, bool]:
         progress = Progress()
@@ -191,17 +234,17 @@ class Worker:
         if [c["step_number"] for c in ckpts] != [c["step_number"] for c in progress.checkpoints]:
             progress.checkpoints = ckpts
             fresh = self.jobs.get(job.id)
-            fresh.spec["checkpoints"] = ckpts
+            fresh.spec.checkpoints = ckpts
             self.jobs.save(fresh)
 
     def _succeeded(self, job: Job, rd: RunDir) -> None:
         ev = json.loads(rd.eval.read_text()) if rd.eval.is_file() else {}
         report = json.loads(rd.data_report.read_text()) if rd.data_report.is_file() else {}
-        job.status, job.fine_tuned_model = "succeeded", job.spec["fine_tuned_model"]
+        job.status, job.fine_tuned_model = "succeeded", job.spec.fine_tuned_model
         tokens = (report.get("tokens") or {}).get("train", {}).get("tokens")
         steps = ev.get("train_steps") or 0
         # rows seen x their mean length (OpenAI counts tokens over all epochs)
-        job.trained_tokens = int(tokens / _rows(report) * steps * _batch(job)) if tokens else None
+        job.trained_tokens = int(tokens / _rows(report) * steps * _batch(rd)) if tokens else None
         job.result_files = [self._result_file(job, rd)]
         head = ev.get("headline") or {}
         self.jobs.event(job.id, f"Evaluation: {head.get('metric', 'metric')} base {head.get('base', 0):.3f} -> "
@@ -215,8 +258,8 @@ class Worker:
         adapter `ft-<id>-step-<N>`). Only for a job that succeeded: a refused job's checkpoints stay listed,
         not served, as the gate refused the run."""
         reg = Registry(self.registry)
-        for c in job.spec.get("checkpoints", []):
-            adapter, _ = checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], c["step_number"])
+        for c in job.spec.checkpoints:
+            adapter, _ = checkpoint_names(job.spec.adapter_name, job.spec.fine_tuned_model, c["step_number"])
             try:
                 reg.publish_checkpoint(rd.root, c["step_number"], adapter)
             except (RegistryError, OSError) as e:
@@ -254,16 +297,24 @@ def _checkpoints(job: Job, rd: RunDir, rows: list[dict]) -> list[dict]:
         if not (d / "trainer_state.json").is_file():  # written last by the Trainer: the checkpoint is complete
             continue
         step = int(d.name.split("-")[1])
-        _, model = checkpoint_names(job.spec["adapter_name"], job.spec["fine_tuned_model"], step)
+        _, model = checkpoint_names(job.spec.adapter_name, job.spec.fine_tuned_model, step)
         out.append({"id": f"ftckpt-{job.id.split('-', 1)[1][:8]}-{step}", "created_at": int(d.stat().st_mtime),
                     "step_number": step, "metrics": {"step": step, "train_loss": loss_at(rows, step)},
                     "fine_tuned_model_checkpoint": model})
     return out
 
 
-def _batch(job: Job) -> int:
-    hp = job.hyperparameters.get("batch_size", "auto")
-    return 8 if hp == "auto" else int(hp)
+def _resumes(job: Job, run_dir: Path) -> bool:
+    """A restarted job with a checkpoint and no finished run resumes; anything else starts over."""
+    return job.spec.resume and (run_dir / "checkpoints").is_dir() and not (run_dir / "manifest.json").exists()
+
+
+def _batch(rd: RunDir) -> int:
+    """The batch size the run trained with (its resolved config.yaml), else 1."""
+    try:
+        return int(yaml.safe_load(rd.config.read_text())["training"]["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return 1
 
 
 def _rows(report: dict) -> int:

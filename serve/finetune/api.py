@@ -22,14 +22,15 @@ from typing import Any, Callable
 
 from flask import Flask, Response, request, send_file
 
-from artifacts.finetune import FINAL, FileStore, Job, JobStore, NotFound, job_model_names, new_id, page
+from artifacts.finetune import (FINAL, FileStore, Hyperparameters, Job, JobSpec, JobStore, NotFound, job_model_names,
+                                new_id, page)
 from lm.data.formats import load_examples
 from lm.errors import DataError
 from serve.errors import APIError, bad_request
-from serve.finetune_protocol import JobCreateRequest
+from serve.finetune.protocol import JobCreateRequest
+from serve.settings import Settings
 
 METHODS = {"supervised": "lora", "dpo": "dpo", "reinforcement": "grpo"}  # OpenAI method type -> training method
-HYPER = ("n_epochs", "batch_size", "learning_rate_multiplier")
 
 
 def owner_of(api_key: str) -> str | None:
@@ -48,33 +49,17 @@ def _validate_upload(path: Path, filename: str) -> None:
 GRADER_REWARDS = {"eq": "exact", "like": "keyword", "ilike": "keyword"}  # string_check operation -> GRPO reward
 
 
-def _method(req: JobCreateRequest) -> tuple[str, dict[str, Any], list[str]]:
-    """The method type, its hyperparameters (method.<type>.hyperparameters over the legacy top-level
-    ones, unset ones "auto") and, for reinforcement, the GRPO rewards its grader maps to."""
+def _job_spec(req: JobCreateRequest, adapter: str, model: str) -> tuple[str, JobSpec]:
+    """The method type and the job's typed spec: method.<type>.hyperparameters over the legacy top-level
+    ones; "auto" and unset stay None, so the worker applies the train config's own defaults."""
     kind = req.method.type if req.method else "supervised"
     inner = getattr(req.method, kind, None) if req.method else None
     hp: dict[str, Any] = {}
     for source in (req.hyperparameters, getattr(inner, "hyperparameters", None)):
         if source is not None:
-            hp.update(source.model_dump(exclude_none=True))
+            hp.update({k: v for k, v in source.model_dump(exclude_none=True).items() if v != "auto"})
     rewards = [GRADER_REWARDS[inner.grader.operation]] if kind == "reinforcement" else []
-    return kind, hp, rewards
-
-
-def _overrides(kind: str, hp: dict[str, Any], rewards: list[str], seed: int) -> list[str]:
-    """The job as `python -m train` overrides (the rest are the method's documented defaults)."""
-    out = [f"method.name={METHODS[kind]}", f"training.seed={seed}"]
-    if hp.get("n_epochs", "auto") != "auto":
-        out.append(f"training.epochs={float(hp['n_epochs'])}")
-    if hp.get("batch_size", "auto") != "auto":
-        out.append(f"training.batch_size={int(hp['batch_size'])}")
-    if hp.get("learning_rate_multiplier", "auto") != "auto":
-        out.append(f"training.lr={2e-4 * float(hp['learning_rate_multiplier'])}")  # the LoRA default rate x multiplier
-    if "beta" in hp and hp["beta"] != "auto":
-        out.append(f"method.beta={float(hp['beta'])}")
-    if rewards:
-        out.append(f"method.rewards={','.join(rewards)}")
-    return out
+    return kind, JobSpec(METHODS[kind], Hyperparameters(**hp), rewards, adapter, model)
 
 
 class FineTuneAPI:
@@ -136,17 +121,12 @@ class FineTuneAPI:
                               "model", "model_not_available")
         train = self._input_file(req.training_file, "training_file")
         val = self._input_file(req.validation_file, "validation_file") if req.validation_file else None
-        kind, hp, rewards = _method(req)
-        seed = req.seed or 0
         jid = new_id("ftjob")
-        short = jid.split("-", 1)[1][:8]
-        shown = {k: hp.get(k, "auto") for k in HYPER}
-        adapter, model = job_model_names(base, req.suffix, short)
-        job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=seed,
+        kind, spec = _job_spec(req, *job_model_names(base, req.suffix, jid.split("-", 1)[1][:8]))
+        shown = spec.hyperparameters.public()
+        job = Job(jid, base, train, int(time.time()), status="queued", validation_file=val, seed=req.seed or 0,
                   suffix=req.suffix, metadata=req.metadata, hyperparameters=shown,
-                  method={"type": kind, kind: {"hyperparameters": shown}}, owner=self.owner,
-                  spec={"overrides": _overrides(kind, hp, rewards, seed), "adapter_name": adapter,
-                        "fine_tuned_model": model})
+                  method={"type": kind, kind: {"hyperparameters": shown}}, owner=self.owner, spec=spec)
         self.jobs.create(job)
         self.jobs.event(jid, "Created fine-tuning job")
         self.jobs.event(jid, "Validated training file: " + train)
@@ -200,7 +180,7 @@ class FineTuneAPI:
 
     def checkpoints(self, jid: str) -> dict[str, Any]:
         job = self._found(lambda: self.jobs.get(jid, self.owner))
-        items = sorted(job.spec.get("checkpoints", []), key=lambda c: -c["step_number"])
+        items = sorted(job.spec.checkpoints, key=lambda c: -c["step_number"])
         return page([{"object": "fine_tuning.job.checkpoint", "fine_tuning_job_id": jid, **c} for c in items],
                     request.args.get("after"), _limit())
 
@@ -210,6 +190,17 @@ class FineTuneAPI:
             return fn()
         except NotFound as e:
             raise APIError(404, f"No such object: {e.args[0]}", None, "not_found") from None
+
+
+def from_settings(settings: Settings, base_model: Callable[[], str]) -> FineTuneAPI:
+    """The API as the settings configure it: with SERVE_FINETUNE_WORKER=k8s, each job is submitted as a Kubernetes Job."""
+    submit = None
+    if settings.finetune_worker == "k8s":
+        from serve.finetune.k8s_runner import K8sRunner
+
+        submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
+    return FineTuneAPI(settings.registry, base_model, settings.max_upload_bytes, settings.api_key, submit,
+                       settings.finetune_dir or None)
 
 
 def _limit() -> int:

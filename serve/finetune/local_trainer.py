@@ -1,6 +1,6 @@
 """The local fine-tuning runner: `python -m train worker` beside the server, when the training stack is installed.
 
-The API only records and enqueues jobs (finetune_api.py). On one box with everything installed the
+The API only records and enqueues jobs (api.py). On one box with everything installed the
 server also starts the worker, as a child process in its own session: training never runs in a
 serving process, a crash in it never takes the server down, and the worker is restarted (with a
 growing pause) if it dies. With SERVE_FINETUNE_WORKER=off, or in the serving image, which has no
@@ -18,7 +18,7 @@ import sys
 import threading
 from pathlib import Path
 
-log = logging.getLogger("serve.local_trainer")
+log = logging.getLogger("serve.finetune.local_trainer")
 NEEDS = ("train", "accelerate", "peft")  # what `python -m train worker` needs importable (looked up, never imported)
 
 

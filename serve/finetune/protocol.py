@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve.errors import bad_request
-from serve.protocol import bounded_int
+from serve.schema import bounded_int
 
 _REQ = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 Auto = Literal["auto"]

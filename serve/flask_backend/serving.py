@@ -14,17 +14,17 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Generator, Iterator, Union
 
-from serve.adapters import AdapterSync
-from serve.backend import EventStream, JSONReply, Reply, ServedModels, json_body
+from serve.registry_sync import AdapterSync
+from serve.openai.backend import EventStream, JSONReply, Reply, ServedModels, json_body
 from serve.engines.base import Engine, EngineEvent, EngineStats, Failed, Finished, GenRequest, TextDelta
 from serve.errors import APIError, bad_request
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest
-from serve.responses import ResponseBuilder, model_list, usage
+from serve.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serve.openai.responses import ResponseBuilder, model_list, usage
 
 EVENT_TIMEOUT_S = 600  # a request that sees no token for this long is failed, never left hanging
 INTERNAL = APIError(500, "internal error")  # what a client sees of a bug: the traceback goes to the log only
-log = logging.getLogger("serve.serving")
+log = logging.getLogger("serve.flask_backend.serving")
 
 Request = Union[CompletionRequest, ChatCompletionRequest]
 

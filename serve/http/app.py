@@ -1,186 +1,33 @@
-"""Flask app factory: HTTP only. Auth, errors, routes, and backend replies as HTTP responses (SSE framing).
+"""Flask app factory: HTTP only. State on the app, auth, errors; the routes are in routes.py.
 
-What a request means is the backend's business (backend.py: OpenAIServing or VLLMProxy); the app
+What a request means is the backend's business (openai/backend.py: OpenAIServing or VLLMProxy); the app
 routes raw bodies to it and frames what comes back.
 """
 
 from __future__ import annotations
 
 import hmac
-import itertools
-import json
 import logging
-import socket
-import threading
-import time
-from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Generator, Iterator
+from typing import Callable
 
-from flask import Flask, Response, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
-from werkzeug.wsgi import ClosingIterator
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from serve.adapters import AdapterSync
-from serve import finetune_api
-from serve.backend import Backend, EventStream, JSONReply, RelayedStream, Reply, json_body
-from serve.errors import APIError, bad_request
+from serve.errors import APIError
+from serve.finetune import api as finetune_api
+from serve.http.routes import admin_routes, api_routes, json_response, probe_routes
 from serve.metrics import Metrics
-from serve.openapi import openapi_spec
+from serve.openai.backend import Backend, json_body
+from serve.process.body_deadline import counted_with_deadline
+from serve.process.drain import DRAIN_KEY, Drain
+from serve.registry_sync import AdapterSync
 from serve.settings import Settings
 
-log = logging.getLogger("serve.app")
-PLAYGROUND = Path(__file__).with_name("playground.html")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of the stream
+log = logging.getLogger("serve.http.app")
 # Open without a key: probes (kubelet), the Prometheus scrape, the API description, the playground page
 # (it asks the user for the key). Every other path needs a key when one is set: a new route is closed by default.
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
-
-
-class Drain:
-    """HTTP requests in progress, and the draining flag that SIGTERM sets (server.DrainingWorker).
-
-    While draining, /ready is 503 and new API requests get 503 "draining"; the worker stops once no
-    request is in progress or after `seconds`. Any process serving this app can drive it: begin(), then
-    wait_idle(seconds), then stop."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.draining = False  # a plain attribute: a signal handler may set it without taking a lock
-        self._active = 0
-        self._idle = threading.Condition()
-
-    def begin(self) -> None:
-        self.draining = True
-
-    @property
-    def active(self) -> int:
-        return self._active
-
-    def enter(self) -> Callable[[], None]:
-        """Count a request in; the returned release counts it out (once, however often it is called)."""
-        with self._idle:
-            self._active += 1
-        done = []
-
-        def release() -> None:
-            with self._idle:
-                if not done:
-                    done.append(True)
-                    self._active -= 1
-                    self._idle.notify_all()
-        return release
-
-    def wait_idle(self, timeout: float) -> bool:
-        """True once no request is in progress; False if `timeout` passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
-
-
-class _Watchdog:
-    """One daemon thread that calls each watched callback at its deadline, unless cancelled first."""
-
-    def __init__(self) -> None:
-        self._due: dict[int, tuple[float, Callable[[], None]]] = {}
-        self._keys = itertools.count()
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None  # started on first use: in gunicorn's worker, after fork
-
-    def watch(self, deadline: float, callback: Callable[[], None]) -> int:
-        with self._cv:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="body-deadline", daemon=True)
-                self._thread.start()
-            key = next(self._keys)
-            self._due[key] = (deadline, callback)
-            self._cv.notify()
-            return key
-
-    def cancel(self, key: int) -> None:
-        with self._cv:
-            self._due.pop(key, None)
-
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                now = time.monotonic()
-                fired = [self._due.pop(k)[1] for k, (d, _) in list(self._due.items()) if d <= now]
-                if not fired:  # at most one entry per HTTP thread: a scan is cheap
-                    self._cv.wait(min((d for d, _ in self._due.values()), default=now + 60) - now)
-            for callback in fired:
-                callback()
-
-
-BODY_WATCHDOG = _Watchdog()
-
-
-class DeadlineInput:
-    """wsgi.input with one deadline for the whole body (then 408) and a size limit (then 413).
-
-    gunicorn reads a body from a blocking socket with no timeout, and one read() loops over many recv()s,
-    so neither a socket timeout nor a check between reads stops a client that sends its headers and then
-    trickles the body (or stops). At the deadline the watchdog shuts the socket's read side: the blocked
-    recv() returns, and the request is answered 408 on the still open write side.
-
-    The limit is checked here too: werkzeug stops a chunked body (no Content-Length) at the limit
-    without an error, so a larger one would be cut silently and parsed as if it were whole."""
-
-    def __init__(self, stream: Any, sock: socket.socket | None, seconds: float, length: int | None, limit: int):
-        self._stream, self._sock, self._seconds, self._length, self._limit = stream, sock, seconds, length, limit
-        self._deadline = time.monotonic() + seconds
-        self._got = 0
-        self._lock = threading.Lock()
-        self._expired = self._done = False
-        self._watch: int | None = None
-
-    def read(self, *size: int) -> bytes:
-        return self._bounded(self._stream.read, *size)
-
-    def readline(self, *size: int) -> bytes:
-        return self._bounded(self._stream.readline, *size)
-
-    def finish(self) -> None:
-        """The body is read (or the response is done): stop watching it."""
-        with self._lock:
-            self._done = True
-            if self._watch is not None:
-                BODY_WATCHDOG.cancel(self._watch)
-
-    def _bounded(self, read: Callable[..., bytes], *size: int) -> bytes:
-        if self._expired or time.monotonic() >= self._deadline:
-            raise self._timeout()
-        with self._lock:
-            if self._sock is not None and self._watch is None and not self._done:
-                self._watch = BODY_WATCHDOG.watch(self._deadline, self._expire)
-        try:
-            data = read(*size)
-        except Exception:
-            if self._expired:
-                raise self._timeout() from None
-            raise
-        if self._expired:
-            raise self._timeout()
-        self._got += len(data)
-        if self._got > self._limit:
-            self.finish()
-            raise RequestEntityTooLarge()
-        if not data or (self._length is not None and self._got >= self._length):
-            self.finish()
-        return data
-
-    def _expire(self) -> None:
-        with self._lock:
-            if self._done:
-                return
-            self._expired = True
-            try:
-                self._sock.shutdown(socket.SHUT_RD)  # type: ignore[union-attr]
-            except OSError:  # the client is already gone
-                pass
-
-    def _timeout(self) -> RequestTimeout:
-        return RequestTimeout(f"request body not received within {self._seconds:g} s")
 
 
 @dataclass
@@ -214,20 +61,14 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     app.url_map.merge_slashes = False  # "//etc/passwd" must reach the name check, not redirect
     state = AppState(serving, sync, drain=Drain(settings.drain_seconds))
     app.extensions["tunestack"] = state
-    app.wsgi_app = _counted_with_deadline(app.wsgi_app, state.drain, settings)  # type: ignore[method-assign]
+    app.extensions[DRAIN_KEY] = state.drain
+    app.wsgi_app = counted_with_deadline(app.wsgi_app, state.drain, settings)  # type: ignore[method-assign]
     _error_handlers(app, settings.max_body_bytes)
     app.before_request(_authenticator(settings, state.drain))
-    _probe_routes(app, state, metrics)
-    _api_routes(app, state)
-    _admin_routes(app, state)
-    submit = None
-    if settings.finetune_worker == "k8s":
-        from serve.k8s_runner import K8sRunner
-
-        submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
-    finetune_api.routes(app, finetune_api.FineTuneAPI(settings.registry, lambda: state.ready_backend().model_name,
-                                                      settings.max_upload_bytes, settings.api_key, submit,
-                                                      settings.finetune_dir or None),
+    probe_routes(app, state, metrics)
+    api_routes(app, state)
+    admin_routes(app, state)
+    finetune_api.routes(app, finetune_api.from_settings(settings, lambda: state.ready_backend().model_name),
                         json_body, json_response)
     return app
 
@@ -240,58 +81,6 @@ def set_serving(app: Flask, serving: Backend, sync: AdapterSync | None) -> None:
 def set_failed(app: Flask, reason: str) -> None:
     """The model will never load: /health and /ready answer 503 with `reason` (the process exits next)."""
     app.extensions["tunestack"].failed = reason
-
-
-def drain_of(app: Any) -> Drain | None:
-    """The Drain of an app build_app made (None for any other WSGI app)."""
-    state = getattr(app, "extensions", {}).get("tunestack")
-    return state.drain if isinstance(state, AppState) else None
-
-
-def _counted_with_deadline(wsgi_app: Callable, drain: Drain, settings: Settings) -> Callable:
-    """WSGI middleware: every request counts as in progress until its response is closed (streams
-    included); its body must arrive within body_timeout and fit max_body_bytes."""
-    def counted(environ: dict, start_response: Callable) -> Any:
-        length = environ.get("CONTENT_LENGTH")
-        upload = environ.get("PATH_INFO") == "/v1/files" and environ.get("REQUEST_METHOD") == "POST"
-        body_in = DeadlineInput(environ["wsgi.input"], environ.get("gunicorn.socket"),
-                                settings.upload_timeout if upload else settings.body_timeout,
-                                int(length) if length and length.isdigit() else None,
-                                settings.max_upload_bytes if upload else settings.max_body_bytes)
-        environ["wsgi.input"] = body_in
-        release = drain.enter()
-        try:
-            body = wsgi_app(environ, start_response)
-        except BaseException:
-            release()
-            body_in.finish()
-            raise
-        return ClosingIterator(body, [release, body_in.finish])  # closed by the server once sent or abandoned
-    return counted
-
-
-# -- replies as responses -------------------------------------------------------------------------
-def json_response(obj: Any, status: int = 200) -> Response:
-    return Response(json.dumps(obj), status=status, mimetype="application/json")
-
-
-def to_response(reply: Reply) -> Response:
-    if isinstance(reply, JSONReply):
-        body = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body)
-        return Response(body, reply.status, mimetype=reply.mimetype)
-    if isinstance(reply, EventStream):
-        return Response(sse_frames(reply.events), mimetype="text/event-stream", headers=SSE_HEADERS)
-    if isinstance(reply, RelayedStream):
-        return Response(reply.chunks, mimetype="text/event-stream", headers=SSE_HEADERS)
-    raise TypeError(f"not a backend reply: {type(reply).__name__}")
-
-
-def sse_frames(events: Generator[dict[str, Any], None, None]) -> Iterator[str]:
-    """Each event as an SSE `data:` line, then [DONE]. Closing this (client gone) closes the events."""
-    with closing(events):
-        for obj in events:
-            yield f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 # -- errors and auth ----------------------------------------------------------------------------
@@ -342,87 +131,3 @@ def _authenticator(settings: Settings, drain: Drain) -> Callable[[], None]:
         if drain.draining:
             raise APIError(503, "server is shutting down; retry on another replica", code="draining")
     return check
-
-
-# -- routes ---------------------------------------------------------------------------------------
-def _probe_routes(app: Flask, state: AppState, metrics: Metrics) -> None:
-    """Open paths: liveness, readiness, Prometheus metrics, the OpenAPI description, the playground."""
-    @app.get("/health")
-    def health():
-        if state.failed is not None:  # alive, but never going to serve: say so, the process is exiting
-            return json_response({"status": "failed", "reason": state.failed}, 503)
-        return json_response({"status": "ok"})
-
-    @app.get("/ready")
-    def ready():
-        if state.failed is not None:
-            return json_response({"status": "failed", "reason": state.failed}, 503)
-        if state.drain.draining:  # at once, so Kubernetes takes the pod out of the Service's endpoints
-            return json_response({"status": "draining"}, 503)
-        if state.backend is None:
-            return json_response({"status": "loading"}, 503)
-        return json_response({"status": "ready", "adapters": state.sync.loaded() if state.sync else []})
-
-    @app.get("/metrics")
-    def prom():
-        metrics.http_active.set(state.drain.active - 1)  # this scrape is one of them
-        if state.backend is not None:
-            st = state.backend.stats()
-            metrics.running.set(st.running)
-            metrics.queued.set(st.waiting)
-        return Response(metrics.render(), mimetype="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/openapi.json")
-    def openapi():
-        return json_response(openapi_spec())
-
-    @app.get("/")
-    def playground():
-        return Response(PLAYGROUND.read_text(encoding="utf-8"), mimetype="text/html")
-
-
-def _api_routes(app: Flask, state: AppState) -> None:
-    """The OpenAI API: raw bodies go to the backend, which parses, checks and records them."""
-    @app.get("/v1/models")
-    def models():
-        return to_response(state.ready_backend().models())
-
-    @app.post("/v1/completions")
-    def completions():
-        return to_response(state.ready_backend().completions(request.get_data(cache=False)))
-
-    @app.post("/v1/chat/completions")
-    def chat_completions():
-        return to_response(state.ready_backend().chat_completions(request.get_data(cache=False)))
-
-
-def _admin_routes(app: Flask, state: AppState) -> None:
-    """Adapter states, load and unload; names come only from the registry, never paths."""
-    @app.get("/admin/adapters")
-    def admin_list():
-        return json_response({"adapters": {n: s.public() for n, s in sorted(state.ready_sync().states.items())}})
-
-    @app.post("/admin/adapters/<path:name>/load")
-    def admin_load(name: str):
-        sync = state.ready_sync()
-        st = sync.load(_registry_name(sync, name))
-        return json_response({"name": name, **st.public()}, 200 if st.state == "loaded" else 422)
-
-    @app.post("/admin/adapters/<path:name>/unload")
-    def admin_unload(name: str):
-        sync = state.ready_sync()
-        sync.unload(_registry_name(sync, name), state="disabled")
-        return json_response({"name": name, "state": "disabled"})
-
-
-def _registry_name(sync: AdapterSync, name: str) -> str:
-    """`name` if it is a valid registry name of a published adapter; 400 or 404 otherwise."""
-    from artifacts import RegistryError, split_ref
-
-    try:
-        split_ref(name)
-    except RegistryError as e:
-        raise bad_request(str(e), "name") from None
-    if name not in sync.registry.names("adapters"):
-        raise APIError(404, f"adapter {name!r} is not in the registry", "name")
-    return name

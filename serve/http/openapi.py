@@ -1,4 +1,4 @@
-"""The OpenAPI description of the served API (/openapi.json), generated from serve/protocol.py's models.
+"""The OpenAPI description of the served API (/openapi.json), generated from serve/openai/protocol.py's models.
 
 Clients and fuzzers (Schemathesis) trust it, so every body schema comes from the pydantic model that
 parses or builds that body: the spec cannot say something the server does not do. It names every route
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel
 
-from serve import finetune_protocol as ft
-from serve import protocol as p
+from serve.finetune import protocol as ft
+from serve.openai import protocol as p
 
 REF = "#/components/schemas/{model}"
 ERRORS = {400: "Invalid request: error.param names the offending field.", 401: "Missing or wrong key.",
@@ -127,7 +127,7 @@ PAGING = [{"name": "after", "in": "query", "required": False, "schema": {"type":
 
 
 def _finetune_paths() -> dict:
-    """OpenAI's files and fine-tuning jobs (serve/finetune_api.py)."""
+    """OpenAI's files and fine-tuning jobs (serve/finetune/api.py)."""
     fid, jid = _id("fid", "file"), _id("jid", "job")
 
     def op(summary: str, responses: dict, params: list | None = None, body: dict | None = None) -> dict:

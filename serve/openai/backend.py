@@ -1,7 +1,7 @@
 """What the HTTP app asks of a backend, and the typed replies it gets back.
 
-Two backends implement `Backend`: OpenAIServing (serving.py) over an in-process engine (PyTorch
-or ONNX Runtime), and VLLMProxy (vllm_proxy.py) in front of a vLLM server. The app only routes,
+Two backends implement `Backend`: OpenAIServing (flask_backend/serving.py) over an in-process engine (PyTorch
+or ONNX Runtime), and VLLMProxy (vllm/proxy.py) in front of a vLLM server. The app only routes,
 authenticates and turns replies into HTTP responses; each backend records its own metrics.
 """
 
@@ -17,7 +17,7 @@ from serve.engines.base import EngineStats
 from serve.errors import APIError, bad_request
 
 if TYPE_CHECKING:
-    from serve.adapters import AdapterSync
+    from serve.registry_sync import AdapterSync
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Request and response bodies of the OpenAI API subset we serve, as pydantic models.
 
 Named as in the OpenAI API (and vLLM's entrypoints/openai/protocol.py). /openapi.json is generated from
-these models (serve/openapi.py), so the spec is exactly what parse() accepts: unknown fields are ignored, as
+these models (serve/http/openapi.py), so the spec is exactly what parse() accepts: unknown fields are ignored, as
 OpenAI clients send extras; wrong types and out-of-range values are 400s naming the param.
 """
 
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from typing_extensions import Self, TypedDict
 
 from serve.engines.base import SamplingParams
 from serve.errors import APIError, bad_request
+from serve.schema import bounded_int
 
 MAX_N = 8  # choices per request; each is a row in the batch
 MAX_STOP = 4  # as OpenAI
@@ -47,16 +48,6 @@ RULES = {
 def _rule(name: str, default: Any = None) -> Any:
     """A field whose description is its rule."""
     return Field(default, description=RULES[name])
-
-
-def _integral(v: Any) -> Any:
-    """1.0 is the integer 1 in JSON Schema, so the server takes it too; 1.5 stays an error."""
-    return int(v) if isinstance(v, float) and v.is_integer() else v
-
-
-def bounded_int(lo: int, hi: int) -> Any:
-    """An integer in [lo, hi] (the bounds precede the validator so they land in the JSON schema)."""
-    return Annotated[int, Field(ge=lo, le=hi), BeforeValidator(_integral)]
 
 
 TokenCount = bounded_int(1, MAX_TOKENS)
@@ -349,7 +340,7 @@ AdapterStateName = Literal["loaded", "refused", "failed", "disabled"]
 
 
 class AdapterStatus(BaseModel):
-    """An adapter's state in this server (serve/adapters.py AdapterState.public(): unset fields are left out)."""
+    """An adapter's state in this server (serve/registry_sync.py AdapterState.public(): unset fields are left out)."""
     state: AdapterStateName
     reason: Optional[str] = Field(None, description="why it is refused, failed or disabled")
     version: Optional[str] = Field(None, description="manifest created_at + weights sha: a re-publish reloads")

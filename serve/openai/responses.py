@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.protocol import (ChatCompletionMessage, ChatCompletionResponse, ChatCompletionResponseChoice,
+from serve.openai.protocol import (ChatCompletionMessage, ChatCompletionResponse, ChatCompletionResponseChoice,
                             CompletionResponse, CompletionResponseChoice, ModelCard, ModelList, UsageInfo)
 
 

@@ -19,12 +19,12 @@ import threading
 import time
 from typing import Any, Generator
 
-from serve.adapters import AdapterSync
-from serve.backend import JSONReply, RelayedStream, Reply, ServedModels, json_body
+from serve.registry_sync import AdapterSync
+from serve.openai.backend import JSONReply, RelayedStream, Reply, ServedModels, json_body
 from serve.engines.base import EngineStats
 from serve.errors import TYPES, APIError, bad_request
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 Labels = tuple[str, str]  # (model, adapter) metric labels
 UPSTREAM_TIMEOUT = 600.0  # s of silence from vLLM before a request fails (504): a long unstreamed answer fits

@@ -209,8 +209,8 @@ def test_each_image_holds_only_its_stage(stack):
     assert images["export"] == pipeline != serve
     p = _sh("docker", "run", "--rm", serve, "python", "-c", "import matplotlib", check=False)
     assert p.returncode != 0 and "No module named 'matplotlib'" in p.stderr, (p.stdout, p.stderr)
-    _sh("docker", "run", "--rm", serve, "python", "-c", "import flask, pydantic, onnxruntime, torch, serve.server")
-    _sh("docker", "run", "--rm", serve, "python", "-c", "import kubernetes, serve.k8s_runner")  # SERVE_FINETUNE_WORKER=k8s
+    _sh("docker", "run", "--rm", serve, "python", "-c", "import flask, pydantic, onnxruntime, torch, serve.flask_backend.server")
+    _sh("docker", "run", "--rm", serve, "python", "-c", "import kubernetes, serve.finetune.k8s_runner")  # SERVE_FINETUNE_WORKER=k8s
     assert _importable(serve, TRAINING_ONLY + SERVE_ONLY) == set(SERVE_ONLY)
     in_pipeline = _importable(pipeline, TRAINING_ONLY + SERVE_ONLY + ("onnxruntime",))
     # pydantic and httpx come with huggingface_hub; the WSGI server stack does not
@@ -255,7 +255,7 @@ def test_no_secret_in_any_image_layer_or_file(stack):
     for image in sorted({images["serve"], images["train"], images["export"]}):
         assert secrets_in_image(image, API_KEY) == [], image
     # the scan can fail: a string the serve image does hold is found in its files
-    assert "/app/serve/server.py" in secrets_in_image(images["serve"], "def run_gunicorn")
+    assert "/app/serve/process/gunicorn.py" in secrets_in_image(images["serve"], "def run_gunicorn")
 
 
 # Last: it publishes a second adapter, which the tests above would count.

@@ -36,7 +36,7 @@ USER_SECRETS = {"tunestack-serve-keys": {"api-key", "admin-key"}}
 CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
 WORKLOADS = ("Deployment", "Job", "StatefulSet", "DaemonSet")
 GPU = "nvidia.com/gpu"
-VLLM_CHILD_STOP_S = 20  # serve/vllm_backend.py waits this long for the vLLM child after SIGTERM
+VLLM_CHILD_STOP_S = 20  # serve/vllm/child.py waits this long for the vLLM child after SIGTERM
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -269,7 +269,7 @@ def _configmap_env(docs, prefix: str = "tunestack-serve") -> dict[str, str]:
 def test_shutdown_budget_fits_the_grace_period(overlay):
     """preStop sleep + the server's drain + the worker's stop (+ the vLLM child's stop) <= the grace period,
     so SIGKILL never cuts a request the drain promised to finish (tests/reliability/test_drain.py)."""
-    from serve.server import STOP_MARGIN_S
+    from serve.process.gunicorn import STOP_MARGIN_S
     from serve.settings import Settings
 
     name, docs = overlay

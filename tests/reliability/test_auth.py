@@ -11,12 +11,12 @@ import re
 import httpx
 import pytest
 
-from serve.app import OPEN_PATHS, build_app
+from serve.http.app import OPEN_PATHS, build_app
 from serve.metrics import Metrics
 from serve.settings import Settings
 from tests.serve.conftest import ADMIN_KEY, API_KEY, base_registry, start_server
 
-OPEN = {"/health", "/ready", "/metrics", "/openapi.json", "/"}  # documented as open: README and serve/app.py
+OPEN = {"/health", "/ready", "/metrics", "/openapi.json", "/"}  # documented as open: README and serve/http/app.py
 
 
 def _routes() -> list[tuple[str, str]]:

@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from serve.server import STOP_MARGIN_S
+from serve.process.gunicorn import STOP_MARGIN_S
 from tests.reliability.servers import gauge
 from tests.reliability.test_client_faults import _head
 from tests.serve.conftest import API_KEY, base_registry, start_server

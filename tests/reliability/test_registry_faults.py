@@ -109,11 +109,11 @@ def start_stack(tiny_model: Path, work: Path, names: dict[str, int], poll_second
     from werkzeug.serving import make_server
 
     from lm.loading import module_names
-    from serve.adapters import AdapterSync
-    from serve.app import build_app, set_serving
+    from serve.registry_sync import AdapterSync
+    from serve.http.app import build_app, set_serving
     from serve.engines.torch_engine import TorchEngine
     from serve.metrics import Metrics
-    from serve.serving import OpenAIServing
+    from serve.flask_backend.serving import OpenAIServing
     from serve.settings import Settings
 
     reg = Registry(work / "registry")

@@ -133,7 +133,7 @@ def test_fuzz_the_vllm_proxy(vllm_server, tmp_path):
     """Schemathesis on the vLLM backend (tests/reliability/test_fuzz.py's harness), the spec narrowed to a
     96-token context so that max_tokens, and the cost of each generated case on a CPU, stay small.
     CI: the fuzzing phase (~55 cases); `pytest --full`: coverage + fuzzing, >= 1,000 cases."""
-    from serve.openapi import Served
+    from serve.http.openapi import Served
     from tests.reliability.test_fuzz import FULL, MIN_CASES, VLLM_CONTEXT, assert_clean, fuzz
 
     run = fuzz(vllm_server.url, tmp_path, Served((vllm_server.model,), VLLM_CONTEXT, ()),

@@ -8,14 +8,15 @@ import threading
 
 import pytest
 
-from serve.app import build_app, drain_of, set_serving
-from serve.backend import EventStream
+from serve.http.app import build_app, set_serving
+from serve.openai.backend import EventStream
+from serve.process.drain import drain_of
 from serve.engines.base import Engine, EngineStats, TextDelta
 from serve.errors import APIError
 from serve.metrics import Metrics
-from serve.protocol import ChatCompletionRequest, CompletionRequest
-from serve.server import load_in_background
-from serve.serving import OpenAIServing
+from serve.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serve.flask_backend.server import load_in_background
+from serve.flask_backend.serving import OpenAIServing
 from serve.settings import Settings
 
 
@@ -65,7 +66,7 @@ def test_protocol_defaults_and_limits():
 @pytest.mark.parametrize("dtype,cpu,flag", [("auto", True, "float32"), ("auto", False, None),
                                             ("bfloat16", True, "bfloat16"), ("float16", False, "float16")])
 def test_vllm_dtype_follows_settings(dtype, cpu, flag):
-    from serve.vllm_backend import vllm_command
+    from serve.vllm.command import vllm_command
 
     cmd = vllm_command(Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_DTYPE": dtype}), "/m", "m", 16, {}, 9, cpu)
     assert (cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None) == flag

@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from artifacts import Registry
+from artifacts.finetune import Hyperparameters, JobStore
 from tests.conftest import DEMO_TRAIN
 from tests.serve.conftest import API_KEY, base_registry, start_server
 
@@ -128,6 +129,54 @@ def test_unknown_jobs_and_files_are_404_and_unknown_fields_400(client, server):
     assert httpx.get(f"{server.url}/v1/files").status_code == 401
 
 
+# -- the job spec: typed, no default of its own; the worker builds the train config from it ----------------
+def test_a_jobs_spec_is_typed_and_the_worker_scales_the_configs_own_rate(client, server, tmp_path):
+    from train.config import load_config
+    from train.worker import Worker
+
+    f, model = _small_file(client), client.models.list().data[0].id
+    asked = client.fine_tuning.jobs.create(model=model, training_file=f.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 2}}})
+    auto = client.fine_tuning.jobs.create(model=model, training_file=f.id, hyperparameters={
+        "n_epochs": "auto", "learning_rate_multiplier": "auto"})
+    try:
+        store = JobStore(server.registry)
+        spec = store.get(asked.id).spec
+        assert spec.method == "lora" and spec.hyperparameters == Hyperparameters(1, 4, 2)
+        assert store.get(auto.id).spec.hyperparameters == Hyperparameters()  # "auto": nothing of the API's own
+        assert auto.hyperparameters.learning_rate_multiplier == "auto"  # the OpenAI view says so
+        own = load_config(None, ["method.name=lora"]).training  # the method's documented defaults
+        cfg = Worker(server.registry).train_config(store.get(asked.id), tmp_path / "run")
+        assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (2 * own.lr, 1.0, 4)
+        assert cfg.method.name == "lora" and cfg.output.adapter_name == spec.adapter_name
+        cfg = Worker(server.registry).train_config(store.get(auto.id), tmp_path / "run")
+        assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (own.lr, own.epochs, own.batch_size)
+        # the operator's --set overrides are final: a job does not change them
+        cfg = Worker(server.registry, ["training.batch_size=2", "training.lr=0.001"]).train_config(
+            store.get(asked.id), tmp_path / "run")
+        assert (cfg.training.lr, cfg.training.batch_size, cfg.training.epochs) == (0.001, 2, 1.0)
+    finally:
+        for j in (asked, auto):
+            client.fine_tuning.jobs.cancel(j.id)
+
+
+def test_a_job_an_older_server_wrote_is_failed_by_the_worker_naming_why(client, server):
+    from train.worker import Worker
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    path = JobStore(server.registry).root / job.id / "job.json"
+    raw = json.loads(path.read_text())
+    raw["spec"] = {"overrides": ["method.name=lora", "training.seed=0"], "adapter_name": raw["spec"]["adapter_name"],
+                   "fine_tuned_model": raw["spec"]["fine_tuned_model"]}  # train overrides as strings, as it wrote them
+    path.write_text(json.dumps(raw))
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"  # still readable through the API
+    assert Worker(server.registry).one(job.id).status == "failed"
+    got = client.fine_tuning.jobs.retrieve(job.id)
+    assert got.status == "failed" and got.error.code == "invalid_job_spec" and "older server" in got.error.message
+    assert not (server.registry / ".finetune" / "runs" / job.id).exists()  # nothing was trained
+
+
 # -- the worker: jobs run to the end, cancel, and survive restarts (tiny model, a few steps) ---------------
 WORKER_SETS = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
                "training.batch_size=4", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.retention=false",
@@ -156,7 +205,8 @@ def _small_file(client):
 def test_a_job_runs_publishes_and_its_model_answers(client, server):
     f = _small_file(client)
     model = client.models.list().data[0].id
-    job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="chef")
+    job = client.fine_tuning.jobs.create(model=model, training_file=f.id, suffix="chef",
+                                         hyperparameters={"learning_rate_multiplier": 2})
     p = _worker(server)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     job = client.fine_tuning.jobs.retrieve(job.id)
@@ -174,6 +224,9 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
 
     run_cfg = yaml.safe_load((server.registry / ".finetune" / "runs" / job.id / "config.yaml").read_text())
     assert run_cfg["data"]["eval"] is None  # no validation_file: scored on a split of the job's rows, not the demo's
+    from train.config import load_config
+
+    assert run_cfg["training"]["lr"] == 2 * load_config(None, []).training.lr  # the multiplier of the config's own rate
     out = _ask_when_served(client, job.fine_tuned_model)  # every replica picks the adapter up within seconds
     assert out.model == job.fine_tuned_model and out.choices[0].message.content is not None
     base = client.chat.completions.create(model=model, max_tokens=4, messages=[{"role": "user", "content": "hi"}])

@@ -12,9 +12,9 @@ import subprocess
 import kubernetes_validate
 import yaml
 
-from artifacts.finetune import FileStore, Job, JobStore
-from serve.finetune_api import FineTuneAPI
-from serve.k8s_runner import LABEL, K8sRunner, job_object
+from artifacts.finetune import FileStore, Hyperparameters, Job, JobSpec, JobStore
+from serve.finetune.api import FineTuneAPI
+from serve.finetune.k8s_runner import LABEL, K8sRunner, job_object
 from tests.conftest import DEMO_TRAIN, ROOT
 
 K8S = ROOT / "k8s"
@@ -29,7 +29,7 @@ def _render(overlay: str) -> list[dict]:
 
 def _job() -> Job:
     return Job("ftjob-0123456789abcdef01234567", "tiny", "file-x", 0, status="queued",
-               spec={"overrides": [], "adapter_name": "ft-01234567", "fine_tuned_model": "ft:tiny::01234567"})
+               spec=JobSpec("lora", Hyperparameters(), [], "ft-01234567", "ft:tiny::01234567"))
 
 
 def test_the_template_is_the_gpu_overlays_training_job():

@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from serve.local_trainer import LocalTrainer
+from serve.finetune.local_trainer import LocalTrainer
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 

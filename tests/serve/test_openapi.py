@@ -1,4 +1,4 @@
-"""serve/openapi.py: the spec is generated from serve/protocol.py's models (a field added there shows here),
+"""serve/http/openapi.py: the spec is generated from serve/openai/protocol.py's models (a field added there shows here),
 and what the server sends matches the response schemas (Schemathesis checks both against a live server)."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ from typing import Optional
 import pytest
 from jsonschema import Draft202012Validator
 
-from serve import protocol
-from serve.app import build_app
+from serve.openai import protocol
+from serve.http.app import build_app
 from serve.engines.base import Engine, EngineStats, Finished, GenRequest, TextDelta
 from serve.metrics import Metrics
-from serve.openapi import ADAPTER_NAME, Served, openapi_spec
-from serve.protocol import ChatCompletionRequest, CompletionRequest
-from serve.serving import OpenAIServing
+from serve.http.openapi import ADAPTER_NAME, Served, openapi_spec
+from serve.openai.protocol import ChatCompletionRequest, CompletionRequest
+from serve.flask_backend.serving import OpenAIServing
 from serve.settings import Settings
 from tests.serve.test_protocol import SPEC, M, U, c, chat, validator
 
@@ -176,7 +176,7 @@ def routes(app) -> set[tuple[str, str]]:
 
 
 def test_every_route_the_app_serves_is_described():
-    """A route added to serve/app.py without a spec entry fails here (the fuzzer would never reach it)."""
+    """A route added to serve/http/routes.py without a spec entry fails here (the fuzzer would never reach it)."""
     described = {(path, method) for path, ops in SPEC["paths"].items() for method in ops}
     assert routes(served_app(KEYS)) == described
 
@@ -217,7 +217,7 @@ def test_open_routes_answer_what_the_spec_says():
 
 def test_admin_schemas_match_adapter_states():
     """AdapterState.public() drops unset fields: each shape the admin API sends conforms."""
-    from serve.adapters import AdapterState
+    from serve.registry_sync import AdapterState
 
     loaded = AdapterState("loaded", version="v", method="lora", rank=4, load_seconds=0.1, evidence={"version": "v1"})
     conforms({"$ref": "#/components/schemas/AdapterList"}, {"adapters": {"a": loaded.public(),

@@ -1,4 +1,4 @@
-"""serve/protocol.py without a model: every parse rule and the param its 400 names, and parse() agreeing with
+"""serve/openai/protocol.py without a model: every parse rule and the param its 400 names, and parse() agreeing with
 the generated /openapi.json (a body the spec allows is accepted, one it forbids is a 400), so they cannot drift."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from serve.errors import APIError
-from serve.openapi import openapi_spec
-from serve.protocol import ChatCompletionRequest, CompletionRequest
+from serve.http.openapi import openapi_spec
+from serve.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 SPEC = openapi_spec()
 M = "base"

@@ -17,13 +17,13 @@ from typing import Callable
 import pytest
 import torch
 
-from serve.app import build_app, set_serving
-from serve.backend import EventStream, JSONReply
+from serve.http.app import build_app, set_serving
+from serve.openai.backend import EventStream, JSONReply
 from serve.engines.base import EngineEvent, Failed, Finished, GenRequest, SamplingParams, TextDelta
 from serve.engines.batching import BatchingEngine
 from serve.errors import APIError
 from serve.metrics import Metrics
-from serve.serving import OpenAIServing
+from serve.flask_backend.serving import OpenAIServing
 from serve.settings import Settings
 
 EOS = 0

@@ -18,10 +18,12 @@ import pytest
 
 from artifacts import Registry
 from lm.adapters import vllm_max_lora_rank
-from serve import vllm_backend
 from serve.__main__ import main
 from serve.metrics import Metrics
 from serve.settings import Settings
+from serve.vllm import command, server
+from serve.vllm.child import VLLMChild
+from serve.vllm.launch import plan_launch
 from tests.conftest import ROOT, refused
 from tests.serve.conftest import ADMIN_KEY, free_port
 
@@ -45,7 +47,7 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
     settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(registry),
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
-    plan = vllm_backend.plan_launch(settings, metrics)
+    plan = plan_launch(settings, metrics)
     assert plan.name == "tiny-llama" and set(plan.startup) == {"chef-a", "chef-a@v1", "chef-b", "chef-b@v1"}  # big-rank refused
     assert plan.max_lora_rank == vllm_max_lora_rank(4)
 
@@ -55,10 +57,10 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
         launched.append(args)
         return [sys.executable, "-c", STUB, str(args[5])]  # args: settings, path, name, rank, adapters, port, cpu
 
-    monkeypatch.setattr(vllm_backend, "vllm_command", stub_command)
-    child = vllm_backend.VLLMChild(settings, plan)
+    monkeypatch.setattr(server, "vllm_command", stub_command)
+    child = server.start_child(settings, plan)
     died = threading.Event()
-    app = vllm_backend.proxy_app(settings, plan, child, metrics, on_dead=died.set)
+    app = server.proxy_app(settings, plan, child, metrics, on_dead=died.set)
     state = app.extensions["tunestack"]
     try:
         c = app.test_client()
@@ -77,9 +79,9 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
     assert not child.alive()
 
 
-def _stub_child(monkeypatch, settings: Settings, plan) -> vllm_backend.VLLMChild:
-    monkeypatch.setattr(vllm_backend, "vllm_command", lambda *a: [sys.executable, "-c", STUB, str(a[5])])
-    return vllm_backend.VLLMChild(settings, plan)
+def _stub_child(monkeypatch, settings: Settings, plan) -> VLLMChild:
+    monkeypatch.setattr(server, "vllm_command", lambda *a: [sys.executable, "-c", STUB, str(a[5])])
+    return server.start_child(settings, plan)
 
 
 def _wait(predicate, timeout: float = 30, what: str = "") -> None:
@@ -90,9 +92,9 @@ def _wait(predicate, timeout: float = 30, what: str = "") -> None:
 
 
 def test_max_batch_is_vllms_max_num_seqs():
-    cmd = vllm_backend.vllm_command(Settings(max_batch=7), "/m", "m", 16, {}, 8001, cpu=True)
+    cmd = command.vllm_command(Settings(max_batch=7), "/m", "m", 16, {}, 8001, cpu=True)
     assert cmd[cmd.index("--max-num-seqs") + 1] == "7"
-    cmd = vllm_backend.vllm_command(Settings(max_batch=7, vllm_args="--max-num-seqs 3"), "/m", "m", 16, {}, 8001, cpu=True)
+    cmd = command.vllm_command(Settings(max_batch=7, vllm_args="--max-num-seqs 3"), "/m", "m", 16, {}, 8001, cpu=True)
     assert cmd[-2:] == ["--max-num-seqs", "3"], "SERVE_VLLM_ARGS comes last: vLLM takes the last value"
 
 
@@ -100,10 +102,10 @@ def test_vllm_dying_turns_ready_503_and_calls_on_dead(registry, monkeypatch):
     settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(registry),
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
-    plan = vllm_backend.plan_launch(settings, metrics)
+    plan = plan_launch(settings, metrics)
     child = _stub_child(monkeypatch, settings, plan)
     died = threading.Event()
-    app = vllm_backend.proxy_app(settings, plan, child, metrics, died.set)
+    app = server.proxy_app(settings, plan, child, metrics, died.set)
     c = app.test_client()
     try:
         _wait(lambda: c.get("/ready").status_code == 200, what="ready")
@@ -128,10 +130,10 @@ def test_bad_adapter_at_launch_is_refused_and_the_rest_serve(adapter_runs, tmp_p
     settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(reg.root), "SERVE_ADMIN_KEY": ADMIN_KEY,
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
-    plan = vllm_backend.plan_launch(settings, metrics)
+    plan = plan_launch(settings, metrics)
     assert set(plan.startup) == {"chef-a", "chef-a@v1"}
     child = _stub_child(monkeypatch, settings, plan)
-    app = vllm_backend.proxy_app(settings, plan, child, metrics, on_dead=lambda: None)
+    app = server.proxy_app(settings, plan, child, metrics, on_dead=lambda: None)
     c = app.test_client()
     try:
         _wait(lambda: c.get("/ready").status_code == 200, what="ready")
@@ -151,10 +153,10 @@ def test_unreadable_base_refuses_the_start_with_one_line(tiny_model, tmp_path, c
 
 SERVE_WITH_STUB = f"""
 import sys
-from serve import vllm_backend
+from serve.vllm import server
 from serve.__main__ import main
 STUB = {STUB!r}
-vllm_backend.vllm_command = lambda *a: [sys.executable, "-c", STUB, str(a[5])]
+server.vllm_command = lambda *a: [sys.executable, "-c", STUB, str(a[5])]
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -10,11 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from serve.app import build_app, set_serving
+from serve.http.app import build_app, set_serving
 from serve.engines.base import EngineStats
 from serve.metrics import Metrics
 from serve.settings import Settings
-from serve.vllm_proxy import STATS_STALE, VLLMProxy, _SchedulerGauges, scheduler_counts
+from serve.vllm.proxy import STATS_STALE, VLLMProxy, _SchedulerGauges, scheduler_counts
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
 WHOLE = json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "base",
@@ -170,7 +170,7 @@ def test_the_proxy_applies_the_protocol_and_drops_nulls(stub_url):
 
 
 def test_vllm_errors_are_reshaped_to_openai_types():
-    from serve.vllm_proxy import _openai_error
+    from serve.vllm.proxy import _openai_error
 
     body = json.loads(_openai_error(400, json.dumps({"error": {"message": "bad", "type": "BadRequestError",
                                                                "param": None, "code": 400}}).encode()))

@@ -1,0 +1,1 @@
+"""SERVE_BACKEND=vllm: a vLLM child process (plan, command, child) behind a metrics proxy."""
