@@ -5,8 +5,8 @@
 #                 no training stack (tensorboard, matplotlib, sacrebleu, rouge-score, gguf, onnx/onnxscript)
 #   pipeline-cpu  slim Python, CPU torch: core + train + export + the embedded model. compose's train and
 #                 export jobs on CPU-only hosts. Shares its torch + core layer with serve-flask (cpu-base)
-#   train         CUDA base + PyTorch: core + train + qlora (bitsandbytes) + the embedded model. python -m train on GPUs
-#   export        train + the export extra with onnxruntime-gpu, + TensorRT: python -m export
+#   train         CUDA base + PyTorch: core + train + qlora (bitsandbytes) + the embedded model. tunestack train on GPUs
+#   export        train + the export extra with onnxruntime-gpu, + TensorRT: tunestack export
 #   serve-vllm    the official vLLM OpenAI image + the serve extra's packages it lacks + this package
 # Base images are build args with pinned tags; tests point them at local images, users get these.
 # The CPU stages come first after the code stage: the classic builder builds every stage before the target.
@@ -23,6 +23,7 @@ COPY lm /src/lm
 COPY train /src/train
 COPY export /src/export
 COPY serve /src/serve
+COPY tunestack /src/tunestack
 COPY configs /src/configs
 
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +74,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=600s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"]
 ENTRYPOINT ["tini", "--"]
-CMD ["python", "-m", "serve"]
+CMD ["tunestack", "serve"]
 
 # ---------------------------------------------------------------------------------------------
 FROM cpu-base AS pipeline-cpu
@@ -88,7 +89,7 @@ RUN pip install --no-deps . && rm -rf build /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
-CMD ["python", "-m", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
+CMD ["tunestack", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
      "output.registry=/data/registry", "output.overwrite=true"]
 
 # ---------------------------------------------------------------------------------------------
@@ -113,14 +114,14 @@ RUN pip install --no-deps . && rm -rf build /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
-CMD ["python", "-m", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
+CMD ["tunestack", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
      "output.registry=/data/registry", "output.overwrite=true"]
 
 # ---------------------------------------------------------------------------------------------
 FROM train AS export
 # The export extra with onnxruntime-gpu in place of the CPU onnxruntime (both ship the `onnxruntime`
 # module: the CPU one must not come along). TensorRT wheels exist for x86-64/aarch64 Linux with CUDA 12;
-# INSTALL_TENSORRT=0 leaves it out (python -m export tensorrt then says so and exits 3).
+# INSTALL_TENSORRT=0 leaves it out (tunestack export tensorrt then says so and exits 3).
 ARG INSTALL_TENSORRT=1
 USER root
 COPY --from=requirements /req/train-export.txt /tmp/requirements/
@@ -131,7 +132,7 @@ RUN sed 's/^onnxruntime==.*$/onnxruntime-gpu==1.31.1/' /tmp/requirements/train-e
  && if [ "${INSTALL_TENSORRT}" = "1" ]; then pip install tensorrt-cu12==10.16.1.11; fi \
  && rm -rf /tmp/requirements /root/.cache
 USER 10001:10001
-CMD ["python", "-m", "export", "all", "/data/runs/chef-lora", "--registry", "/data/registry", "--name", "chef", "--force"]
+CMD ["tunestack", "export", "all", "/data/runs/chef-lora", "--registry", "/data/registry", "--name", "chef", "--overwrite"]
 
 # ---------------------------------------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS serve-vllm
@@ -170,4 +171,4 @@ EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=4s --start-period=900s --retries=3 \
   CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=3)"]
 ENTRYPOINT ["tini", "--"]
-CMD ["python3", "-m", "serve"]
+CMD ["tunestack", "serve"]

@@ -95,7 +95,7 @@ def build_engine(onnx_dir: Path, out: Path, args: BuildArgs, *, replace: bool = 
     man = Manifest.read(onnx_dir)
     io = man.extra.get("onnx", {}).get("io")
     if not io:
-        raise ExportError(f"{onnx_dir}/manifest.json: no ONNX io description (was it written by python -m export onnx?)")
+        raise ExportError(f"{onnx_dir}/manifest.json: no ONNX io description (was it written by tunestack export onnx?)")
     max_pos = json.loads((onnx_dir / "config.json").read_text()).get("max_position_embeddings")
     args.check(max_pos)
     if out.exists() and not replace:

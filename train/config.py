@@ -4,7 +4,7 @@ The `data` and `eval` sections are the core's (lm/data/config.py): export reads 
 run's config.yaml for its quality gate.
 
 YAML file -> sections below; `section.field=value` overrides on the command line win.
-`python -m train --help` prints this table.
+`tunestack train --help` prints this table.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ class OutputConfig:
 
 @dataclass
 class PublishConfig:
-    """The gate every publish passes (train publish, the auto-publish above, export publish)."""
+    """The gate every publish passes (tunestack registry publish, the auto-publish above, export all --registry)."""
 
     min_gain: float = opt(1.0, "points the task metric must beat the base by: an adapter that learnt nothing is not shipped")
     max_retention_drop: float = opt(10.0, "points of general-set accuracy (eval.retention) the tuned model may lose vs its base")

@@ -133,6 +133,6 @@ def model_card(rd: RunDir, cfg: dict, evaluation: dict, data_report: dict, serva
     else:
         lines.append("vLLM: not servable as an adapter: " + "; ".join(vl.get("reasons", [])))
     lines += ["", "Publish it into a registry and serve it:", "", "```",
-              f"python -m train publish {rd.root} --registry registry",
-              "python -m serve list --registry registry", "```", ""]
+              f"tunestack registry publish {rd.root} --registry registry",
+              "tunestack registry list --registry registry", "```", ""]
     return "\n".join(lines)

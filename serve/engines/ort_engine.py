@@ -63,7 +63,7 @@ class OrtEngine(BatchingEngine):
 
     def load_adapter(self, name: str, path: str) -> None:
         raise ValueError("the ONNX engine serves one exported model; merge an adapter before export "
-                         "(python -m export merge RUN)")
+                         "(tunestack export merge RUN)")
 
     def unload_adapter(self, name: str) -> None:
         return None

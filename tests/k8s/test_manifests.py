@@ -407,7 +407,7 @@ def test_serve_backend_matches_overlay(overlay):
     assert config["SERVE_BACKEND"] == ("vllm" if name in GPU_OVERLAYS else "flask")
     assert config["SERVE_ENGINE"] in ("torch", "onnx")
     assert not any(k in config for k in ("SERVE_API_KEY", "SERVE_ADMIN_KEY")), "keys belong in the Secret"
-    assert c["args"][:3] == ["python", "-m", "serve"] and "0.0.0.0" in c["args"]
+    assert c["args"][:2] == ["tunestack", "serve"] and "0.0.0.0" in c["args"]
     assert "replicas" not in dep["spec"], "KEDA owns the replica count; a value here resets it on every apply"
 
 
@@ -481,7 +481,7 @@ def test_multinode_training_wiring(overlay):
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     [c] = pod["containers"]
     if name != "gpu-multinode":
-        assert spec.get("completionMode", "NonIndexed") == "NonIndexed" and c["args"][:3] == ["python", "-m", "train"]
+        assert spec.get("completionMode", "NonIndexed") == "NonIndexed" and c["args"][:2] == ["tunestack", "train"]
         return
     env = {e["name"]: e for e in c["env"]}
     nnodes, nproc = int(env["NNODES"]["value"]), int(env["NPROC_PER_NODE"]["value"])
