@@ -322,7 +322,7 @@ class FineTuneRecipe:
     def record(self) -> Manifest:
         cfg, p, rd, out = self.cfg, self.p, self.rd, self.out
         if cfg.output.merge and p.method.saves_adapter:
-            merge_run_adapter(rd, p.ref.path, rd.model)
+            merge_run_adapter(rd.root, p.ref.path, rd.model)
         reporting.plot_losses(rd.metrics_log, rd.plot)
         serv = servability(out.peft_config) if p.method.saves_adapter else {
             "vllm": {"ok": True, "reasons": [], "as": "base model (full weights in model/)"},
