@@ -2,7 +2,7 @@
 
 Trains smollm2_lora_chef twice on the embedded SmolLM2, once as it is (data.replay 0.15)
 and once with data.replay=0, both for the same number of optimizer steps (the replay arm's), then
-asks the gate of each run what `train publish` would do. Prints one table and the ratios; writes
+asks the gate of each run what `tunestack registry publish` would do. Prints one table and the ratios; writes
 results.json. A finished arm (its manifest.json present) is reused, so an interrupted bench resumes.
 
   .venv/bin/python bench/retention_replay.py [--out bench/results/retention] [--work /tmp/retention-bench]

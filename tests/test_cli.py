@@ -144,3 +144,12 @@ def test_demo_is_make_demo():
         build_parser().parse_args(["train", "run", *argv[1:]] if argv[0] == "train" else argv)
     recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", (ROOT / "Makefile").read_text(), re.M)
     assert recipe and recipe.group(1).split() == [".venv/bin/tunestack", "demo"], recipe
+
+
+def test_the_docs_spell_the_one_command():
+    """README and docs say `tunestack ...`; `python -m train|export|serve` appears only where named as the alias."""
+    docs = [ROOT / "README.md", ROOT / "artifacts/README.md", ROOT / "k8s/README.md", *(ROOT / "docs").glob("*.md")]
+    stale = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in docs for m in
+             re.finditer(r"(?<!alias `)python3? -m (train|export|serve)\b(?!\|)[^\n]{0,40}", p.read_text(encoding="utf-8"))]
+    assert stale == []
+    assert "tunestack registry publish" in (ROOT / "docs/train.md").read_text(encoding="utf-8")
