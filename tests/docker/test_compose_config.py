@@ -67,7 +67,7 @@ def test_dockerfile_bases_are_pinned_build_args():
     for image in args.values():
         assert ":" in image and not image.endswith(":latest"), image
     stages = _stages()
-    assert {"source", "requirements", "cpu-base", *TARGET_REQUIREMENTS} == set(stages)
+    assert {"wheel", "requirements", "cpu-base", *TARGET_REQUIREMENTS} == set(stages)
     assert stages["serve-flask"]["from"] == stages["pipeline-cpu"]["from"] == "cpu-base"  # one torch layer
     assert stages["export"]["from"] == "train"
     for target in set(TARGET_REQUIREMENTS) - {"cpu-base"}:
@@ -139,14 +139,38 @@ def test_each_target_installs_only_its_stage_extras(tmp_path):
     assert any("onnxruntime-gpu==" in i and "! pip show onnxruntime" in i for i in stages["export"]["ins"])
 
 
+def _packages() -> set[str]:
+    return {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
+            ["tool"]["setuptools"]["packages"]["find"]["include"]}
+
+
 def test_build_context_holds_every_package():
-    """The source stage copies, and .dockerignore lets through, every package pyproject.toml installs."""
-    packages = {p.rstrip("*") for p in tomllib.loads((ROOT / "pyproject.toml").read_text())
-                ["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = {i.split()[1] for i in _stages()["source"]["ins"] if i.startswith("COPY ")}
+    """The wheel stage copies, and .dockerignore lets through, every package pyproject.toml installs."""
+    copied = {i.split()[1] for i in _stages()["wheel"]["ins"] if i.startswith("COPY ")}
     unignored = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                  if line.startswith("!")}
-    assert packages <= copied and packages <= unignored, (packages, copied, unignored)
+    assert _packages() <= copied and _packages() <= unignored, (_packages(), copied, unignored)
+
+
+# what each target installs the built wheel with: its stage's extras (export inherits train's install and adds
+# its extra's packages with the GPU runtime; vLLM's image keeps its own torch/transformers: --no-deps)
+WHEEL_INSTALLS = {"serve-flask": '"$(ls /tmp/dist/tunestack-*.whl)[serve,k8s]"',
+                  "pipeline-cpu": '"$(ls /tmp/dist/tunestack-*.whl)[train,export]"',
+                  "train": '"$(ls /tmp/dist/tunestack-*.whl)[train,qlora]"',
+                  "serve-vllm": "--no-deps /tmp/dist/tunestack-*.whl"}
+
+
+def test_images_install_the_built_wheel_not_the_sources():
+    stages = _stages()
+    assert any(i.startswith("RUN ") and "pip wheel --no-deps --wheel-dir /dist ." in i for i in stages["wheel"]["ins"])
+    for target, install in WHEEL_INSTALLS.items():
+        ins = stages[target]["ins"]
+        assert "COPY --from=wheel /dist /tmp/dist" in ins, target
+        assert any(i.startswith("RUN ") and "pip install" in i and install in i for i in ins), (target, install)
+    for name, stage in stages.items():
+        copies = [i for i in stage["ins"] if i.startswith("COPY ") and not i.startswith("COPY --from=")]
+        sources = [c for c in copies if set(c.split()[1:-1]) & _packages()]
+        assert name == "wheel" or not sources, (name, sources)  # the source tree reaches an image only as the wheel
 
 
 def test_prometheus_config_passes_promtool():
