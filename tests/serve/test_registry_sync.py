@@ -149,7 +149,7 @@ def _amplified(run, out):
 
 def test_versions_rollback_and_pinned_names_while_serving(server, registry, adapter_runs, tmp_path):
     """v1 and v2 of one name: the name serves the latest, name@vN stays pinned, rollback reaches the server."""
-    from serve.__main__ import main as serve_main
+    from tunestack.cli import main as tunestack_main
 
     reg = Registry(registry)
     reg.publish_run(adapter_runs["chef-c"], "chef-ver")
@@ -168,11 +168,11 @@ def test_versions_rollback_and_pinned_names_while_serving(server, registry, adap
 
     with cf.ThreadPoolExecutor(2) as ex:  # rollback while requests run: none fails, pinned ones keep their version
         pinned = [ex.submit(_text, server, "chef-ver@v2") for _ in range(4)]
-        assert serve_main(["rollback", "chef-ver@v1", "--registry", str(registry)]) == 0
+        assert tunestack_main(["registry", "rollback", "chef-ver@v1", "--registry", str(registry)]) == 0
         took = _wait(lambda: _text(server, "chef-ver") == v1_text, timeout=3.0)
         assert all(f.result() == v2_text for f in pinned)
     assert _text(server, "chef-ver@v2") == v2_text
     print(f"\nrollback -> served in {took:.2f}s")
-    assert serve_main(["rollback", "chef-ver@v7", "--registry", str(registry)]) == 2
+    assert tunestack_main(["registry", "rollback", "chef-ver@v7", "--registry", str(registry)]) == 2
     reg.unpublish("adapters", "chef-ver")
     _wait(lambda: not {"chef-ver", "chef-ver@v1", "chef-ver@v2"} & _models(server))
