@@ -481,8 +481,9 @@ def test_adapter_swap_under_steady_traffic_completes_within_one_generation(engin
             sent.append(GenRequest(list(prompt), "a", SamplingParams(max_tokens=32, temperature=0)))
             engine.submit(sent[-1])
         if n == 20:
-            swap.append(threading.Thread(target=engine.load_adapter, args=("a", "v2")))
-            swap[0].start()
+            t = threading.Thread(target=engine.load_adapter, args=("a", "v2"))
+            t.start()
+            swap.append(t)  # published once started: the test thread may join it at once
 
     engine = engines(tok, {prompt: reply}, max_batch=16, on_step=traffic, cls=SwappingEngine)
     engine.submit(GenRequest(list(prompt), "a", SamplingParams(max_tokens=32, temperature=0)))
