@@ -172,7 +172,7 @@ class Worker:
         cfg = load_config(None, [f"method.name={spec.method}", *self.extra])
         hp, val = spec.hyperparameters, job.validation_file
         val = str(self.files.content(val)) if val else None
-        fields = {"model.name_or_path": base[1], "data.train": str(self.files.content(job.training_file)),
+        fields = {"model.name_or_path": str(base[1]), "data.train": str(self.files.content(job.training_file)),
                   "data.validation": val,  # None: the config's split of the training file
                   "data.eval": val,  # None: task metrics on that split, never the demo's held-out file (the default)
                   "output.dir": str(run_dir), "output.registry": str(self.registry),

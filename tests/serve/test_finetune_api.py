@@ -7,6 +7,7 @@ import json
 
 import openai
 import pytest
+import yaml
 
 from artifacts import Registry
 from artifacts.finetune import Hyperparameters, JobStore
@@ -148,6 +149,8 @@ def test_a_jobs_spec_is_typed_and_the_worker_scales_the_configs_own_rate(client,
         own = load_config(None, ["method.name=lora"]).training  # the method's documented defaults
         cfg = Worker(server.registry).train_config(store.get(asked.id), tmp_path / "run")
         assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (2 * own.lr, 1.0, 4)
+        written = yaml.safe_load(cfg.to_yaml())  # what the run is given: the config as a file
+        assert written["training"]["lr"] == 2 * own.lr and written["model"]["name_or_path"] == cfg.model.name_or_path
         assert cfg.method.name == "lora" and cfg.output.adapter_name == spec.adapter_name
         cfg = Worker(server.registry).train_config(store.get(auto.id), tmp_path / "run")
         assert (cfg.training.lr, cfg.training.epochs, cfg.training.batch_size) == (own.lr, own.epochs, own.batch_size)
@@ -220,7 +223,6 @@ def test_a_job_runs_publishes_and_its_model_answers(client, server):
     assert "The job has successfully completed" in messages[0]  # newest first
     steps = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data]
     assert steps == [6, 4]  # on disk: training.save_total_limit (2) pruned step 2
-    import yaml
 
     run_cfg = yaml.safe_load((server.registry / ".finetune" / "runs" / job.id / "config.yaml").read_text())
     assert run_cfg["data"]["eval"] is None  # no validation_file: scored on a split of the job's rows, not the demo's
