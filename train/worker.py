@@ -41,6 +41,7 @@ from artifacts.finetune import FileStore, Job, JobStore, checkpoint_names, loss_
 from artifacts.registry import RegistryError
 from lm.errors import ConfigError
 from train.config import Config, load_config, validate
+from train.methods import check_config
 
 CHECK_SECONDS = 1.0  # how often a running job's log, checkpoints and cancel flag are read
 TERMINATED = 128 + signal.SIGTERM  # exit status of a worker stopped mid-job: not a success, so a Kubernetes Job retries
@@ -190,6 +191,7 @@ class Worker:
                 section, name = key.split(".", 1)
                 setattr(getattr(cfg, section), name, value)
         validate(cfg)
+        check_config(cfg)  # the method's own checks (rewards, group size, extras): refused before any run starts
         return cfg
 
     def _invalid(self, job: Job, message: str) -> Job:

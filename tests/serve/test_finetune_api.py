@@ -180,6 +180,19 @@ def test_a_job_an_older_server_wrote_is_failed_by_the_worker_naming_why(client, 
     assert not (server.registry / ".finetune" / "runs" / job.id).exists()  # nothing was trained
 
 
+def test_a_job_its_method_refuses_fails_before_any_run(client, server):
+    """The method's own checks (here GRPO's group size) run when the worker builds the config: invalid_job_spec."""
+    from train.worker import Worker
+
+    f = _small_file(client)
+    job = client.fine_tuning.jobs.create(model=client.models.list().data[0].id, training_file=f.id)
+    worker = Worker(server.registry, ["method.name=grpo", "method.num_generations=3", "training.batch_size=4"])
+    assert worker.one(job.id).status == "failed"
+    got = client.fine_tuning.jobs.retrieve(job.id)
+    assert got.error.code == "invalid_job_spec" and "num_generations" in got.error.message, got.error
+    assert not (server.registry / ".finetune" / "runs" / job.id).exists()  # nothing was trained
+
+
 # -- the worker: jobs run to the end, cancel, and survive restarts (tiny model, a few steps) ---------------
 WORKER_SETS = ["training.max_steps=6", "training.save_steps=2", "training.eval_steps=2", "training.logging_steps=1",
                "training.batch_size=4", "eval.max_examples=8", "eval.max_new_tokens=4", "eval.retention=false",
