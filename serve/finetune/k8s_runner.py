@@ -1,7 +1,7 @@
 """The Kubernetes runner: each fine-tuning job becomes a batch/v1 Job, from k8s/'s own training Job template.
 
 The serving pod's ServiceAccount may create Jobs in its namespace and do nothing else (the Role in
-k8s/components/finetune-jobs). The Job's pod runs `python -m train worker --job ID` on the shared
+k8s/components/finetune-jobs). The Job's pod runs `tunestack train worker --job ID` on the shared
 registry volume: it writes the job's status, events and checkpoints there, watches the cancel flag,
 and publishes the adapter, exactly as the local worker does. So the API needs no read access to
 the cluster; a pod that never starts leaves its job `queued` (`kubectl describe job` says why).
@@ -42,7 +42,7 @@ def job_object(template: dict[str, Any], job: Job, registry_mount: str = "/data/
     pod = spec["template"]
     pod.setdefault("metadata", {}).setdefault("labels", {})[LABEL] = job.id
     container = pod["spec"]["containers"][0]
-    container["args"] = ["python", "-m", "train", "worker", "--registry", registry_mount, "--job", job.id]
+    container["args"] = ["tunestack", "train", "worker", "--registry", registry_mount, "--job", job.id]
     return obj
 
 

@@ -44,7 +44,7 @@ def test_each_job_becomes_a_valid_job_with_the_gpu_resources_and_the_worker_comm
     pod = obj["spec"]["template"]
     assert pod["metadata"]["labels"][LABEL] == obj["metadata"]["labels"][LABEL] == _job().id
     c = pod["spec"]["containers"][0]
-    assert c["args"] == ["python", "-m", "train", "worker", "--registry", "/data/registry", "--job", _job().id]
+    assert c["args"] == ["tunestack", "train", "worker", "--registry", "/data/registry", "--job", _job().id]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert c["securityContext"]["runAsNonRoot"] and c["securityContext"]["readOnlyRootFilesystem"]
     assert any(v["persistentVolumeClaim"]["claimName"] == "tunestack-registry"
