@@ -28,11 +28,9 @@ EXTRA = "export"  # the optional dependencies (pyproject) every export command n
 
 
 def build_parser(prog: str = "python -m export") -> argparse.ArgumentParser:
-    from lm.cli import OneLineParser
+    from lm.cli import stage_parser
 
-    ap = OneLineParser(prog=prog)
-    configure(ap)
-    return ap
+    return stage_parser(prog, configure)
 
 
 def configure(ap: argparse.ArgumentParser) -> None:

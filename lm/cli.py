@@ -11,7 +11,7 @@ import importlib.metadata as md
 import importlib.util
 import re
 import sys
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 DISTRIBUTION = "tunestack"
 
@@ -21,6 +21,13 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {' '.join(message.split())}\n")
+
+
+def stage_parser(prog: str, configure: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    """A stage's own parser (`python -m STAGE`): the arguments `configure` adds, as `tunestack STAGE` mounts them."""
+    ap = OneLineParser(prog=prog)
+    configure(ap)
+    return ap
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

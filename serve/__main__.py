@@ -20,11 +20,9 @@ EXTRA = "serve"  # the optional dependencies (pyproject) the server needs
 
 
 def build_parser(prog: str = "python -m serve") -> argparse.ArgumentParser:
-    from lm.cli import OneLineParser
+    from lm.cli import stage_parser
 
-    ap = OneLineParser(prog=prog)
-    configure(ap)
-    return ap
+    return stage_parser(prog, configure)
 
 
 def configure(ap: argparse.ArgumentParser) -> None:

@@ -30,11 +30,9 @@ EXTRA = "train"  # the optional dependencies (pyproject) every train command nee
 
 
 def build_parser(prog: str = "python -m train") -> argparse.ArgumentParser:
-    from lm.cli import OneLineParser
+    from lm.cli import stage_parser
 
-    ap = OneLineParser(prog=prog)
-    configure(ap)
-    return ap
+    return stage_parser(prog, configure)
 
 
 def configure(ap: argparse.ArgumentParser) -> None:
