@@ -117,6 +117,8 @@ def test_wheel_and_sdist_carry_every_runtime_file(dist):
     assert {"lm/general/retain.jsonl", "lm/general/replay_prompts.jsonl", "train/configs/smollm2_lora_chef.yaml",
             "train/demo_data/chef_answer.schema.json", "train/demo_data/menu_spice_train.csv"} <= set(want)
     assert any(f.endswith("playground.html") for f in want)
+    assert {"serve/http/console/index.html", "serve/http/console/app.mjs", "serve/http/console/vendor/preact.mjs",
+            "serve/http/console/vendor/uPlot.iife.min.js", "serve/http/console/vendor/preact.LICENSE"} <= set(want)
     wheel = set(zipfile.ZipFile(dist["wheel"]).namelist())
     sdist = {n.split("/", 1)[1] for n in tarfile.open(dist["sdist"]).getnames() if "/" in n}
     assert [f for f in want if f not in wheel] == []

@@ -16,6 +16,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serve.errors import APIError
 from serve.finetune import api as finetune_api
+from serve.http import console
 from serve.http.routes import admin_routes, api_routes, json_response, probe_routes
 from serve.metrics import Metrics
 from serve.openai.backend import Backend, json_body
@@ -27,7 +28,7 @@ from serve.settings import Settings
 log = logging.getLogger("serve.http.app")
 # Open without a key: probes (kubelet), the Prometheus scrape, the API description, the playground page
 # (it asks the user for the key). Every other path needs a key when one is set: a new route is closed by default.
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"}) | console.open_paths()
 
 
 @dataclass
@@ -68,6 +69,7 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     probe_routes(app, state, metrics)
     api_routes(app, state)
     admin_routes(app, state)
+    console.console_routes(app)
     finetune_api.routes(app, finetune_api.from_settings(settings, lambda: state.ready_backend().model_name),
                         json_body, json_response)
     return app
