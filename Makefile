@@ -22,6 +22,13 @@ $(VLLM_STAMP): $(STAMP)
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The MLflow server tests/train/test_tracking.py logs to, in its own venv (.venv holds only the client, the
+# tracking extra): the server's graphene pins python-dateutil<3, the k8s extra's kubernetes client needs >=3.
+MLFLOW_SERVER := .venv/mlflow-server/bin/mlflow
+$(MLFLOW_SERVER): | $(STAMP)
+	python3 -m venv .venv/mlflow-server
+	.venv/mlflow-server/bin/pip install -q mlflow==3.17.2
+
 # promtool (Debian's prometheus package) checks the /metrics text in the tests.
 promtool:
 	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
@@ -43,7 +50,7 @@ docker:
 demo: $(STAMP)
 	.venv/bin/tunestack demo
 
-test: $(STAMP) $(VLLM_STAMP) promtool browser docker
+test: $(STAMP) $(VLLM_STAMP) $(MLFLOW_SERVER) promtool browser docker
 	$(PY) -m pytest
 
 # Unit tests and the tiny-model integration tests: no real SmolLM2 run, no vLLM, no Docker.

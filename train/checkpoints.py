@@ -28,8 +28,8 @@ WEIGHTS = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.
 STATE = {"optimizer": ("optimizer.pt", "optimizer.bin", "optimizer_0"), "scheduler": ("scheduler.pt",)}
 # Settings a resumed run may change: they decide when it stops, logs or saves, not the trajectory it follows.
 RESUME_MAY_CHANGE = {"training": {"max_steps", "epochs", "eval_steps", "save_steps", "save_total_limit",
-                                  "logging_steps", "early_stopping_patience", "num_threads"},
-                     "eval": None, "output": None, "publish": None}  # None: the whole section
+                                  "logging_steps", "early_stopping_patience", "num_threads", "report_to"},
+                     "eval": None, "output": None, "tracking": None, "publish": None}  # None: the whole section
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,10 @@ class MethodConfig:
     kl_beta: float = opt(0.04, "grpo: weight of the KL to the reference policy (DeepSeekMath's value); 0 skips the reference")
 
 
+# The experiment trackers training.report_to accepts, through transformers' own callbacks (train/tracking.py).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
 @dataclass
 class TrainingConfig:
     epochs: float = opt(3.0, "three passes over a small dataset; max_steps overrides")
@@ -82,7 +86,9 @@ class TrainingConfig:
     early_stopping_patience: int = opt(0, "stop after N evals without val-loss improvement; 0 = off")
     save_steps: int = opt(50, "checkpoint every N steps so --resume loses little")
     save_total_limit: int = opt(2, "keep the last checkpoints only; they are large for full fine-tuning")
-    logging_steps: int = opt(5, "train loss every N steps to JSONL/TensorBoard")
+    logging_steps: int = opt(5, "train loss every N steps to JSONL and the report_to trackers")
+    report_to: list[str] = opt(["tensorboard"], f"trackers for the step metrics and the evaluation: {' | '.join(TRACKERS)} "
+                               "or none (a list or comma string); TensorBoard needs no server and writes into the run")
     fsdp: str = opt("", "e.g. 'full_shard auto_wrap' for full fine-tuning across GPUs under torchrun; '' = DDP")
     ddp_bucket_mb: int = opt(0, "DDP's gradient bucket size under torchrun; 0 = torch's 25 MB")
     ddp_static_graph: bool = opt(True, "the step uses every trainable parameter every time, so DDP may fix its reduction "
@@ -110,6 +116,17 @@ class OutputConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Where training.report_to's MLflow and W&B runs go; an unset field leaves it to that library's own variable."""
+
+    experiment: str | None = opt(None, "MLflow experiment and W&B project; None = MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, "
+                                 "else 'tunestack': every run of this stack side by side")
+    run_name: str | None = opt(None, "the run's name in the trackers; None = the run directory's name, as in the registry")
+    mlflow_uri: str | None = opt(None, "MLflow tracking server, e.g. http://mlflow:5000; None = MLFLOW_TRACKING_URI, else "
+                                 "file:<run>/logs/mlruns, in the run like TensorBoard's logs")
+
+
+@dataclass
 class PublishConfig:
     """The gate every publish passes (tunestack registry publish, the auto-publish above, export all --registry)."""
 
@@ -132,6 +149,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +279,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.replay > 0 and cfg.method.name in ("dpo", "orpo", "grpo"):
         raise ConfigError(f"{where}: data.replay: not for {cfg.method.name} (replay rows are plain answers, "
                           "not preference pairs or prompts to sample); use it with supervised methods")
+    _validate_report_to(cfg.training)
     if cfg.publish.keep_versions < 1:
         raise ConfigError(f"{where}: publish.keep_versions: must be >= 1")
     if cfg.data.max_length < 8:
@@ -270,6 +289,16 @@ def validate(cfg: Config) -> None:
     tm = cfg.method.target_modules
     if not (tm == "all-linear" or (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm))):
         raise ConfigError(f"{where}: method.target_modules: 'all-linear' or a non-empty list of module names")
+
+
+def _validate_report_to(t: TrainingConfig) -> None:
+    """One spelling: lower-case tracker names; `none` alone turns every tracker off (metrics.jsonl stays)."""
+    names = [n.strip().lower() for n in t.report_to if n.strip()]
+    bad = [n for n in names if n not in (*TRACKERS, "none")]
+    if bad or not names or ("none" in names and len(names) > 1):
+        raise ConfigError(f"config: training.report_to: {', '.join(t.report_to) or 'empty'}: choose "
+                          f"{', '.join(TRACKERS)} (several: a list or comma string), or none")
+    t.report_to = list(dict.fromkeys(names))
 
 
 def section_from_yaml(path: Path, section: str, cls):

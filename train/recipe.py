@@ -37,7 +37,7 @@ from lm.errors import ConfigError, UserError
 from lm.features import TokenReport, pack, tokenize
 from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
 from lm.merge import merge_run_adapter
-from train import checkpoints, replay, reporting
+from train import checkpoints, replay, reporting, tracking
 from train.base_model import ResolvedModel, cache_dir, resolve
 from train.config import Config
 from train.disk import check_writable, writing
@@ -141,11 +141,13 @@ class FineTuneRecipe:
         self.p: Prepared | None = None
         self.out = Outcome()
         self.is_main = _rank() == 0
+        self.trackers = tracking.Trackers()  # started by train(), after the run directory is written
 
     # -- setup: validate everything, write nothing ----------------------------------------------
     def setup(self) -> Prepared:
         cfg = self.cfg
         check_config(cfg)  # the method's own config checks (train.config imports no method)
+        tracking.check_installed(cfg.training.report_to)  # a tracker's missing client: exit 2 before any work
         if cfg.training.num_threads > 0:
             torch.set_num_threads(cfg.training.num_threads)
         set_seed(cfg.training.seed)
@@ -210,7 +212,7 @@ class FineTuneRecipe:
 
     def _trainer(self) -> Trainer:
         cfg, p = self.cfg, self.p
-        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log), reporting.TensorBoard(self.rd.tensorboard),
+        callbacks = [reporting.JsonlMetrics(self.rd.metrics_log), *self.trackers.callbacks(),
                      checkpoints.DropPickledArgs()]
         if cfg.training.early_stopping_patience > 0 and p.val_feats:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.training.early_stopping_patience))
@@ -224,6 +226,7 @@ class FineTuneRecipe:
         """extra_callbacks: TrainerCallbacks added after the recipe's own (bench/train_speed.py times steps with one)."""
         if self.is_main:
             self._write_inputs()
+        self.trackers = tracking.open_trackers(self.cfg, self.rd, self.is_main)
         trainer = self._trainer()
         for cb in extra_callbacks or []:
             trainer.add_callback(cb)
@@ -282,7 +285,7 @@ class FineTuneRecipe:
                       f"{100 * h['tuned']:.1f} ({h['gain_points']:+.1f} points) in {ev['train_seconds']:.0f} s", flush=True)
                 if cfg.eval.retention:
                     ev["retention"] = self._retention(tuned, base)
-                    _print_retention(ev["retention"])
+                    reporting.print_retention(ev["retention"])
             atomic_write_text(self.rd.predictions, "".join(
                 json.dumps({"where": ex.where, "messages": ex.messages[:-1], "reference": ex.messages[-1]["content"],
                             "tuned": preds[i], "base": preds_base[i] if preds_base else None}) + "\n"
@@ -335,12 +338,13 @@ class FineTuneRecipe:
                         "architecture": architecture_name(p.ref.path), "vocab_size": p.vocab_size},
             peft_config=out.peft_config, dataset=p.splits.report, servability=serv,
             metrics={"headline": ev.get("headline"), "tuned": ev.get("tuned"), "base": ev.get("base"),
-                     "retention": _retention_summary(ev.get("retention"))})
+                     "retention": reporting.retention_summary(ev.get("retention"))})
         for folder in (rd.adapter, rd.model):
             if folder.is_dir():
                 manifest.files.update({f"{folder.name}/{k}": v for k, v in file_checksums(folder).items()})
         manifest.record_files(rd.root, ["config.yaml", "eval.json", "data_report.json"])
         manifest.write(rd.root)  # last: its presence marks the run finished
+        self.trackers.log_evaluation(ev, manifest.metrics, cfg.publish)  # the same runs as the step metrics
         return manifest
 
     def publish(self) -> Path | None:
@@ -357,21 +361,6 @@ class FineTuneRecipe:
         return path
 
 
-def _retention_summary(r: dict[str, Any] | None) -> dict[str, Any] | None:
-    """What the manifest keeps of the retention report (eval.json has it all): what the gate and serving read."""
-    if not r:
-        return None
-    return {k: r[k] for k in ("base", "tuned", "drop_points", "kl", "rows")} | {
-        "conditions": {c: {"base": v["base"], "tuned": v["tuned"]} for c, v in r["conditions"].items()}}
-
-
-def _print_retention(r: dict[str, Any]) -> None:
-    conds = ", ".join(f"{c} {100 * v['base']:.1f} -> {100 * v['tuned']:.1f} %" for c, v in r["conditions"].items())
-    print(f"retention on {r['rows']} general prompts: {100 * r['base']:.1f} -> {100 * r['tuned']:.1f} % "
-          f"(drop {r['drop_points']:.1f} points; {conds}); KL(tuned || base) "
-          f"{'n/a' if r['kl'] is None else format(r['kl'], '.3f')} nats/token", flush=True)
-
-
 def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[str, Any]:
     head = evaluation.headline_metric(tuned)
     return {"metric": head, "base": base[head], "tuned": tuned[head],
@@ -380,6 +369,18 @@ def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[st
 
 def run(cfg: Config, resume: bool = False) -> RunDir:
     recipe = FineTuneRecipe(cfg, resume)
+    complete = False  # the trackers' runs end FINISHED once the run is recorded (a refused publish included)
+    try:
+        if _train_and_record(recipe):
+            complete = True
+            _publish(recipe)
+    finally:
+        recipe.trackers.finish(complete)
+    return recipe.rd
+
+
+def _train_and_record(recipe: FineTuneRecipe) -> bool:
+    """setup -> train -> save -> evaluate -> record; False on the torchrun ranks other than 0 (they stop after save)."""
     rd = recipe.rd
     unfinished = f" (the run {rd.root} is unfinished; fix the cause, then --resume continues from its last checkpoint, if any)"
     with writing(rd.root, unfinished):
@@ -387,14 +388,18 @@ def run(cfg: Config, resume: bool = False) -> RunDir:
         trainer = recipe.train()
         recipe.save(trainer)
         if not trainer.is_world_process_zero():
-            return rd
+            return False
         del trainer
         recipe.evaluate()
         recipe.record()
+    return True
+
+
+def _publish(recipe: FineTuneRecipe) -> None:
+    rd, reg = recipe.rd, recipe.cfg.output.registry
     try:
-        with writing(cfg.output.registry or rd.root, f" (nothing was published; the run is complete: {rd.root})"):
+        with writing(reg or rd.root, f" (nothing was published; the run is complete: {rd.root})"):
             recipe.publish()
     except (GateRefused, RegistryError) as e:
         hint = "; data.replay keeps general skills" if "retention dropped" in str(e) else ""
         raise UserError(f"{e}{hint} (the run is complete: {rd.root})") from None
-    return rd

@@ -83,6 +83,21 @@ def plot_losses(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
+def retention_summary(r: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the manifest keeps of the retention report (eval.json has it all): what the gate and serving read."""
+    if not r:
+        return None
+    return {k: r[k] for k in ("base", "tuned", "drop_points", "kl", "rows")} | {
+        "conditions": {c: {"base": v["base"], "tuned": v["tuned"]} for c, v in r["conditions"].items()}}
+
+
+def print_retention(r: dict[str, Any]) -> None:
+    conds = ", ".join(f"{c} {100 * v['base']:.1f} -> {100 * v['tuned']:.1f} %" for c, v in r["conditions"].items())
+    print(f"retention on {r['rows']} general prompts: {100 * r['base']:.1f} -> {100 * r['tuned']:.1f} % "
+          f"(drop {r['drop_points']:.1f} points; {conds}); KL(tuned || base) "
+          f"{'n/a' if r['kl'] is None else format(r['kl'], '.3f')} nats/token", flush=True)
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
