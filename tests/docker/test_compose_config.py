@@ -17,15 +17,17 @@ from tests.conftest import ROOT
 MON = ROOT / "configs" / "monitoring"
 TRAINING_ONLY = {"tensorboard", "matplotlib", "sacrebleu", "rouge-score", "gguf", "onnx", "onnxscript"}
 # final targets -> the requirement file (from the `requirements` stage) each installs, besides what it inherits
-TARGET_REQUIREMENTS = {"cpu-base": "core.txt", "serve-flask": "serve-k8s.txt", "pipeline-cpu": "train-export.txt",
-                       "train": "train-qlora.txt", "export": "train-export.txt", "serve-vllm": "serve-k8s.txt"}
+TARGET_REQUIREMENTS = {"cpu-base": "core.txt", "serve-flask": "serve-k8s.txt", "pipeline-cpu": "train-export-tracking.txt",
+                       "train": "train-qlora-tracking.txt", "export": "train-export-tracking.txt",
+                       "serve-vllm": "serve-k8s.txt"}
+TRACKING = {"mlflow-skinny", "wandb"}  # the tracking extra: in the training images, for training.report_to
 
 
-def _config(*files: str) -> dict:
+def _config(*files: str, profile: str | None = None, env: dict | None = None) -> dict:
     assert shutil.which("docker-compose"), "docker-compose is missing: `make docker` installs it"
-    args = [a for f in files for a in ("-f", f)]
+    args = [a for f in files for a in ("-f", f)] + (["--profile", profile] if profile else [])
     p = subprocess.run(["docker-compose", *args, "config"], cwd=ROOT, capture_output=True, text=True,
-                       env={"PATH": "/usr/bin:/bin:/usr/local/bin"})  # no API_KEY etc.: defaults must work
+                       env={"PATH": "/usr/bin:/bin:/usr/local/bin", **(env or {})})  # no API_KEY etc.: defaults must work
     assert p.returncode == 0, p.stderr
     return yaml.safe_load(p.stdout)
 
@@ -37,7 +39,7 @@ def test_cpu_pipeline_is_ordered_and_needs_no_settings():
     assert c["serve"]["environment"]["SERVE_BACKEND"] == "flask"
     ports = [p if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}"
              for s in c.values() for p in s.get("ports", [])]
-    assert len(ports) == 3 and all(p.startswith("127.0.0.1:") for p in ports), ports
+    assert len(ports) == 4 and all(p.startswith("127.0.0.1:") for p in ports), ports  # + mlflow's (a profile)
     # the jobs run the pipeline image (train + export extras), serve the lean serve image
     targets = {"train": "pipeline-cpu", "export": "pipeline-cpu", "serve": "serve-flask"}
     for svc, target in targets.items():
@@ -67,7 +69,7 @@ def test_dockerfile_bases_are_pinned_build_args():
     for image in args.values():
         assert ":" in image and not image.endswith(":latest"), image
     stages = _stages()
-    assert {"wheel", "requirements", "cpu-base", *TARGET_REQUIREMENTS} == set(stages)
+    assert {"wheel", "requirements", "cpu-base", "mlflow", *TARGET_REQUIREMENTS} == set(stages)
     assert stages["serve-flask"]["from"] == stages["pipeline-cpu"]["from"] == "cpu-base"  # one torch layer
     assert stages["export"]["from"] == "train"
     for target in set(TARGET_REQUIREMENTS) - {"cpu-base"}:
@@ -118,16 +120,16 @@ def test_each_target_installs_only_its_stage_extras(tmp_path):
     extras = project["optional-dependencies"]
     assert not TRAINING_ONLY & {re.split(r"[<>=!~;\[ ]", r)[0] for r in extras["serve"]}
     req = _resolved_requirements(tmp_path)
-    assert set(req) == {"core.txt", "serve-k8s.txt", "train.txt", "train-qlora.txt", "train-export.txt"}
+    assert set(req) == {"core.txt", "serve-k8s.txt", "train.txt", "train-qlora-tracking.txt", "train-export-tracking.txt"}
     core = {"torch", "transformers", "peft", "safetensors", "pyyaml"}
     assert set(req["core.txt"]) == core
     assert set(req["serve-k8s.txt"]) == core | {"flask", "gunicorn", "prometheus-client", "pydantic", "httpx", "onnxruntime",
                                           "kubernetes"}  # SERVE_FINETUNE_WORKER=k8s creates Jobs with it
     assert set(req["train.txt"]) >= core | (TRAINING_ONLY - {"onnx", "onnxscript"}) and "flask" not in req["train.txt"]
-    assert set(req["train-qlora.txt"]) == set(req["train.txt"]) | {"bitsandbytes"}  # the GPU train image
-    assert "bitsandbytes" not in req["train-export.txt"]  # CPU pipeline: LoRA etc., no 43 MB NF4 kernels
-    assert set(req["train-export.txt"]) >= core | TRAINING_ONLY | {"onnxruntime"}
-    assert not {"flask", "gunicorn"} & set(req["train-export.txt"])
+    assert set(req["train-qlora-tracking.txt"]) == set(req["train.txt"]) | {"bitsandbytes"} | TRACKING  # GPU train
+    assert "bitsandbytes" not in req["train-export-tracking.txt"]  # CPU pipeline: LoRA etc., no 43 MB NF4 kernels
+    assert set(req["train-export-tracking.txt"]) >= core | TRAINING_ONLY | TRACKING | {"onnxruntime"}
+    assert not {"flask", "gunicorn", "mlflow"} & set(req["train-export-tracking.txt"])  # the client only, no server
     assert not any(n.startswith("tunestack") for names in req.values() for n in names)  # self-references resolved
     stages = _stages()
     for target, file in TARGET_REQUIREMENTS.items():
@@ -155,8 +157,8 @@ def test_build_context_holds_every_package():
 # what each target installs the built wheel with: its stage's extras (export inherits train's install and adds
 # its extra's packages with the GPU runtime; vLLM's image keeps its own torch/transformers: --no-deps)
 WHEEL_INSTALLS = {"serve-flask": '"$(ls /tmp/dist/tunestack-*.whl)[serve,k8s]"',
-                  "pipeline-cpu": '"$(ls /tmp/dist/tunestack-*.whl)[train,export]"',
-                  "train": '"$(ls /tmp/dist/tunestack-*.whl)[train,qlora]"',
+                  "pipeline-cpu": '"$(ls /tmp/dist/tunestack-*.whl)[train,export,tracking]"',
+                  "train": '"$(ls /tmp/dist/tunestack-*.whl)[train,qlora,tracking]"',
                   "serve-vllm": "--no-deps /tmp/dist/tunestack-*.whl"}
 
 
@@ -201,3 +203,38 @@ def test_env_example_has_no_secrets_and_no_inline_comments(name):
             assert "#" not in value, line  # compose v1 keeps inline comments in the value
             if "KEY" in key or "PASSWORD" in key:
                 assert value == "", line
+
+
+def _mlflow_pin(text: str) -> str:
+    return re.search(r"mlflow(?:-skinny)?==([0-9.]+)", text).group(1)
+
+
+def test_mlflow_is_an_optional_profile_and_the_jobs_report_to_it_when_asked():
+    """`docker-compose up` leaves MLflow out; `--profile mlflow up` with REPORT_TO=...,mlflow sends the jobs' runs to it."""
+    c = _config("compose.yaml")["services"]
+    assert c["mlflow"]["profiles"] == ["mlflow"] and c["mlflow"]["build"]["target"] == "mlflow"
+    assert [n for n, s in c.items() if s.get("profiles")] == ["mlflow"]  # every other service starts with `up`
+    assert not any("mlflow" in (s.get("depends_on") or {}) for s in c.values())  # nothing pulls it into a plain up
+    for svc in ("train", "trainer"):  # default: TensorBoard only, as before; the server's address already set
+        assert "training.report_to=tensorboard " in c[svc]["command"], c[svc]["command"]
+        assert "tracking.mlflow_uri=http://mlflow:5000" in c[svc]["command"], c[svc]["command"]
+    on = _config("compose.yaml", profile="mlflow", env={"REPORT_TO": "tensorboard,mlflow"})["services"]
+    assert "mlflow" in on and all("training.report_to=tensorboard,mlflow " in on[s]["command"] for s in ("train", "trainer"))
+    assert [str(p).removesuffix("/tcp") for p in on["mlflow"]["ports"]] == ["127.0.0.1:5000:5000"], on["mlflow"]["ports"]
+
+
+def test_mlflow_image_runs_the_server_the_client_pin_talks_to():
+    stages = _stages()
+    ins = stages["mlflow"]["ins"]
+    assert stages["mlflow"]["from"] == "${PYTHON_IMAGE}"  # a CPU stage, placed before the CUDA/vLLM ones
+    assert list(stages).index("mlflow") < list(stages).index("train")
+    client = next(r for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+                  ["tracking"] if r.startswith("mlflow-skinny=="))
+    server = next(i for i in ins if i.startswith("RUN ") and "pip install mlflow==" in i)
+    makefile = (ROOT / "Makefile").read_text()
+    assert _mlflow_pin(client) == _mlflow_pin(server) == _mlflow_pin(makefile.split("mlflow-server/bin/pip install")[1])
+    cmd = json.loads(next(i for i in ins if i.startswith("CMD "))[4:])
+    assert cmd[:2] == ["mlflow", "server"] and "mlflow:5000" in cmd[cmd.index("--allowed-hosts") + 1].split(",")
+    assert cmd[cmd.index("--backend-store-uri") + 1].startswith("sqlite:////mlflow/")  # the compose volume
+    assert [i for i in ins if i.startswith("USER ")] == ["USER 10001:10001"] and 'ENTRYPOINT ["tini", "--"]' in ins
+    assert any(i.startswith("HEALTHCHECK ") and "/health" in i for i in ins)
