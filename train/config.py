@@ -122,8 +122,8 @@ class TrackingConfig:
     experiment: str | None = opt(None, "MLflow experiment and W&B project; None = MLFLOW_EXPERIMENT_NAME / WANDB_PROJECT, "
                                  "else 'tunestack': every run of this stack side by side")
     run_name: str | None = opt(None, "the run's name in the trackers; None = the run directory's name, as in the registry")
-    mlflow_uri: str | None = opt(None, "MLflow tracking server, e.g. http://mlflow:5000; None = MLFLOW_TRACKING_URI, else "
-                                 "file:<run>/logs/mlruns, in the run like TensorBoard's logs")
+    mlflow_uri: str | None = opt(None, "MLflow tracking server, e.g. http://mlflow:5000; None = MLFLOW_TRACKING_URI (one of "
+                                 "the two is needed: MLflow 3 keeps runs in a server's database, not in files)")
 
 
 @dataclass

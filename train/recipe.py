@@ -147,7 +147,7 @@ class FineTuneRecipe:
     def setup(self) -> Prepared:
         cfg = self.cfg
         check_config(cfg)  # the method's own config checks (train.config imports no method)
-        tracking.check_installed(cfg.training.report_to)  # a tracker's missing client: exit 2 before any work
+        tracking.check(cfg)  # a tracker's missing client or server: exit 2 before any work
         if cfg.training.num_threads > 0:
             torch.set_num_threads(cfg.training.num_threads)
         set_seed(cfg.training.seed)

@@ -1,6 +1,7 @@
 """Experiment tracking: which trackers a run reports to (training.report_to), and its evaluation logged to them.
 
-    trackers = open_trackers(cfg, rd)     before any write: a tracker whose package is missing is a ConfigError
+    check(cfg)                            before any write: a missing client or MLflow server is a ConfigError
+    trackers = open_trackers(cfg, rd)     after the run directory is written: the trackers' runs start
     trackers.callbacks()                  transformers' own TensorBoardCallback / MLflowCallback / WandbCallback
     trackers.log_evaluation(ev, gate)     after eval.json: task base vs tuned, retention overall and by category,
                                           KL, the gate's verdict, into the same runs as the step metrics
@@ -51,11 +52,19 @@ def _require(tracker: str, module: str):
                           f"pip install 'tunestack[{EXTRA}]'") from None
 
 
-def check_installed(report_to: list[str]) -> None:
-    """Exit 2 (ConfigError) before anything is written when a chosen tracker's client is missing."""
+def _mlflow_uri(cfg: Config) -> str | None:
+    return cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def check(cfg: Config) -> None:
+    """Exit 2 (ConfigError) before anything is written: a chosen tracker's client missing, or MLflow without a server
+    (MLflow 3 refuses its file store, and a local sqlite store needs the full mlflow package, not the client)."""
     for name, module in (("mlflow", "mlflow"), ("wandb", "wandb")):
-        if name in report_to:
+        if name in cfg.training.report_to:
             _require(name, module)
+    if "mlflow" in cfg.training.report_to and not _mlflow_uri(cfg):
+        raise ConfigError("config: training.report_to: mlflow needs a tracking server: set tracking.mlflow_uri "
+                          "(e.g. http://localhost:5000) or MLFLOW_TRACKING_URI")
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
@@ -218,7 +227,7 @@ def _experiment(cfg: Config, env: str) -> str:
 def open_trackers(cfg: Config, rd: RunDir, is_main: bool = True) -> Trackers:
     """Start the chosen trackers (training.report_to; `none`: no tracker, metrics.jsonl only)."""
     chosen = [n for n in cfg.training.report_to if n != "none"]
-    check_installed(chosen)
+    check(cfg)
     if not is_main:
         return Trackers()
     name, params = cfg.tracking.run_name or rd.root.name, flat_params(cfg)
@@ -227,8 +236,7 @@ def open_trackers(cfg: Config, rd: RunDir, is_main: bool = True) -> Trackers:
         if "tensorboard" in chosen:
             out.items.append(TensorBoardTracker(rd.tensorboard))
         if "mlflow" in chosen:
-            uri = cfg.tracking.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (rd.logs / "mlruns").resolve().as_uri()
-            out.items.append(MlflowTracker(uri, _experiment(cfg, "MLFLOW_EXPERIMENT_NAME"), name, params, rd.root))
+            out.items.append(MlflowTracker(_mlflow_uri(cfg), _experiment(cfg, "MLFLOW_EXPERIMENT_NAME"), name, params, rd.root))
         if "wandb" in chosen:
             out.items.append(WandbTracker(_experiment(cfg, "WANDB_PROJECT"), name, cfg.to_dict(), rd.logs))
     except BaseException:

@@ -221,6 +221,13 @@ def test_mlflow_without_its_client_exits_2_naming_the_extra(tiny_model, small_da
     assert not (tmp_path / "r").exists()
 
 
+def test_mlflow_without_a_server_exits_2_before_any_write(tiny_model, small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    refused(main, capsys, tiny_overrides(tiny_model, small_data, tmp_path / "r", **{"training.report_to": "mlflow"}),
+            "training.report_to", "tracking.mlflow_uri", "MLFLOW_TRACKING_URI")
+    assert not (tmp_path / "r").exists()
+
+
 def test_evaluation_metrics_name_every_figure_once():
     ev = {"base": {"keyword_accuracy": 0.1, "eval_rows": 8}, "tuned": {"keyword_accuracy": 0.5, "eval_rows": 8},
           "headline": {"metric": "keyword_accuracy", "base": 0.1, "tuned": 0.5, "gain_points": 40.0},
