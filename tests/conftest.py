@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.background import BackgroundJob, Step
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = ROOT / "train" / "demo_data" / "chef_train.jsonl"
 DEMO_HELDOUT = ROOT / "train" / "demo_data" / "chef_heldout.jsonl"
@@ -123,9 +125,58 @@ def run_train_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess
                           timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+# -- the demo run: started in the background when collection finds a user (tests/background.py) ---------
+DEMO_WAIT_S = 1700  # under pytest-timeout's 1,800 s: the run takes ~15 min on 2 cores beside the other tests
+
+
+def shared_tmp(config) -> Path:
+    """The run's temp folder, the same for pytest-xdist's controller and all its workers."""
+    base = config._tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(config, "workerinput") else base
+
+
+def demo_job(config) -> BackgroundJob:
+    return BackgroundJob(shared_tmp(config), "demo")
+
+
+def start_demo(config, export: bool) -> None:
+    """The README demo (train/configs/smollm2_lora_chef.yaml, sized by DEMO), then `export all` as `make demo` runs it."""
+    d = demo_job(config).dir
+    steps = [Step("train", (sys.executable, "-m", "train", "smollm2_lora_chef", f"output.dir={d / 'run'}",
+                            f"output.registry={d / 'registry'}", *DEMO.overrides))]
+    if export:
+        steps.append(Step("export", (sys.executable, "-m", "export", "all", str(d / "run"), "--registry",
+                                     str(d / "registry"), "--name", "chef", "--overwrite")))
+    demo_job(config).start(steps, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def _run_order(item) -> int:
+    """Docker first (it waits on the engine and the disk), then the other slow tests, the fast ones, and last
+    the demo's users, which by then find the background run done. Stable: modules stay in file order."""
+    if item.get_closest_marker("docker"):
+        return 0
+    if "demo_run" in item.fixturenames:
+        return 3
+    return 1 if item.get_closest_marker("slow") else 2
+
+
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: only tests that will run start the demo
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=_run_order)
+    if config.option.collectonly or config.getoption("reuse_demo") or not any("demo_run" in it.fixturenames
+                                                                              for it in items):
+        return
+    start_demo(config, export=any("demo_export" in it.fixturenames for it in items))
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and hasattr(config, "_tmp_path_factory"):
+        demo_job(config).stop()  # the session ended (or was interrupted) before the demo did
+
+
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, pytestconfig):
-    """The README demo (train/configs/smollm2_lora_chef.yaml) run once per session on the real SmolLM2, sized by DEMO.
+def demo_run(pytestconfig):
+    """The README demo run, once per test run on the real SmolLM2 (all xdist workers share it).
 
     --reuse-demo=DIR (a directory holding run/ and registry/ from an earlier session) skips the
     10-minute run while iterating on serve tests; CI never passes it.
@@ -133,12 +184,20 @@ def demo_run(tmp_path_factory, pytestconfig):
     reuse = pytestconfig.getoption("reuse_demo")
     if reuse and (Path(reuse) / "run" / "manifest.json").is_file():
         return {"run": Path(reuse) / "run", "registry": Path(reuse) / "registry", "stdout": "points (reused)"}
-    d = tmp_path_factory.mktemp("demo")
-    p = subprocess.run([sys.executable, "-m", "train", "smollm2_lora_chef", f"output.dir={d / 'run'}",
-                        f"output.registry={d / 'registry'}", *DEMO.overrides], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return {"run": d / "run", "registry": d / "registry", "stdout": p.stdout}
+    job = demo_job(pytestconfig)
+    if not job.started:  # a session whose collection did not start it
+        start_demo(pytestconfig, export=False)
+    log = job.wait("train", DEMO_WAIT_S)
+    return {"run": job.dir / "run", "registry": job.dir / "registry", "stdout": log}
+
+
+def wait_demo_export(config) -> bool:
+    """True once the background job's `export all` of the demo run succeeded; False if the job has no export step."""
+    job = demo_job(config)
+    if "export" not in job.steps():
+        return False
+    job.wait("export", DEMO_WAIT_S)
+    return True
 
 
 # -- export: one tiny LoRA run, merged and exported to ONNX and int8 once per session ---------------

