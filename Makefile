@@ -54,7 +54,7 @@ demo: $(STAMP)
 	.venv/bin/tunestack demo
 
 test: $(STAMP) $(VLLM_STAMP) $(MLFLOW_SERVER) promtool browser docker
-	$(PY) -m pytest
+	$(PYTEST)
 
 # Unit tests and the tiny-model integration tests: no real SmolLM2 run, no vLLM, no Docker.
 test-fast: $(STAMP) promtool browser docker
