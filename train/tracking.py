@@ -232,13 +232,17 @@ def open_trackers(cfg: Config, rd: RunDir, is_main: bool = True) -> Trackers:
         return Trackers()
     name, params = cfg.tracking.run_name or rd.root.name, flat_params(cfg)
     out = Trackers(path=rd.logs / "tracking.json")
+    starts = {"tensorboard": lambda: TensorBoardTracker(rd.tensorboard),
+              "mlflow": lambda: MlflowTracker(_mlflow_uri(cfg), _experiment(cfg, "MLFLOW_EXPERIMENT_NAME"), name, params,
+                                              rd.root),
+              "wandb": lambda: WandbTracker(_experiment(cfg, "WANDB_PROJECT"), name, cfg.to_dict(), rd.logs)}
     try:
-        if "tensorboard" in chosen:
-            out.items.append(TensorBoardTracker(rd.tensorboard))
-        if "mlflow" in chosen:
-            out.items.append(MlflowTracker(_mlflow_uri(cfg), _experiment(cfg, "MLFLOW_EXPERIMENT_NAME"), name, params, rd.root))
-        if "wandb" in chosen:
-            out.items.append(WandbTracker(_experiment(cfg, "WANDB_PROJECT"), name, cfg.to_dict(), rd.logs))
+        for tracker in chosen:
+            try:
+                out.items.append(starts[tracker]())
+            except Exception as e:  # noqa: BLE001  (each client raises its own types: a server down, a login missing)
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise ConfigError(f"config: training.report_to: {tracker}: its run did not start: {first[:300]}") from None
     except BaseException:
         out.finish(ok=False)  # a tracker that cannot start leaves none of the others' runs open
         raise

@@ -228,6 +228,14 @@ def test_mlflow_without_a_server_exits_2_before_any_write(tiny_model, small_data
     assert not (tmp_path / "r").exists()
 
 
+def test_an_unreachable_mlflow_server_exits_2_with_one_line(tiny_model, small_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own setting: fail at once, not after backoff
+    assert main(tiny_overrides(tiny_model, small_data, tmp_path / "r", **{
+        "training.report_to": "tensorboard,mlflow", "tracking.mlflow_uri": f"http://127.0.0.1:{_free_port()}"})) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # the model's loading bars came first: the error is one line
+    assert "training.report_to: mlflow: its run did not start" in err and "/api/2.0/mlflow/" in err, err
+
+
 def test_evaluation_metrics_name_every_figure_once():
     ev = {"base": {"keyword_accuracy": 0.1, "eval_rows": 8}, "tuned": {"keyword_accuracy": 0.5, "eval_rows": 8},
           "headline": {"metric": "keyword_accuracy", "base": 0.1, "tuned": 0.5, "gain_points": 40.0},
