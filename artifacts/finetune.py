@@ -5,6 +5,7 @@
     <registry>/.finetune/jobs/<job-id>/job.json        the OpenAI fine-tuning job object (+ owner, run dir)
     <registry>/.finetune/jobs/<job-id>/events.jsonl    one event object per line, oldest first
     <registry>/.finetune/jobs/<job-id>/cancel          present once a cancel was asked for
+    <registry>/.finetune/runs/<job-id>/                the job's training run (RunDir), written by the worker
 
 Serving writes files and queued jobs; a worker (`python -m train worker`) claims queued jobs and
 writes their progress. A job's `spec` (JobSpec) is typed and holds no default of its own: what the
@@ -227,6 +228,10 @@ class JobStore:
 
     def _dir(self, jid: str) -> Path:
         return self.root / _safe(jid)
+
+    def run_dir(self, jid: str) -> Path:
+        """The training run folder a worker writes for a job (<store>/runs/<job-id>, train/worker.py)."""
+        return self.root.parent / "runs" / _safe(jid)
 
     def create(self, job: Job) -> Job:
         with atomic_dir(self._dir(job.id)) as tmp:

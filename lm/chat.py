@@ -62,3 +62,23 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
 def encode_text(tokenizer, text: str) -> list[int]:
     """A raw completion prompt: the text's tokens, no special tokens added."""
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def loss_segments(tokenizer, messages: list[dict]) -> list[tuple[str, str, bool]]:
+    """The trainer's encoding of a chat (encode_chat) cut into (role, text, carries loss) spans: each turn's
+    tokens (template markup included), split where the loss mask changes. Shows what training learns from."""
+    ids, labels = encode_chat(tokenizer, messages)
+    out: list[tuple[str, str, bool]] = []
+    start = 0
+    for i, m in enumerate(messages):
+        end = len(ids) if i == len(messages) - 1 else len(chat_ids(tokenizer, messages[: i + 1], False))
+        j = start
+        while j < end:
+            loss = labels[j] != IGNORE
+            k = j
+            while k < end and (labels[k] != IGNORE) == loss:
+                k += 1
+            out.append((m["role"], tokenizer.decode(ids[j:k]), loss))
+            j = k
+        start = end
+    return out

@@ -64,12 +64,25 @@ def _job_spec(req: JobCreateRequest, adapter: str, model: str) -> tuple[str, Job
 
 class FineTuneAPI:
     def __init__(self, registry: Path, base_model: Callable[[], str], max_upload_bytes: int, api_key: str,
-                 submit: Callable[[Job], str] | None = None, store: Path | None = None):
+                 submit: Callable[[Job], str] | None = None, store: Path | None = None,
+                 caller: Callable[[], Any] | None = None):
         """submit: hands a queued job to a runner that starts it (Kubernetes); None = a worker polls the queue.
-        store: where files and jobs live (None: <registry>/.finetune)."""
+        store: where files and jobs live (None: <registry>/.finetune). caller: the request's Caller
+        (serve/http/keys.py: its owner, and whether it reads every owner's); None: everything is `api_key`'s."""
         self.files, self.jobs = FileStore(registry, store), JobStore(registry, store)
-        self.base_model, self.max_upload, self.owner = base_model, max_upload_bytes, owner_of(api_key)
-        self.submit = submit
+        self.base_model, self.max_upload, self.default_owner = base_model, max_upload_bytes, owner_of(api_key)
+        self.submit, self.caller = submit, caller
+
+    @property
+    def owner(self) -> str | None:
+        """Who the request is, for what it creates and sees: its key's digest (None without keys)."""
+        c = self.caller() if self.caller else None
+        return c.owner if c is not None else self.default_owner
+
+    def reader(self) -> str | None:
+        """The owner filter of what this request may read: an admin key reads every owner's files and jobs."""
+        c = self.caller() if self.caller else None
+        return None if c is not None and c.reads_all else self.owner
 
     # -- files -------------------------------------------------------------------------------------
     def upload(self) -> dict[str, Any]:
@@ -98,18 +111,18 @@ class FineTuneAPI:
             path.unlink(missing_ok=True)
 
     def file(self, fid: str):
-        return self._found(lambda: self.files.get(fid, self.owner)).public()
+        return self._found(lambda: self.files.get(fid, self.reader())).public()
 
     def content(self, fid: str) -> Response:
-        path = self._found(lambda: self.files.content(fid, self.owner))
+        path = self._found(lambda: self.files.content(fid, self.reader()))
         return send_file(path, mimetype="application/octet-stream")
 
     def delete(self, fid: str) -> dict[str, Any]:
-        self._found(lambda: self.files.delete(fid, self.owner))
+        self._found(lambda: self.files.delete(fid, self.reader()))
         return {"id": fid, "object": "file", "deleted": True}
 
     def list_files(self) -> dict[str, Any]:
-        return {"object": "list", "data": [r.public() for r in self.files.list(self.owner, request.args.get("purpose"))],
+        return {"object": "list", "data": [r.public() for r in self.files.list(self.reader(), request.args.get("purpose"))],
                 "has_more": False}
 
     # -- jobs ------------------------------------------------------------------------------------------
@@ -157,14 +170,14 @@ class FineTuneAPI:
         return fid
 
     def job(self, jid: str) -> dict[str, Any]:
-        return self._found(lambda: self.jobs.get(jid, self.owner)).public()
+        return self._found(lambda: self.jobs.get(jid, self.reader())).public()
 
     def list_jobs(self) -> dict[str, Any]:
-        items = [j.public() for j in self.jobs.list(self.owner)]
+        items = [j.public() for j in self.jobs.list(self.reader())]
         return page(items, request.args.get("after"), _limit())
 
     def cancel(self, jid: str) -> dict[str, Any]:
-        job = self._found(lambda: self.jobs.get(jid, self.owner))
+        job = self._found(lambda: self.jobs.get(jid, self.reader()))
         if job.status in FINAL:
             raise bad_request(f"job {jid} has already {job.status}", "fine_tuning_job_id")
         self.jobs.request_cancel(jid)
@@ -175,11 +188,11 @@ class FineTuneAPI:
         return self.jobs.get(jid).public()
 
     def events(self, jid: str) -> dict[str, Any]:
-        self._found(lambda: self.jobs.get(jid, self.owner))
+        self._found(lambda: self.jobs.get(jid, self.reader()))
         return page(self.jobs.events(jid), request.args.get("after"), _limit())
 
     def checkpoints(self, jid: str) -> dict[str, Any]:
-        job = self._found(lambda: self.jobs.get(jid, self.owner))
+        job = self._found(lambda: self.jobs.get(jid, self.reader()))
         items = sorted(job.spec.checkpoints, key=lambda c: -c["step_number"])
         return page([{"object": "fine_tuning.job.checkpoint", "fine_tuning_job_id": jid, **c} for c in items],
                     request.args.get("after"), _limit())
@@ -192,7 +205,8 @@ class FineTuneAPI:
             raise APIError(404, f"No such object: {e.args[0]}", None, "not_found") from None
 
 
-def from_settings(settings: Settings, base_model: Callable[[], str]) -> FineTuneAPI:
+def from_settings(settings: Settings, base_model: Callable[[], str],
+                  caller: Callable[[], Any] | None = None) -> FineTuneAPI:
     """The API as the settings configure it: with SERVE_FINETUNE_WORKER=k8s, each job is submitted as a Kubernetes Job."""
     submit = None
     if settings.finetune_worker == "k8s":
@@ -200,7 +214,7 @@ def from_settings(settings: Settings, base_model: Callable[[], str]) -> FineTune
 
         submit = K8sRunner(settings.finetune_job_template, settings.finetune_namespace).submit
     return FineTuneAPI(settings.registry, base_model, settings.max_upload_bytes, settings.api_key, submit,
-                       settings.finetune_dir or None)
+                       settings.finetune_dir or None, caller)
 
 
 def _limit() -> int:

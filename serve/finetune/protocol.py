@@ -106,6 +106,24 @@ class JobCreateRequest(BaseModel):
             raise bad_request(f"'{path}': {err['msg']}", head) from None
 
 
+class PublishRequest(BaseModel):
+    """POST /v1/fine_tuning/jobs/{id}/publish."""
+
+    model_config = _REQ
+    override_reason: Annotated[str, Field(min_length=1, max_length=1000, pattern=r"\S")] | None = Field(
+        None, description="why to publish although the gate refused (recorded in the manifest); null: the gate decides")
+
+    @classmethod
+    def parse(cls, body: Any) -> "PublishRequest":
+        if not isinstance(body, dict):
+            raise bad_request("request body must be a JSON object")
+        try:
+            return cls.model_validate(body)
+        except ValidationError as e:
+            err = e.errors(include_url=False)[0]
+            raise bad_request(f"'{'.'.join(str(x) for x in err['loc'])}': {err['msg']}", "override_reason") from None
+
+
 # -- responses ---------------------------------------------------------------------------------------
 class FileObject(BaseModel):
     id: str
@@ -197,8 +215,16 @@ class CheckpointList(_Page):
     data: list[Checkpoint]
 
 
+# one valid chat row: the example a client (or Schemathesis's stateful phase) can upload and train on
+EXAMPLE_JSONL = ('{"messages": [{"role": "user", "content": "Say hi."}, '
+                 '{"role": "assistant", "content": "Hi!"}]}\n')
 UPLOAD_SCHEMA = {"type": "object", "required": ["file", "purpose"], "properties": {
-    "file": {"type": "string", "format": "binary", "description": "JSONL or CSV rows in a training format"},
-    "purpose": {"type": "string", "enum": ["fine-tune"]}}}
-MODELS = [JobCreateRequest, FileObject, FileList, FileDeleted, FineTuningJob, JobList, JobEvent, EventList,
+    "file": {"type": "string", "format": "binary", "contentMediaType": "application/jsonl",
+             "description": "JSONL (or .csv) rows in one training format: chat `messages`, instruction/output, "
+                            "prompt/completion, text/label or prompt/chosen/rejected. Every row is checked: the first "
+                            "bad one is a 400 naming FILE line N and the field, and nothing is stored."},
+    "purpose": {"type": "string", "enum": ["fine-tune"]}},
+    "example": {"file": EXAMPLE_JSONL, "purpose": "fine-tune"}}
+UPLOAD_ENCODING = {"file": {"contentType": "application/jsonl, text/csv, application/octet-stream"}}
+MODELS = [JobCreateRequest, PublishRequest, FileObject, FileList, FileDeleted, FineTuningJob, JobList, JobEvent, EventList,
           Checkpoint, CheckpointList]

@@ -6,17 +6,20 @@ routes raw bodies to it and frames what comes back.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
-
-from flask import Flask, request
+from flask import Flask
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from serve.errors import APIError
 from serve.finetune import api as finetune_api
+from serve.finetune import methods as finetune_methods
+from serve.finetune import preview as finetune_preview
+from serve.finetune import results as finetune_results
 from serve.http import console
+from serve.http.auth import authenticator, current_caller
+from serve.http.keys import KeyRing
+from serve.http.registry_api import registry_routes
 from serve.http.routes import admin_routes, api_routes, json_response, probe_routes
 from serve.metrics import Metrics
 from serve.openai.backend import Backend, json_body
@@ -65,13 +68,18 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
     app.extensions[DRAIN_KEY] = state.drain
     app.wsgi_app = counted_with_deadline(app.wsgi_app, state.drain, settings)  # type: ignore[method-assign]
     _error_handlers(app, settings.max_body_bytes)
-    app.before_request(_authenticator(settings, state.drain))
+    ring = KeyRing(settings.api_key, settings.admin_key, settings.keys_file or None)
+    app.before_request(authenticator(ring, state.drain, OPEN_PATHS))
     probe_routes(app, state, metrics)
     api_routes(app, state)
     admin_routes(app, state)
     console.console_routes(app)
-    finetune_api.routes(app, finetune_api.from_settings(settings, lambda: state.ready_backend().model_name),
-                        json_body, json_response)
+    ft = finetune_api.from_settings(settings, lambda: state.ready_backend().model_name, current_caller)
+    finetune_api.routes(app, ft, json_body, json_response)
+    finetune_results.routes(app, ft, settings.registry, json_body, json_response)
+    finetune_preview.routes(app, ft, settings.registry, json_response)
+    finetune_methods.routes(app, json_response)
+    registry_routes(app, settings.registry)
     return app
 
 
@@ -85,7 +93,7 @@ def set_failed(app: Flask, reason: str) -> None:
     app.extensions["tunestack"].failed = reason
 
 
-# -- errors and auth ----------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------
 def _error_handlers(app: Flask, max_body_bytes: int) -> None:
     @app.errorhandler(APIError)
     def _api_error(e: APIError):
@@ -108,28 +116,3 @@ def _error_handlers(app: Flask, max_body_bytes: int) -> None:
         log.exception("unhandled error")
         return json_response({"error": {"message": "internal error", "type": "server_error", "param": None,
                                         "code": None}}, 500)
-
-
-def _bearer_ok(expected: str) -> bool:
-    got = request.headers.get("Authorization", "")
-    token = got[7:] if got.startswith("Bearer ") else ""
-    return hmac.compare_digest(token.encode(), expected.encode())  # constant time
-
-
-def _authenticator(settings: Settings, drain: Drain) -> Callable[[], None]:
-    """/admin needs the admin key (and is off without one); every path but OPEN_PATHS needs the API key
-    when one is set. Then, while draining, new requests get 503 so clients retry on another replica."""
-    def check() -> None:
-        p = request.path
-        if p in OPEN_PATHS:
-            return
-        if p.startswith("/admin"):
-            if not settings.admin_key:
-                raise APIError(404, "admin API is off (set SERVE_ADMIN_KEY)")
-            if not _bearer_ok(settings.admin_key):
-                raise APIError(401, "invalid or missing admin key", code="invalid_api_key")
-        elif settings.api_key and not _bearer_ok(settings.api_key):
-            raise APIError(401, "Incorrect API key provided", code="invalid_api_key")
-        if drain.draining:
-            raise APIError(503, "server is shutting down; retry on another replica", code="draining")
-    return check

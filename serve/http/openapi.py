@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pydantic import BaseModel
 
 from serve.finetune import protocol as ft
+from serve.http import console_protocol as cp
 from serve.openai import protocol as p
 
 REF = "#/components/schemas/{model}"
 ERRORS = {400: "Invalid request: error.param names the offending field.", 401: "Missing or wrong key.",
+          403: "The key lacks the operation's scope (code insufficient_scope).",
           404: "Unknown model, adapter, file or job.", 413: "Request body too large.",
           503: "Model still loading, or an engine failure."}
 SSE = ("Server-sent events when the request sets `stream`: one `data: <{chunk} JSON>` event per chunk, a last "
@@ -28,11 +30,15 @@ API_KEY = [{"bearer": []}]
 ADMIN_KEY = [{"admin": []}]
 SECURITY_SCHEMES = {
     "bearer": {"type": "http", "scheme": "bearer",
-               "description": "SERVE_API_KEY, for /v1/*; without one set, /v1/* is open (local use only)."},
+               "description": "A key with the operation's scope (x-scope: inference or finetune): SERVE_API_KEY has "
+                              "both, SERVE_ADMIN_KEY every scope, SERVE_KEYS_FILE names each key's. Without "
+                              "SERVE_API_KEY and a keys file, /v1/* is open (local use only)."},
     "admin": {"type": "http", "scheme": "bearer",
-              "description": "SERVE_ADMIN_KEY, for /admin/*; without one set, the admin API is off (404)."}}
+              "description": "A key with the admin scope (SERVE_ADMIN_KEY, or one in SERVE_KEYS_FILE): publish, "
+                             "rollback, /admin/*; without such a key the admin API is off (404)."}}
 # artifacts/registry.py's names: `name` or `name@vN` (split_ref), never a path; ".." is refused there too
 ADAPTER_NAME = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}(@v[1-9][0-9]{0,5})?$"
+REGISTRY_NAME = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # a name, never name@vN: versions are listed inside
 REQUESTS = ("CompletionRequest", "ChatCompletionRequest")
 
 
@@ -126,38 +132,111 @@ PAGING = [{"name": "after", "in": "query", "required": False, "schema": {"type":
            "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}}]
 
 
+def _op(op_id: str, summary: str, responses: dict, params: list | None = None, body: dict | None = None,
+        scope: str = "finetune", links: dict | None = None) -> dict:
+    """One operation needing a key with `scope` (admin: the admin scheme); `links` go on its 200."""
+    if links:
+        responses = {**responses, "200": {**responses["200"], "links": links}}
+    return {"operationId": op_id, "summary": summary, "security": ADMIN_KEY if scope == "admin" else API_KEY,
+            "x-scope": scope, **({"parameters": params} if params else {}),
+            **({"requestBody": {"required": True, "content": body}} if body else {}), "responses": responses}
+
+
+def _links(param: str, expr: str, *targets: str, body: dict[str, dict] | None = None) -> dict:
+    """Links from a 200 to the operations using the id it returns (Schemathesis's stateful phase follows them)."""
+    out = {t: {"operationId": t, "parameters": {f"path.{param}": expr}} for t in targets}
+    for t, b in (body or {}).items():
+        out[t] = {"operationId": t, "requestBody": b}
+    return out
+
+
+FILE_LINKS = _links("fid", "$response.body#/id", "getFile", "getFileContent", "previewFile", "deleteFile",
+                    body={"createJob": {"training_file": "$response.body#/id"}})
+JOB_LINKS = _links("jid", "$response.body#/id", "getJob", "cancelJob", "listJobEvents", "listJobCheckpoints",
+                   "getJobMetrics", "getJobEvaluation", "publishJob")
+
+
 def _finetune_paths() -> dict:
-    """OpenAI's files and fine-tuning jobs (serve/finetune/api.py)."""
+    """OpenAI's files and fine-tuning jobs (serve/finetune/api.py), with the console's additions."""
     fid, jid = _id("fid", "file"), _id("jid", "job")
-
-    def op(summary: str, responses: dict, params: list | None = None, body: dict | None = None) -> dict:
-        return {"summary": summary, "security": API_KEY, **({"parameters": params} if params else {}),
-                **({"requestBody": {"required": True, "content": body}} if body else {}), "responses": responses}
-
+    e = (400, 401, 403, 404)
     return {
         "/v1/files": {
-            "get": op("The uploaded files, newest first.", _ok(ft.FileList, "Files.", 401),
-                      [{"name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}}]),
-            "post": op("Upload training data; every row is validated (400 names the line and field).",
-                       _ok(ft.FileObject, "The stored file.", 400, 401, 413),
-                       body={"multipart/form-data": {"schema": ft.UPLOAD_SCHEMA}})},
-        "/v1/files/{fid}": {"get": op("A file.", _ok(ft.FileObject, "The file.", 401, 404), [fid]),
-                            "delete": op("Delete a file.", _ok(ft.FileDeleted, "Deleted.", 401, 404), [fid])},
-        "/v1/files/{fid}/content": {"get": op("A file's bytes, as uploaded.", {
+            "get": _op("listFiles", "The uploaded files, newest first.", _ok(ft.FileList, "Files.", 401, 403),
+                       [{"name": "purpose", "in": "query", "required": False, "schema": {"type": "string"}}]),
+            "post": _op("uploadFile", "Upload training data; every row is validated with the trainer's readers: a "
+                        "bad row is a 400 `FILE line N: field: reason` (code invalid_file_format) and nothing is "
+                        "stored; a file over SERVE_MAX_UPLOAD_BYTES is a 413.",
+                        _ok(ft.FileObject, "The stored file.", 400, 401, 403, 413),
+                        body={"multipart/form-data": {"schema": ft.UPLOAD_SCHEMA, "encoding": ft.UPLOAD_ENCODING}},
+                        links=FILE_LINKS)},
+        "/v1/files/{fid}": {"get": _op("getFile", "A file.", _ok(ft.FileObject, "The file.", 401, 403, 404), [fid]),
+                            "delete": _op("deleteFile", "Delete a file.", _ok(ft.FileDeleted, "Deleted.", 401, 403, 404),
+                                          [fid])},
+        "/v1/files/{fid}/content": {"get": _op("getFileContent", "A file's bytes, as uploaded.", {
             "200": {"description": "The file.", "content": {"application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"}}}}, **_errors(401, 404)}, [fid])},
+                "schema": {"type": "string", "format": "binary"}}}}, **_errors(401, 403, 404)}, [fid])},
+        "/v1/files/{fid}/preview": {"get": _op(
+            "previewFile", "The first rows as chat turns, cut into the spans the trainer encodes; `loss` marks the "
+            "tokens that carry loss (the served base model's tokenizer).",
+            _ok(cp.PreviewList, "Rows.", 400, 401, 403, 404, 503), [fid, PAGING[1]])},
+        "/v1/fine_tuning/methods": {"get": _op(
+            "listMethods", "Per method type, the hyperparameters a job accepts, with the trainer's default and reason.",
+            _ok(cp.MethodList, "Methods.", 401, 403))},
         "/v1/fine_tuning/jobs": {
-            "get": op("Jobs, newest first.", _ok(ft.JobList, "Jobs.", 400, 401), PAGING),
-            "post": op("Queue a fine-tuning job; a worker trains it and publishes `fine_tuned_model`.",
-                       _ok(ft.FineTuningJob, "The queued job.", 400, 401, 404, 503), body=_json(ft.JobCreateRequest))},
-        "/v1/fine_tuning/jobs/{jid}": {"get": op("A job.", _ok(ft.FineTuningJob, "The job.", 401, 404), [jid])},
-        "/v1/fine_tuning/jobs/{jid}/cancel": {"post": op("Cancel a queued or running job; nothing is published.",
-                                                         _ok(ft.FineTuningJob, "The job.", 400, 401, 404), [jid])},
-        "/v1/fine_tuning/jobs/{jid}/events": {"get": op("A job's events, newest first.",
-                                                        _ok(ft.EventList, "Events.", 400, 401, 404), [jid, *PAGING])},
-        "/v1/fine_tuning/jobs/{jid}/checkpoints": {"get": op("A job's checkpoints on disk, newest first.",
-                                                             _ok(ft.CheckpointList, "Checkpoints.", 400, 401, 404),
-                                                             [jid, *PAGING])},
+            "get": _op("listJobs", "Jobs, newest first.", _ok(ft.JobList, "Jobs.", 400, 401, 403), PAGING),
+            "post": _op("createJob", "Queue a fine-tuning job; a worker trains it and publishes `fine_tuned_model`. "
+                        "`training_file` and `validation_file` must be ids of the caller's uploads (404 otherwise).",
+                        _ok(ft.FineTuningJob, "The queued job.", *e, 503), body=_json(ft.JobCreateRequest),
+                        links=JOB_LINKS)},
+        "/v1/fine_tuning/jobs/{jid}": {"get": _op("getJob", "A job.", _ok(ft.FineTuningJob, "The job.", 401, 403, 404),
+                                                  [jid])},
+        "/v1/fine_tuning/jobs/{jid}/cancel": {"post": _op("cancelJob", "Cancel a queued or running job; nothing is "
+                                                          "published.", _ok(ft.FineTuningJob, "The job.", *e), [jid])},
+        "/v1/fine_tuning/jobs/{jid}/events": {"get": _op("listJobEvents", "A job's events, newest first.",
+                                                         _ok(ft.EventList, "Events.", *e), [jid, *PAGING])},
+        "/v1/fine_tuning/jobs/{jid}/checkpoints": {"get": _op("listJobCheckpoints", "A job's checkpoints on disk, "
+                                                              "newest first.", _ok(ft.CheckpointList, "Checkpoints.", *e),
+                                                              [jid, *PAGING])},
+        "/v1/fine_tuning/jobs/{jid}/metrics": {"get": _op(
+            "getJobMetrics", "The run's loss series (train, validation, learning rate by step); it grows while the "
+            "job runs, and is empty before it starts.", _ok(cp.MetricsList, "The series.", 401, 403, 404), [jid])},
+        "/v1/fine_tuning/jobs/{jid}/evaluation": {"get": _op(
+            "getJobEvaluation", "The run's evidence: task base vs tuned, retention by category with lost answers, "
+            "KL, the gate's verdict. 404 (code not_evaluated) until the run has evaluated.",
+            _ok(cp.Evidence, "The evidence.", 401, 403, 404), [jid])},
+        "/v1/fine_tuning/jobs/{jid}/publish": {"post": _op(
+            "publishJob", "Publish a finished run the gate refused: with `override_reason` it is published anyway "
+            "and the reason recorded; 400 not_publishable for a job without such a run, gate_refused without a reason.",
+            _ok(ft.FineTuningJob, "The job, now succeeded.", *e), [jid], _json(ft.PublishRequest), scope="admin")},
+    }
+
+
+def _registry_paths() -> dict:
+    """The registry (serve/http/registry_api.py) and the caller's scopes."""
+    name = {"name": "name", "in": "path", "required": True, "description": "a registry name",
+            "schema": {"type": "string", "pattern": REGISTRY_NAME}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": cp.VERSION}}
+    first = "$response.body#/data/0/name"
+    return {
+        "/v1/me": {"get": _op("getMe", "The caller's key and its scopes (the console hides what it may not do).",
+                              _ok(cp.Me, "The key.", 401), scope="any")},
+        "/v1/registry/models": {"get": _op(
+            "listRegistryModels", "Every adapter and model name with its versions, which serves, and each "
+            "version's evidence.", _ok(cp.RegistryList, "Names.", 401, 403),
+            links={**_links("name", first, "getRegistryModel"),
+                   "rollbackRegistryModel": {"operationId": "rollbackRegistryModel",
+                                             "parameters": {"path.name": first},
+                                             "requestBody": {"version": "$response.body#/data/0/versions/0/version"}}})},
+        "/v1/registry/models/{name}": {"get": _op("getRegistryModel", "One name with its versions.",
+                                                  _ok(cp.RegistryEntry, "The name.", 400, 401, 403, 404), [name])},
+        "/v1/registry/models/{name}/versions/{version}/metrics": {"get": _op(
+            "getRegistryVersionMetrics", "The loss series of the run a version was published from (empty when that "
+            "run is no longer on disk).", _ok(cp.MetricsList, "The series.", 400, 401, 403, 404), [name, version])},
+        "/v1/registry/models/{name}/rollback": {"post": _op(
+            "rollbackRegistryModel", "Point the name at a kept version; servers follow within SERVE_POLL_SECONDS.",
+            _ok(cp.RegistryEntry, "The name after the rollback.", 400, 401, 403, 404), [name],
+            _json(cp.RollbackRequest), scope="admin")},
     }
 
 
@@ -165,6 +244,7 @@ def _paths() -> dict:
     """Every route the app serves, with what it answers."""
     return {
         **_finetune_paths(),
+        **_registry_paths(),
         "/v1/models": _get("The base model and the loaded adapters (adapters carry `parent`).",
                            {"200": {"description": "Model list.", "content": _json(p.ModelList)},
                             **_errors(401, 503)}, API_KEY),
@@ -193,7 +273,7 @@ def openapi_spec(served: Served | None = None) -> dict:
     """The OpenAPI 3.1 document; with `served`, narrowed to what that server can answer now."""
     models = [p.CompletionRequest, p.ChatCompletionRequest, p.CompletionResponse, p.CompletionChunk,
               p.ChatCompletionResponse, p.ChatCompletionChunk, p.ModelList, p.ErrorResponse, p.Health,
-              p.Readiness, p.AdapterList, p.AdapterAction, *ft.MODELS]
+              p.Readiness, p.AdapterList, p.AdapterAction, *ft.MODELS, *cp.MODELS]
     spec = {
         "openapi": "3.1.0",
         "info": {"title": "tunestack OpenAI-compatible API", "version": "1"},

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Generator, Iterator
 from flask import Flask, Response, request
 
 from serve.errors import APIError, bad_request
+from serve.http.auth import current_caller
 from serve.http.openapi import openapi_spec
 from serve.metrics import Metrics
 from serve.openai.backend import EventStream, JSONReply, RelayedStream, Reply
@@ -85,6 +86,13 @@ def probe_routes(app: Flask, state: AppState, metrics: Metrics) -> None:
 
 def api_routes(app: Flask, state: AppState) -> None:
     """The OpenAI API: raw bodies go to the backend, which parses, checks and records them."""
+    @app.get("/v1/me")
+    def me():
+        """What the caller's key may do: the console hides the rest."""
+        caller = current_caller()
+        return json_response({"object": "key", "name": caller.key.name if caller and caller.key else None,
+                              "scopes": sorted(caller.scopes) if caller else []})
+
     @app.get("/v1/models")
     def models():
         return to_response(state.ready_backend().models())
