@@ -15,6 +15,7 @@ from serve.errors import APIError
 CONSOLE_DIR = Path(__file__).with_name("console")
 PAGE = "/console"
 STATIC = "/console/static/"
+STATIC_RULE = STATIC + "<path:name>"
 MIMETYPES = {".html": "text/html", ".mjs": "text/javascript", ".js": "text/javascript", ".css": "text/css",
              ".json": "application/json", ".LICENSE": "text/plain", ".png": "image/png", ".svg": "image/svg+xml"}
 # revalidate every time (ETag/Last-Modified make that a 304): an upgraded wheel's page never runs stale JS
@@ -31,8 +32,9 @@ def static_files() -> dict[str, Path]:
 
 
 def open_paths() -> frozenset[str]:
-    """The page and each static file: open paths of the app's authenticator (exact names, no prefix)."""
-    return frozenset({PAGE, *static_files()})
+    """The page and its static route: open to the authenticator, which matches a path or a route's rule. The
+    route answers only the shipped files (any other name: 404), so opening it opens nothing else."""
+    return frozenset({PAGE, STATIC_RULE})
 
 
 def console_routes(app: Flask) -> None:
@@ -42,7 +44,7 @@ def console_routes(app: Flask) -> None:
     def console_page():
         return _send(CONSOLE_DIR / "index.html")
 
-    @app.get(STATIC + "<path:name>")
+    @app.get(STATIC_RULE)
     def console_static(name: str):
         path = files.get(STATIC + name)  # a lookup, never a join: "../" or an absolute name finds nothing
         if path is None:

@@ -266,6 +266,13 @@ def _paths() -> dict:
         "/openapi.json": _get("This description.", {"200": {"description": "OpenAPI 3.1.", "content": {
             "application/json": {"schema": {"type": "object"}}}}}),
         "/": _get("The playground page (it asks for the API key).", _text("HTML.", "text/html")),
+        "/console": _get("The console page (it asks for a key; docs/console.md).", _text("HTML.", "text/html")),
+        "/console/static/{name}": {"get": {  # open: only the files shipped in serve/http/console/ (else 404)
+            "summary": "A file of the console page (its scripts, styles, vendored libraries and their licences).",
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": {"description": "The file.", "content": {
+                t: {"schema": {"type": "string"}} for t in ("text/javascript", "text/css", "text/html", "application/json",
+                                                            "text/plain")}}, **_errors(404)}}},
     }
 
 
