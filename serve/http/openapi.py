@@ -151,9 +151,12 @@ def _links(param: str, expr: str, *targets: str, body: dict[str, dict] | None = 
 
 
 FILE_LINKS = _links("fid", "$response.body#/id", "getFile", "getFileContent", "previewFile", "deleteFile",
-                    body={"createJob": {"training_file": "$response.body#/id"}})
+                    body={"createJob": {"training_file": "$response.body#/id",
+                                         "validation_file": "$response.body#/id"}})
+# not getJobEvaluation: a job just created has no evaluation yet (404 until its run evaluates), which a link
+# would promise; the console asks for it once the job has succeeded or the gate refused it
 JOB_LINKS = _links("jid", "$response.body#/id", "getJob", "cancelJob", "listJobEvents", "listJobCheckpoints",
-                   "getJobMetrics", "getJobEvaluation", "publishJob")
+                   "getJobMetrics", "publishJob")
 
 
 def _finetune_paths() -> dict:

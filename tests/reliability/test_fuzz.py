@@ -45,6 +45,7 @@ class FuzzRun:
     positive: int = 0  # schema-valid /v1 POST bodies
     refused: Counter = field(default_factory=Counter)  # positive cases answered 4xx, by (status, code)
     examples: list[str] = field(default_factory=list)  # a few refused cases, for the failure message
+    statuses: dict[tuple[str, str], Counter] = field(default_factory=dict)  # (method, path template) -> statuses
 
     def summary(self) -> str:
         context = self.refused[(400, "context_length_exceeded")]
@@ -54,11 +55,15 @@ class FuzzRun:
 
 
 def fuzz(url: str, work: Path, served: Served, seed: int = 12, phases: str = "coverage,fuzzing",
-         examples: int = FUZZ_EXAMPLES) -> FuzzRun:
+         examples: int = FUZZ_EXAMPLES, extra: tuple[str, ...] = ()) -> FuzzRun:
     """Fetch the served spec, narrow it to this server, run `st run` on it and read the report."""
     spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
     assert spec == openapi_spec()  # the server describes itself with serve/http/openapi.py
-    (work / "spec.json").write_text(json.dumps(narrowed(spec, served)))
+    spec = narrowed(spec, served)
+    if phases == "stateful":  # uploads Schemathesis can train on: the spec's own example row (no generator makes JSONL)
+        upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        upload["properties"]["file"] = {"type": "string", "enum": [upload["example"]["file"]]}
+    (work / "spec.json").write_text(json.dumps(spec))
     (work / "st.toml").write_text(f'[auth.openapi.bearer]\nbearer = "{API_KEY}"\n'
                                   f'[auth.openapi.admin]\nbearer = "{ADMIN_KEY}"\n')
     report = work / "report.ndjson"
@@ -69,7 +74,7 @@ def fuzz(url: str, work: Path, served: Served, seed: int = 12, phases: str = "co
            "--checks", "all", "--exclude-checks", EXCLUDED_CHECKS, "--continue-on-failure", "--workers", "1",
            "--seed", str(seed), "--generation-database", "none", "--request-timeout", str(REQUEST_TIMEOUT_S),
            "--max-response-time", str(REQUEST_TIMEOUT_S), "--no-color",
-           "--report", "ndjson", "--report-ndjson-path", str(report)]
+           "--report", "ndjson", "--report-ndjson-path", str(report), *extra]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, cwd=work)
     assert report.is_file(), p.stdout[-3000:] + p.stderr[-3000:]  # the CLI refused its arguments
     return read_report(report, FuzzRun(p.returncode, p.stdout[-6000:] + p.stderr[-3000:]))
@@ -84,6 +89,7 @@ def read_report(path: Path, run: FuzzRun) -> FuzzRun:
                 continue
             run.cases += 1
             status = response["status_code"]
+            run.statuses.setdefault((case["method"], case["path"]), Counter())[status] += 1
             if status >= 500:
                 run.server_errors.append(f"{case['method']} {case['path']} -> {status}: {_text(response)[:300]}")
             meta = case.get("meta") or {}  # a positive case: generated positive, every part of it positive
@@ -132,6 +138,37 @@ def test_fuzz_flask_backend(tiny_model, tmp_path):
         assert_clean(run, server.url)
     finally:
         server.stop()
+
+
+# operations that take an id the stateful phase must reach with a 2xx through the links (not only as 404s);
+# publish needs a trained run (no worker runs here): reached through its link, answered 400 not_publishable
+LINKED = [("GET", "/v1/files/{fid}"), ("GET", "/v1/files/{fid}/content"), ("GET", "/v1/files/{fid}/preview"),
+          ("DELETE", "/v1/files/{fid}"), ("GET", "/v1/fine_tuning/jobs/{jid}"),
+          ("POST", "/v1/fine_tuning/jobs/{jid}/cancel"), ("GET", "/v1/fine_tuning/jobs/{jid}/events"),
+          ("GET", "/v1/fine_tuning/jobs/{jid}/checkpoints"), ("GET", "/v1/fine_tuning/jobs/{jid}/metrics")]
+STATEFUL_EXAMPLES = 100 if FULL else 25  # stateful scenarios per run, repeated until STATEFUL_SECONDS are spent
+STATEFUL_SECONDS = 300 if FULL else 45  # CI: under a minute of the phase on the tiny model
+STATEFUL_PATHS = "^/v1/(files|fine_tuning|registry)"  # the operations that create and use ids
+
+
+def test_stateful_links_reach_the_operations_using_ids(tiny_model, tmp_path):
+    """Schemathesis's stateful phase follows the spec's links (upload -> file and job operations, job create ->
+    job operations, registry list -> get and rollback): 0 5xx, and each id-using operation answers 2xx at least once."""
+    registry = two_adapter_registry(tiny_model, tmp_path)
+    server = start(registry, SERVE_MAX_MODEL_LEN="64")
+    try:
+        run = fuzz(server.url, tmp_path, served(server.url, 64, registry), phases="stateful",
+                   examples=STATEFUL_EXAMPLES, extra=("--include-path-regex", STATEFUL_PATHS,
+                                                      "--max-time", str(STATEFUL_SECONDS)))
+        assert server.proc.poll() is None, "the server died under stateful fuzzing"
+    finally:
+        server.stop()
+    print(f"\nstateful: {run.summary()}\n" + "\n".join(f"{m} {p}: {dict(c)}" for (m, p), c in sorted(run.statuses.items())))
+    assert run.rc == 0, run.output
+    assert not run.server_errors, run.server_errors[:5]
+    unreached = [op for op in LINKED if not any(200 <= s < 300 for s in run.statuses.get(op, {}))]
+    assert not unreached, f"only ever non-2xx: {unreached}: {run.statuses}"
+    assert any(200 <= s < 300 for s in run.statuses.get(("POST", "/v1/registry/models/{name}/rollback"), {}))
 
 
 # The vLLM proxy is fuzzed by tests/reliability/test_vllm_faults.py on its module's vLLM server (one start).
