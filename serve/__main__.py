@@ -62,6 +62,9 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _serve(settings: Settings) -> int:
     try:
+        from serve.http.keys import KeyRing
+
+        KeyRing(settings.api_key, settings.admin_key, settings.keys_file or None)  # a bad keys file: exit 2, one line
         if settings.backend == "vllm":
             from serve.vllm.server import run_vllm
 
