@@ -14,7 +14,7 @@ export function LossChart({rows, id = "loss-chart"}) {
   const data = columns(rows);
   useEffect(() => {
     const opts = {width: Math.min(760, box.current.clientWidth || 760), height: 260, scales: {x: {time: false}},
-      axes: [{label: "step"}, {label: "loss"}],
+      axes: [{label: "step", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]}, {label: "loss"}],
       series: [{label: "step"},
         {label: "train loss", stroke: "#1f6feb", width: 2, points: {show: true}},
         {label: "validation loss", stroke: "#d1242f", width: 2, spanGaps: true, points: {show: true}}]};
