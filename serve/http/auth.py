@@ -49,9 +49,13 @@ def current_caller() -> Caller | None:
 def authenticator(ring: KeyRing, drain: Drain, open_paths: frozenset[str]) -> Callable[[], None]:
     """Paths (or rules) in `open_paths` need no key. Else: 401 for a missing or wrong key, 403 insufficient_scope for a key without the route's scope; /admin/*
     is off (404) where no key holds the admin scope. Then, while draining, new requests get 503."""
+    # an open rule's fixed prefix (the console's "/console/static/<path:name>") is open for every method, so an
+    # undeclared one gets its 405, not a 401 (a request matching no rule has no url_rule to compare)
+    prefixes = tuple(p.split("<", 1)[0] for p in open_paths if "<" in p)
+
     def check() -> None:
         rule = request.url_rule.rule if request.url_rule is not None else None
-        if request.path in open_paths or rule in open_paths:
+        if request.path in open_paths or rule in open_paths or (prefixes and request.path.startswith(prefixes)):
             return
         if request.path.startswith("/admin") and not ring.admin_on:
             raise APIError(404, "admin API is off (set SERVE_ADMIN_KEY or an admin key in SERVE_KEYS_FILE)")
