@@ -294,12 +294,15 @@ def openapi_spec(served: Served | None = None) -> dict:
 
 
 def narrowed(spec: dict, served: Served) -> dict:
-    """A copy whose request bodies name the served models (enum) and cap max_tokens by the context, and
-    whose admin paths name the registry's adapters."""
+    """A copy whose request bodies name the served models (enum) and cap max_tokens by the context, whose
+    admin paths name the registry's adapters, and whose upload is the example training file."""
     out = copy.deepcopy(spec)
     for path in ("/admin/adapters/{name}/load", "/admin/adapters/{name}/unload"):
         if served.adapters:
             out["paths"][path]["post"]["parameters"][0]["schema"]["enum"] = list(served.adapters)
+    upload = out["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    # no schema generates training rows: a fuzzer's positive uploads are the spec's own example (invalid ones: 400)
+    upload["properties"]["file"] = {"type": "string", "enum": [upload["example"]["file"]]}
     job = out["components"]["schemas"]["JobCreateRequest"]["properties"]
     job["model"] = {**job["model"], "enum": list(served.models[:1])}  # the base (GET /v1/models lists it first)
     for name in REQUESTS:

@@ -59,11 +59,7 @@ def fuzz(url: str, work: Path, served: Served, seed: int = 12, phases: str = "co
     """Fetch the served spec, narrow it to this server, run `st run` on it and read the report."""
     spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
     assert spec == openapi_spec()  # the server describes itself with serve/http/openapi.py
-    spec = narrowed(spec, served)
-    if phases == "stateful":  # uploads Schemathesis can train on: the spec's own example row (no generator makes JSONL)
-        upload = spec["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-        upload["properties"]["file"] = {"type": "string", "enum": [upload["example"]["file"]]}
-    (work / "spec.json").write_text(json.dumps(spec))
+    (work / "spec.json").write_text(json.dumps(narrowed(spec, served)))  # uploads: the spec's example file
     (work / "st.toml").write_text(f'[auth.openapi.bearer]\nbearer = "{API_KEY}"\n'
                                   f'[auth.openapi.admin]\nbearer = "{ADMIN_KEY}"\n')
     report = work / "report.ndjson"
