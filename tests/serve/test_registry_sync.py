@@ -91,7 +91,8 @@ def test_admin_never_takes_paths(server, name):
 
 
 def test_admin_needs_its_key(server):
-    assert httpx.get(f"{server.url}/admin/adapters", headers=AUTH).status_code == 401
+    r = httpx.get(f"{server.url}/admin/adapters", headers=AUTH)  # the API key lacks the admin scope
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_scope"
     assert httpx.get(f"{server.url}/admin/adapters").status_code == 401
 
 
