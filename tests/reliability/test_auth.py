@@ -16,7 +16,8 @@ from serve.metrics import Metrics
 from serve.settings import Settings
 from tests.serve.conftest import ADMIN_KEY, API_KEY, base_registry, start_server
 
-OPEN = {"/health", "/ready", "/metrics", "/openapi.json", "/"}  # documented as open: README and serve/http/app.py
+OPEN = {"/health", "/ready", "/metrics", "/openapi.json", "/", "/console"}  # documented as open: README and serve/http/app.py
+CONSOLE_FILES = "/console/static/<path:name>"  # open by its rule: only the shipped files (docs/console.md), else 404
 
 
 def _routes() -> list[tuple[str, str]]:
@@ -27,7 +28,7 @@ def _routes() -> list[tuple[str, str]]:
 
 
 ROUTES = _routes()
-CLOSED = [(m, p) for m, p in ROUTES if p not in OPEN]
+CLOSED = [(m, p) for m, p in ROUTES if p not in OPEN and not p.startswith("/console/static/")]
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +41,10 @@ def server(tiny_model, tmp_path_factory):
 
 
 def test_the_route_list_is_what_the_app_serves():
-    assert OPEN_PATHS == OPEN
+    assert OPEN_PATHS == OPEN | {CONSOLE_FILES}
     assert {"/v1/models", "/v1/completions", "/v1/chat/completions", "/admin/adapters",
             "/admin/adapters/chef-a/load", "/admin/adapters/chef-a/unload"} <= {p for _, p in CLOSED}
-    assert {p for _, p in ROUTES} - {p for _, p in CLOSED} == OPEN
+    assert {p for _, p in ROUTES} - {p for _, p in CLOSED} == OPEN | {"/console/static/chef-a"}
 
 
 @pytest.mark.parametrize("method,path", CLOSED)

@@ -104,7 +104,7 @@ def _evidence_matches_the_manifest(page: Console, server, job: dict) -> None:
     assert task["tuned"] > task["base"] and retention is not None, v1  # the manifest's own figures
     page.tab("evaluate")
     panel = page.wait(lambda d: page.css("#evaluation .evidence"))[0]
-    assert panel.find_element("css selector", ".ev-gain").text == f"+{task['gain']:.3f}"
+    assert panel.find_element("css selector", ".ev-gain").text == f"+{task['gain']:.1f}"  # points
     assert panel.find_element("css selector", ".ev-task-tuned").text == f"{task['tuned']:.3f}"
     assert panel.find_element("css selector", ".ev-ret-base").text == f"{100 * retention['overall']['base']:.1f} %"
     assert panel.find_element("css selector", ".ev-ret-tuned").text == f"{100 * retention['overall']['tuned']:.1f} %"

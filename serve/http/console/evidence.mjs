@@ -4,10 +4,10 @@ import {html, num, pct} from "./ui.mjs";
 
 function Task({task}) {
   if (!task) return html`<p class="hint">No task evaluation recorded.</p>`;
-  const gain = task.gain ?? (task.tuned - task.base);
-  return html`<table class="task"><thead><tr><th>task metric</th><th>base</th><th>tuned</th><th>gain</th></tr></thead>
+  const gain = task.gain ?? 100 * (task.tuned - task.base);  // in points, as the manifest records it
+  return html`<table class="task"><thead><tr><th>task metric</th><th>base</th><th>tuned</th><th>gain (points)</th></tr></thead>
     <tbody><tr><td>${task.metric}</td><td class="ev-task-base">${num(task.base)}</td><td class="ev-task-tuned">${num(task.tuned)}</td>
-      <td class=${"ev-gain " + (gain > 0 ? "good" : "bad")}>${gain > 0 ? "+" : ""}${num(gain)}</td></tr></tbody></table>`;
+      <td class=${"ev-gain " + (gain > 0 ? "good" : "bad")}>${gain > 0 ? "+" : ""}${num(gain, 1)}</td></tr></tbody></table>`;
 }
 
 function Retention({retention}) {
