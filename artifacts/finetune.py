@@ -230,7 +230,7 @@ class JobStore:
         return self.root / _safe(jid)
 
     def run_dir(self, jid: str) -> Path:
-        """The training run folder a worker writes for a job (<store>/runs/<job-id>, train/worker.py)."""
+        """The training run folder of a job, <store>/runs/<job-id>: the worker writes it, the API reads it."""
         return self.root.parent / "runs" / _safe(jid)
 
     def create(self, job: Job) -> Job:

@@ -51,11 +51,21 @@ def pytest_addoption(parser):
                          "for iterating on the serve tests, never in CI")
 
 
+WORKER_NICE = 5  # xdist workers yield to the background demo run, the suite's longest chain
+
+
 def pytest_configure(config):
-    """FULL and DEMO are read by test modules at import (`from tests.conftest import FULL`), after this runs."""
+    """FULL and DEMO are read by test modules at import (`from tests.conftest import FULL`), after this runs.
+
+    Under pytest-xdist every process of the run (the workers, their servers and trainings, the background
+    demo) computes with one thread: two-thread processes side by side on 2 cores wait on each other's
+    descheduled threads at every op (the demo's step measured 2.4x slower than its fair share)."""
     global FULL, DEMO
     FULL = config.getoption("full")
     DEMO = demo_size(FULL)
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None) \
+            and not hasattr(config, "workerinput"):
+        os.environ["OMP_NUM_THREADS"] = "1"  # before the workers start: they, and all they spawn, inherit it
 
 
 def build_tiny_llama(out: Path) -> Path:
@@ -152,21 +162,22 @@ def start_demo(config, export: bool) -> None:
 
 def _run_order(item) -> int:
     """Docker first (it waits on the engine and the disk), then the other slow tests, the fast ones, and last
-    the demo's users, which by then find the background run done. Stable: modules stay in file order."""
+    the demo's users (its export's last), which by then find the background run done. Stable: modules stay in file order."""
     if item.get_closest_marker("docker"):
         return 0
     if "demo_run" in item.fixturenames:
-        return 3
+        return 4 if "demo_export" in item.fixturenames else 3  # the export is the job's second step
     return 1 if item.get_closest_marker("slow") else 2
 
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only tests that will run start the demo
 def pytest_collection_modifyitems(config, items):
     items.sort(key=_run_order)
-    if config.option.collectonly or config.getoption("reuse_demo") or not any("demo_run" in it.fixturenames
-                                                                              for it in items):
-        return
-    start_demo(config, export=any("demo_export" in it.fixturenames for it in items))
+    wanted = not (config.option.collectonly or config.getoption("reuse_demo"))
+    if wanted and any("demo_run" in it.fixturenames for it in items):
+        start_demo(config, export=any("demo_export" in it.fixturenames for it in items))
+    if hasattr(config, "workerinput"):
+        os.nice(WORKER_NICE)  # after the start: the demo keeps the default priority
 
 
 def pytest_unconfigure(config):

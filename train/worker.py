@@ -124,7 +124,7 @@ class Worker:
 
     # -- one job -----------------------------------------------------------------------------------------
     def run(self, job: Job) -> Job:
-        run_dir = self.store / "runs" / job.id
+        run_dir = self.jobs.run_dir(job.id)  # where the API reads the run back (artifacts owns the path)
         try:
             command = self._command(job, run_dir)
         except ConfigError as e:  # a spec no config can be built from (an older server's): the job fails, the worker goes on
