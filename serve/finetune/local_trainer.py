@@ -34,6 +34,7 @@ class LocalTrainer:
         self.proc: subprocess.Popen | None = None
         self.owner = os.getpid()  # gunicorn forks its workers from this process: only the owner may stop the worker
         self.stopping = threading.Event()
+        self.spawning = threading.Lock()  # a stop() right after start() must not miss a worker being spawned
         self.thread = threading.Thread(target=self._supervise, name="local-trainer", daemon=True)
 
     def start(self) -> "LocalTrainer":
@@ -42,8 +43,11 @@ class LocalTrainer:
 
     def _supervise(self) -> None:
         pause = 1.0
-        while not self.stopping.is_set():
-            self.proc = subprocess.Popen(self.cmd, start_new_session=True)
+        while True:
+            with self.spawning:
+                if self.stopping.is_set():
+                    return
+                self.proc = subprocess.Popen(self.cmd, start_new_session=True)
             log.info("fine-tuning worker started (pid %d): %s", self.proc.pid, " ".join(self.cmd[1:]))
             rc = self.proc.wait()
             if self.stopping.is_set():
@@ -62,7 +66,8 @@ class LocalTrainer:
         be held by the supervisor thread, which the fork did not copy)."""
         if os.getpid() != self.owner:
             return
-        self.stopping.set()
+        with self.spawning:
+            self.stopping.set()  # no worker is spawned after this
         if self.proc is not None and self.proc.poll() is None:
             try:
                 os.killpg(self.proc.pid, signal.SIGTERM)  # the worker and its training run; a running job resumes later

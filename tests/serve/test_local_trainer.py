@@ -51,3 +51,16 @@ def test_a_forked_copy_of_the_owner_leaves_the_worker_alone(tmp_path):
         assert not t.stopping.is_set()
     finally:
         t.stop()
+
+
+def test_a_stop_right_after_the_start_leaves_no_worker_behind(tmp_path):
+    """The supervisor spawns the worker on its own thread: a stop() that lands before (or while) it spawns must
+    still end with no worker process (one was seen outliving an in-process `serve` that refused its settings)."""
+    for _ in range(10):
+        t = LocalTrainer(tmp_path)
+        t.cmd = SLEEPER  # the race is in the spawning, whatever the worker
+        t.start()
+        t.stop()
+        t.thread.join(5)
+        assert not t.thread.is_alive()
+        assert t.proc is None or t.proc.wait(timeout=25) is not None
