@@ -172,7 +172,11 @@ def _run_order(item) -> int:
 
 @pytest.hookimpl(trylast=True)  # after -m/-k deselection: only tests that will run start the demo
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=_run_order)
+    # xdist hands out whole files (--dist loadfile) in the order of their first item: a file sorts by its latest item
+    by_file: dict[str, int] = {}
+    for it in items:
+        by_file[it.nodeid.split("::")[0]] = max(by_file.get(it.nodeid.split("::")[0], 0), _run_order(it))
+    items.sort(key=lambda it: by_file[it.nodeid.split("::")[0]])
     wanted = not (config.option.collectonly or config.getoption("reuse_demo"))
     if wanted and any("demo_run" in it.fixturenames for it in items):
         start_demo(config, export=any("demo_export" in it.fixturenames for it in items))
