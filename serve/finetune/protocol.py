@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from serve.errors import bad_request
+from serve.errors import parse_body
 from serve.schema import bounded_int
 
 _REQ = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
@@ -93,17 +93,7 @@ class JobCreateRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> "JobCreateRequest":
-        if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object")
-        try:
-            return cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            path = ".".join(str(x) for x in err["loc"])  # union branches show as e.g. 'constrained-int'
-            head = str(err["loc"][0]) if err["loc"] else None
-            if err["type"] == "extra_forbidden":
-                raise bad_request(f"'{path}' is not supported by this server", head) from None
-            raise bad_request(f"'{path}': {err['msg']}", head) from None
+        return parse_body(cls, body)
 
 
 class PublishRequest(BaseModel):
@@ -115,13 +105,7 @@ class PublishRequest(BaseModel):
 
     @classmethod
     def parse(cls, body: Any) -> "PublishRequest":
-        if not isinstance(body, dict):
-            raise bad_request("request body must be a JSON object")
-        try:
-            return cls.model_validate(body)
-        except ValidationError as e:
-            err = e.errors(include_url=False)[0]
-            raise bad_request(f"'{'.'.join(str(x) for x in err['loc'])}': {err['msg']}", "override_reason") from None
+        return parse_body(cls, body)
 
 
 # -- responses ---------------------------------------------------------------------------------------

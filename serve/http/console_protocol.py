@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from serve.errors import bad_request
 from serve.finetune.protocol import PublishRequest
 
 _REQ = ConfigDict(strict=True, extra="forbid")
@@ -132,18 +131,6 @@ class FineTuningMethod(BaseModel):
 class MethodList(BaseModel):
     object: Literal["list"]
     data: list[FineTuningMethod]
-
-
-def parse(model: type[BaseModel], body: Any) -> BaseModel:
-    """A request body as `model`; 400 naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        head = str(err["loc"][0]) if err["loc"] else None
-        raise bad_request(f"'{'.'.join(str(x) for x in err['loc'])}': {err['msg']}", head) from None
 
 
 MODELS = [Me, Evidence, RegistryList, RegistryEntry, RollbackRequest, PublishRequest, MetricsList, PreviewList,

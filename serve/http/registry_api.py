@@ -22,7 +22,8 @@ from artifacts import Manifest, Registry, RegistryError, RunDir, validate_name
 from artifacts.evidence import evidence
 from artifacts.run_metrics import read_series
 from serve.errors import APIError, bad_request
-from serve.http.console_protocol import RollbackRequest, parse
+from serve.http.console_protocol import RollbackRequest
+from serve.errors import parse_body
 from serve.http.routes import json_response
 from serve.openai.backend import json_body
 
@@ -84,7 +85,7 @@ class RegistryAPI:
         return int(m[1])
 
     def rollback(self, name: str, body: Any) -> dict[str, Any]:
-        req = parse(RollbackRequest, body)
+        req = parse_body(RollbackRequest, body)
         kind = self._kind(name)
         version = self._version(name, kind, req.version)
         try:
