@@ -120,16 +120,17 @@ def stack(dockerd):
 
 
 def test_jobs_ran_in_order_and_succeeded(stack):
-    ps = _sh(*stack["compose"], "ps", "-a", env=stack["env"]).stdout
-    for svc in ("train", "export"):
-        line = next(line for line in ps.splitlines() if f"{PROJECT}_{svc}_1" in line)
-        assert "Exit 0" in line, ps
-    started = {}
+    # Container state from `docker inspect`, not from `ps`'s table: compose 1.x wraps its columns
+    # (a long command can split a container's name over two lines).
+    states = {}
     for svc in ("train", "export", "serve"):
         cid = _sh(*stack["compose"], "ps", "-q", svc, env=stack["env"]).stdout.strip()
-        st = json.loads(_sh("docker", "inspect", cid).stdout)[0]["State"]
-        started[svc] = (st["StartedAt"], st.get("FinishedAt"))
-    assert started["train"][1] <= started["export"][0] and started["export"][1] <= started["serve"][0]
+        assert cid, f"no {svc} container: " + _sh(*stack["compose"], "ps", env=stack["env"]).stdout
+        states[svc] = json.loads(_sh("docker", "inspect", cid).stdout)[0]["State"]
+    for svc in ("train", "export"):
+        assert (states[svc]["Status"], states[svc]["ExitCode"]) == ("exited", 0), states[svc]
+    assert states["train"]["FinishedAt"] <= states["export"]["StartedAt"], states
+    assert states["export"]["FinishedAt"] <= states["serve"]["StartedAt"], states
 
 
 def test_serves_the_adapter_the_train_job_produced(stack):

@@ -29,6 +29,11 @@ def _wanted(setting: str, on_cuda: bool) -> bool:
     return setting == "on" or (setting == "auto" and on_cuda)
 
 
+def fast_path_wanted(setting: str) -> bool:
+    """The fused step itself: auto = on CUDA and on a CPU (measured faster on both; docs/performance.md)."""
+    return setting in ("on", "auto")
+
+
 def graphs_wanted(training: Any, on_cuda: bool) -> bool:
     """CUDA graphs of the stack: on CUDA unless training.cuda_graphs=off or gradient checkpointing recomputes layers."""
     return on_cuda and training.cuda_graphs == "auto" and not training.gradient_checkpointing
@@ -38,7 +43,7 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
     """Make `model.forward` the fused step when training.fast_path allows it and the model is covered."""
     t = cfg.training
     on_cuda = torch.cuda.is_available()
-    if not _wanted(t.fast_path, on_cuda):
+    if not fast_path_wanted(t.fast_path):
         return None
     try:
         if t.fsdp:
