@@ -84,3 +84,21 @@ def test_speed_bench_runs_at_tiny_size_and_both_arms_agree(tmp_path):
         assert 0 < r["padding_share_baseline"] < 1
     assert (tmp_path / "out" / "train_speed_loss.png").stat().st_size > 10_000
     assert "| tiny lora var | project |" in p.stdout
+
+
+def test_fair_bench_runs_at_tiny_size_with_five_windows_and_both_arms_agree(tmp_path):
+    """bench/train_fair.py (issue 29's fair baseline): fixed-length and variable-length data, median + spread."""
+    p = subprocess.run([sys.executable, "bench/train_fair.py", "--tiny", "--work", str(tmp_path / "w"),
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "out" / "train_fair.json").read_text())["results"]
+    assert [(r["method"], r["data"]) for r in res] == [("lora", "4x96"), ("full", "4x96"), ("lora", "var")]
+    for r in res:
+        for arm in (r["baseline"], r["project"]):
+            assert len(arm["tokens_per_s"]) == 5 and min(arm["tokens_per_s"]) > 0
+            assert arm["tps"]["min"] <= arm["tps"]["median"] <= arm["tps"]["max"]
+        # the same batches in the same order, fp32 on CPU: the two loss curves coincide
+        assert r["project"]["losses"] == pytest.approx(r["baseline"]["losses"], rel=1e-3)
+    assert res[0]["tokens_per_step"] == {"median": 384, "min": 384, "max": 384}  # 4 rows of exactly 96 tokens
+    assert res[0]["padding_share_baseline"] == 0 and 0 < res[2]["padding_share_baseline"] < 1
+    assert "| tiny lora 4x96 |" in p.stdout and "project LoRA / project full" in p.stdout
