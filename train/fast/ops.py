@@ -37,10 +37,15 @@ def rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D], cos/sin [T, 1, D]: rotary positions as transformers applies them (rotate_half)."""
+    """x [T, H, D], cos/sin [T, 1, D]: rotary positions as transformers applies them (rotate_half).
+
+    cos and sin repeat their first half (transformers builds them as cat(freqs, freqs)), so with x = (x1, x2)
+    x * cos + rotate_half(x) * sin = (x1 c - x2 s, x2 c + x1 s), c and s the first halves: the same roundings
+    (negation is exact), half the cos/sin reads, and a backward without rotate_half's slice/neg/cat."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def attention_in(h, ln, eps: float, qkv: Weights, cos, sin, heads: int, kv_heads: int, head_dim: int,
