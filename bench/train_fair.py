@@ -49,34 +49,7 @@ import train_speed as ts  # noqa: E402  (bench/ is on sys.path when run as a scr
 SPEC_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # dense bf16, SXM data sheets
 
 
-class Meter:
-    """`windows` timed windows of `window` steps after `warmup`; train_speed.project_arm's interface."""
-
-    def __init__(self, warmup: int, window: int, windows: int, tokens: list[int]):
-        self.warmup, self.window, self.windows, self.tokens = warmup, window, windows, tokens
-        self.edges: list[float] = []
-        self.marks: list = []
-        self.losses: list[float] = []
-
-    def steps(self) -> int:
-        return self.warmup + self.windows * self.window
-
-    def step_done(self, step: int, mark=None) -> None:  # step counts from 1
-        if step >= self.warmup and (step - self.warmup) % self.window == 0 and step <= self.steps():
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.edges.append(time.perf_counter())
-            self.marks.append(mark)
-
-    def tokens_per_s(self) -> list[float]:
-        out = []
-        for w in range(len(self.edges) - 1):
-            a = self.warmup + w * self.window
-            out.append(sum(self.tokens[a:a + self.window]) / (self.edges[w + 1] - self.edges[w]))
-        return out
-
-
-def fair_baseline(args, model_dir: Path, method: str, batches: list[list[dict]], meter: Meter) -> dict:
+def fair_baseline(args, model_dir: Path, method: str, batches: list[list[dict]], meter: "ts.Meter") -> dict:
     """The plain transformers + peft loop with the recipe's precision, fused AdamW, sdpa."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, set_seed
@@ -137,14 +110,14 @@ def run_case(args, shape: str, method: str, kind: str, peak: float | None, extra
     tokens: list[int] = []
     batches: list[list[dict]] = []
     res = {"shape": shape, "method": method, "data": kind, "project_args": [*args.project_args, *extra]}
-    pm = Meter(args.warmup, args.window, args.windows, tokens)
+    pm = ts.Meter(args.warmup, args.window, tokens, args.windows)
     t0 = time.perf_counter()
     res["project"] = ts.project_arm(cargs, res["project_args"], model_dir, data, method,
                                     args.work / f"run-{shape}-{method}-{kind}", pm.steps(), pm, capture=batches)
     res["project"]["wall_s"] = time.perf_counter() - t0
     ts._reset_memory()
     tokens += [sum(len(r["input_ids"]) for r in rows) for rows in batches]
-    bm = Meter(args.warmup, args.window, args.windows, tokens)
+    bm = ts.Meter(args.warmup, args.window, tokens, args.windows)
     t0 = time.perf_counter()
     res["baseline"] = fair_baseline(cargs, model_dir, method, batches, bm)
     res["baseline"]["wall_s"] = time.perf_counter() - t0

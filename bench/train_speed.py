@@ -100,14 +100,17 @@ def build_data(path: Path, tok_dir: Path, rows: int, lengths: tuple[int, int], s
 class Meter:
     """Times windows of steps (synchronising the device only at window edges) and records losses."""
 
-    def __init__(self, warmup: int, window: int, tokens: list[int]):
-        self.warmup, self.window, self.tokens = warmup, window, tokens
+    def __init__(self, warmup: int, window: int, tokens: list[int], windows: int = 2):
+        self.warmup, self.window, self.windows, self.tokens = warmup, window, windows, tokens
         self.edges: list[float] = []
         self.marks: list = []  # at each window edge: the CUDA graphs captured so far (project arm), else None
         self.losses: list[float] = []
 
+    def steps(self) -> int:
+        return self.warmup + self.windows * self.window
+
     def step_done(self, step: int, mark=None) -> None:  # step counts from 1
-        if step in (self.warmup, self.warmup + self.window, self.warmup + 2 * self.window):
+        if step >= self.warmup and (step - self.warmup) % self.window == 0 and step <= self.steps():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.edges.append(time.perf_counter())
