@@ -86,7 +86,7 @@ def rss_mb(pid: int) -> float:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     total += int(line.split()[1]) / 1024
-        except (FileNotFoundError, ProcessLookupError):
+        except OSError:  # the process ended meanwhile (ENOENT or ESRCH)
             continue
     return total
 
@@ -96,7 +96,7 @@ def _children(pid: int) -> list[int]:
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             kids += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
+        except OSError:  # the thread ended between the listing and the read: ENOENT, or ESRCH (ProcessLookupError)
             continue
     return kids + [g for k in kids for g in _children(k)]
 
