@@ -21,9 +21,8 @@ from flask import Flask, request
 from artifacts import Manifest, Registry, RegistryError, RunDir, validate_name
 from artifacts.evidence import evidence
 from artifacts.run_metrics import read_series
-from serve.errors import APIError, bad_request
+from serve.errors import APIError, bad_request, parse_body
 from serve.http.console_protocol import RollbackRequest
-from serve.errors import parse_body
 from serve.http.routes import json_response
 from serve.openai.backend import json_body
 
