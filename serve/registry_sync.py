@@ -1,5 +1,9 @@
 """Keeps a server's adapters equal to the registry's: check each one, load it, unload removed ones.
 
+With `on_demand` (the torch engine, adapter_cache.py), "load" registers the checked adapter as
+servable and the engine reads its weights on first request: a start or a poll reads no weights,
+and the engine reports a load that fails later (`load_failed`).
+
 Publishing into the registry is an atomic rename, so a poll sees complete entries only. Every
 adapter is checked before loading (checksums, base model identity, no pickled weights, LoRA rank
 within the server's limit and target modules present in the base, by the manifest and by the
@@ -44,7 +48,7 @@ class Refused(Exception):
 
 @dataclass
 class AdapterState:
-    state: str  # loaded | refused | failed | disabled | unloading
+    state: str  # loaded (servable; on_demand: registered) | refused | failed | disabled | unloading
     reason: str = ""
     version: str = ""  # manifest created_at + weights sha: a re-publish under the same name reloads
     method: str | None = None
@@ -66,7 +70,8 @@ class AdapterSync:
     while the engine swaps weights, so the admin API and the other names never wait on the engine."""
 
     def __init__(self, registry: Registry, loader: Loader, base_sha256: str, base_modules: set[str],
-                 max_lora_rank: int, metrics=None, poll_seconds: float = 0.5):
+                 max_lora_rank: int, metrics=None, poll_seconds: float = 0.5, on_demand: bool = False):
+        """on_demand: the loader registers adapters and loads their weights on first request (it counts loads)."""
         self.registry = registry
         self.loader = loader
         self.base_sha256 = base_sha256
@@ -74,6 +79,7 @@ class AdapterSync:
         self.max_lora_rank = max_lora_rank
         self.metrics = metrics
         self.poll_seconds = poll_seconds
+        self.on_demand = on_demand
         self.states: dict[str, AdapterState] = {}  # replaced, never changed in place: readers iterate freely
         self._lock = threading.RLock()
         self._name_locks: dict[str, threading.Lock] = {}
@@ -158,14 +164,15 @@ class AdapterSync:
         else:
             st = AdapterState("loaded", "", version, "lora", lora_rank(pc), round(time.perf_counter() - t0, 3),
                               evidence=ev)
-            if self.metrics:
+            if self.metrics and not self.on_demand:
+                self.metrics.adapter_loads.inc()
                 self.metrics.adapter_load_seconds.observe(time.perf_counter() - t0)
         if st.state != "loaded":
             log.warning("adapter %s refused: %s", name, st.reason)
             if self.metrics:
                 self.metrics.adapter_load_failures.labels(name).inc()
         else:
-            log.info("adapter %s loaded in %.2fs", name, st.load_seconds)
+            log.info("adapter %s %s in %.2fs", name, "registered" if self.on_demand else "loaded", st.load_seconds)
         self._set_state(name, st)
         return st
 
@@ -179,6 +186,22 @@ class AdapterSync:
     def mark_loaded(self, name: str, state: AdapterState) -> None:
         """Record an adapter the server loaded at launch, as checked by checked_state (no second check)."""
         self._set_state(name, state)
+
+    def load_failed(self, name: str, path: str, reason: str) -> None:
+        """The loader could not load `name` from `path` on demand (a corrupt file the checks could not see):
+        mark it failed with the reason and drop it from the loader. A re-publish gets a new chance."""
+        with self._name_lock(name):
+            st = self.states.get(name)
+            try:
+                current = str(self.registry.path("adapters", name))
+            except (RegistryError, OSError):
+                current = None
+            if st is None or st.state != "loaded" or current != path:
+                return  # re-published, unloaded or removed meanwhile
+            self._set_state(name, AdapterState("failed", reason, st.version))
+            if self.metrics:
+                self.metrics.adapter_load_failures.labels(name).inc()
+            self.loader.unload_adapter(name)
 
     def unload(self, name: str, state: str | None = None) -> None:
         with self._name_lock(name):

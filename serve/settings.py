@@ -34,6 +34,7 @@ class Settings:
     max_batch: int = opt(32, "sequences decoded together (the Flask engine's batch; vLLM's --max-num-seqs); CPU throughput peaks near 32, GPU overlays raise it")
     max_model_len: int = opt(2048, "prompt + max_tokens limit (capped by the model); 2048 keeps a CPU KV cache small")
     max_lora_rank: int = opt(64, "larger adapters are refused (vLLM needs it at start); 64 covers the usual ranks 8-64")
+    max_loaded_adapters: int = opt(32, "torch engine: adapters whose weights are held, least recently used evicted, others loaded on first request; 32 = a full batch of distinct adapters, ~1.2 GB of r=16 SmolLM2-135M adapters")
     max_loras: int = opt(8, "vLLM: adapters resident on the GPU at once; 8 batch together without crowding the KV cache")
     max_cpu_loras: int = opt(32, "vLLM: adapters cached in host memory; LoRA weights are small (tens of MB), so it holds 4x the GPU set")
     poll_seconds: float = opt(0.5, "registry poll period; publish -> servable in < 2 s")
@@ -91,6 +92,8 @@ class Settings:
             raise ValueError(f"SERVE_FINETUNE_WORKER: {self.finetune_worker!r}; choose auto, on, off, k8s")
         if self.max_upload_bytes < 1024 or self.upload_timeout <= 0:
             raise ValueError("SERVE_MAX_UPLOAD_BYTES must be >= 1024 and SERVE_UPLOAD_TIMEOUT > 0")
+        if self.max_loaded_adapters < 1:
+            raise ValueError("SERVE_MAX_LOADED_ADAPTERS must be >= 1")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 

@@ -199,10 +199,16 @@ class BatchingEngine(Engine):
             elif not req.prompt_ids:  # nothing to condition on: the model must never see an empty row
                 self._fail([req], "prompt must not be empty")
             elif req.adapter is not None and req.adapter not in self.adapters:
-                self._fail([req], f"adapter {req.adapter!r} is not loaded")
+                refusal = self._not_held(req)  # None: the engine loads the adapter and brings req back
+                if refusal:
+                    self._fail([req], refusal)
             else:
                 out.append(req)
         self._backlog.extendleft(reversed(held))  # first in line once the swap is done
+
+    def _not_held(self, req: GenRequest) -> str | None:
+        """Adapter weights not held: None if the engine parks req to load them (it returns later), else why it fails."""
+        return f"adapter {req.adapter!r} is not loaded"
 
     def _next_waiting(self) -> GenRequest | None:
         if self._backlog:

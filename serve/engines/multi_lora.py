@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lm.adapters import lora_rank
@@ -42,16 +43,18 @@ class MultiLoRA:
     def load(self, name: str, path: str | Path) -> None:
         self.install(name, self.read(name, path))
 
-    def read(self, name: str, path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def read(self, name: str, path: str | Path, meta: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """An adapter's checked weights, module -> (A, B*scale); touches no served state, so it may run
-        on any thread while the model serves (only `install` must wait for the engine thread)."""
+        on any thread while the model serves (only `install` must wait for the engine thread).
+        meta: the safetensors header only, as shape-only tensors: every check, no weights read."""
         path = Path(path)
         cfg = json.loads((path / "adapter_config.json").read_text())
         if str(cfg.get("peft_type", "")).upper() != "LORA" or cfg.get("use_dora"):
             raise ValueError(f"{name}: only plain LoRA adapters can be fused (got {cfg.get('peft_type')})")
         if cfg.get("fan_in_fan_out"):
             raise ValueError(f"{name}: fan_in_fan_out adapters are not supported")
-        tensors = load_file(str(path / "adapter_model.safetensors"))
+        file = str(path / "adapter_model.safetensors")
+        tensors = _header(file) if meta else load_file(file)
         mods: dict[str, dict[str, torch.Tensor]] = {}
         for key, t in tensors.items():
             if not key.startswith(_PREFIX) or not key.endswith(".weight"):
@@ -154,6 +157,12 @@ class MultiLoRA:
             self.apply(module, x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1]), x.shape[1])
             return None
         return hook
+
+
+def _header(file: str) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file declares, on the meta device (safe_open checks the file covers them)."""
+    with safe_open(file, "pt") as f:
+        return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
 
 
 def _pattern(pattern: dict | None, module: str, leaf: str, default):

@@ -5,6 +5,8 @@ weights, either by the fused multi-LoRA hooks (multi_lora.py, default) or by pef
 batch inference (`adapter_names=`, lora_impl="peft"), which the fused path is tested against.
 With the fused path, Llama-family models run on the lean forward (decoder.py: fused, prepacked
 projections and an in-place KV cache); others, or lean=False, on transformers' forward.
+Adapters are registered, then loaded on their first request and evicted least recently used
+(adapter_cache.py): at most `max_loaded_adapters` are held.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from transformers import DynamicCache
 from lm.loading import load_model, load_tokenizer
 
 from serve.engines import attention, decoder
-from serve.engines.batching import BASE, BatchingEngine, as_list
+from serve.engines.adapter_cache import AdapterCache
+from serve.engines.base import EngineStats, GenRequest
+from serve.engines.batching import BASE, STOPPED, BatchingEngine, as_list
 from serve.engines.multi_lora import MultiLoRA
 
 log = logging.getLogger("serve.engine")
@@ -38,8 +42,9 @@ def refuse_gpu_host(cpu_on_gpu_host: bool) -> None:
 class TorchEngine(BatchingEngine):
     def __init__(self, base_path: str, model_name: str, max_batch: int = 32, max_model_len: int = 2048,
                  threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True,
-                 cpu_on_gpu_host: bool = False):
-        """cpu_on_gpu_host: serve on the CPU although a GPU is present (refused by default: vLLM uses it)."""
+                 cpu_on_gpu_host: bool = False, max_loaded_adapters: int = 32, metrics=None):
+        """cpu_on_gpu_host: serve on the CPU although a GPU is present (refused by default: vLLM uses it).
+        max_loaded_adapters: adapters whose weights are held (SERVE_MAX_LOADED_ADAPTERS); metrics: serve.metrics.Metrics."""
         refuse_gpu_host(cpu_on_gpu_host)
         if threads:
             torch.set_num_threads(threads)
@@ -57,48 +62,76 @@ class TorchEngine(BatchingEngine):
                 log.info("transformers forward (no lean path: %s)", e)
         log.info("torch engine: %s forward, %s, %s LoRA", "lean" if self.lean else "transformers",
                  str(dtype).removeprefix("torch."), lora_impl)
-        self.adapters: dict[str, str] = {}  # the weights held (see BatchingEngine.adapters)
+        self.cache = AdapterCache(max_loaded_adapters, self._read, self._install, self._evict, metrics)
+        self.adapters = self.cache.held  # the weights held (see BatchingEngine.adapters), least recently used first
         cfg_len = getattr(self.base.config, "max_position_embeddings", max_model_len)
         eos = {tok.eos_token_id} | set(as_list(getattr(self.base.generation_config, "eos_token_id", None)))
         self._start(tok, model_name, max_batch, min(max_model_len, cfg_len), eos)
 
     def load_adapter(self, name: str, path: str) -> None:
-        if self.lora is not None:  # files are read and checked here, off the engine thread: decoding goes on
-            self._call(self._install_adapter, name, path, self.lora.read(name, path), adapter=name)
-        else:
-            self._call(self._load_adapter, name, path, adapter=name)
+        """Make `name` servable from `path`; its weights load on its first request. The adapter's files are
+        checked here (fused: the safetensors header against the base), so a bad file is refused at once.
+        A re-publish of a held adapter reads the new weights now and swaps them in one step, as before."""
+        if self.lora is not None:
+            self.lora.read(name, path, meta=True)
+        if self.adapters.get(name, path) != path:
+            self._call(self.cache.replace, name, path, self._read(name, path), adapter=name)
+        self.cache.register(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        self._call(self._unload_adapter, name, adapter=name)
+        """No longer serve `name`: once no running row uses it, its weights go and its parked requests fail."""
+        self.cache.unregister(name)
+        self._call(self._forget_adapter, name, adapter=name)
+
+    def _read(self, name: str, path: str):
+        """Any thread: the fused path reads and checks the weights here; peft reads them on install."""
+        return self.lora.read(name, path) if self.lora is not None else path
+
+    def stats(self) -> EngineStats:
+        s = super().stats()
+        return EngineStats(running=s.running, waiting=s.waiting + self.cache.parked)  # parked: waiting for a load
 
     # -- engine thread -----------------------------------------------------------
-    def _install_adapter(self, name: str, path: str, weights: dict) -> None:
-        self.lora.install(name, weights)  # replaces a same-named adapter in one step
-        self.adapters[name] = path
+    def _run_commands(self) -> None:
+        super()._run_commands()
+        in_use = {r.req.adapter for r in self._rows} | {r.adapter for r in self._backlog}
+        settled = self.cache.settle(in_use)
+        self._backlog.extendleft(reversed(settled.resumed))  # first in line: they waited for the load
+        for reqs, message in settled.failed:
+            self._fail(reqs, message)
 
-    def _load_adapter(self, name: str, path: str) -> None:
+    def _not_held(self, req: GenRequest) -> str | None:
+        return self.cache.park(req.adapter, req)
+
+    def _close(self) -> None:
+        self._fail(self.cache.close(), STOPPED)
+        super()._close()
+
+    def _forget_adapter(self, name: str) -> None:
+        reqs, message = self.cache.forget(name)
+        self._fail(reqs, message)
+
+    def _install(self, name: str, path: str, weights) -> None:
+        if self.lora is not None:
+            self.lora.install(name, weights)  # replaces a same-named adapter in one step
+            return
         from peft import PeftModel
 
         if name in self.adapters:
-            self._unload_adapter(name)
+            self._evict(name)
         if self.model is self.base:
             self.model = PeftModel.from_pretrained(self.base, path, adapter_name=name).eval()
         else:
             self.model.load_adapter(path, adapter_name=name)
-        self.adapters[name] = path
 
-    def _unload_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            return
+    def _evict(self, name: str) -> None:
+        """Drop `name`'s weights (the cache then forgets it is held)."""
         if self.lora is not None:
             self.lora.unload(name)
-            del self.adapters[name]
-            return
-        if len(self.adapters) == 1:
+        elif len(self.adapters) == 1:
             self.model = self.model.unload()  # last adapter: back to the plain base model
         else:
             self.model.delete_adapter(name)
-        del self.adapters[name]
 
     def _forward(self, ids, mask, pos, cache, adapters: list[str]):
         if self.lean is not None:

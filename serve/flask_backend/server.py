@@ -36,9 +36,11 @@ def create_flask_app(settings: Settings):
         engine = TorchEngine(path, name, max_batch=settings.max_batch, max_model_len=settings.max_model_len,
                              threads=settings.threads, lora_impl=settings.lora_impl,
                              dtype=torch.float32 if settings.dtype == "auto" else getattr(torch, settings.dtype),
-                             lean=settings.forward == "lean", cpu_on_gpu_host=settings.cpu_on_gpu_host)
+                             lean=settings.forward == "lean", cpu_on_gpu_host=settings.cpu_on_gpu_host,
+                             max_loaded_adapters=settings.max_loaded_adapters, metrics=metrics)
         sync = AdapterSync(reg, engine, sha, module_names(engine.base), settings.max_lora_rank, metrics,
-                           settings.poll_seconds)
+                           settings.poll_seconds, on_demand=True)
+        engine.cache.on_failure = sync.load_failed  # a load on first request that fails marks the adapter failed
         sync.start()
         set_serving(app, OpenAIServing(engine, sync, metrics), sync)
         log.info("ready: base %s, adapters %s", name, sync.loaded())
