@@ -72,10 +72,15 @@ class TorchEngine(BatchingEngine):
         """Make `name` servable from `path`; its weights load on its first request. The adapter's files are
         checked here (fused: the safetensors header against the base), so a bad file is refused at once.
         A re-publish of a held adapter reads the new weights now and swaps them in one step, as before."""
-        if self.lora is not None:
-            self.lora.read(name, path, meta=True)
-        if self.adapters.get(name, path) != path:
-            self._call(self.cache.replace, name, path, self._read(name, path), adapter=name)
+        try:
+            if self.lora is not None:
+                self.lora.read(name, path, meta=True)
+            if self.adapters.get(name, path) != path:
+                self._call(self.cache.replace, name, path, self._read(name, path), adapter=name)
+        except Exception:
+            if name in self.cache.registered():  # a bad re-publish: the sync marks the name failed, so nothing
+                self.unload_adapter(name)  # of its previous version may stay held or registered
+            raise
         self.cache.register(name, path)
 
     def unload_adapter(self, name: str) -> None:

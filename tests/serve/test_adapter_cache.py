@@ -199,15 +199,19 @@ def _outcome(req) -> tuple[str, object]:
         text += ev.text
 
 
-def test_the_batch_keeps_stepping_while_an_adapter_loads(tiny_model, tmp_path):
-    """cap 1, a read held at a gate: the base request finishes meanwhile; the adapter's request then does too."""
+@pytest.mark.parametrize("lora_impl", ["fused", "peft"])
+def test_the_batch_keeps_stepping_while_an_adapter_loads(tiny_model, tmp_path, lora_impl):
+    """cap 1, a read held at a gate: the base request finishes meanwhile; the adapter's request then does too.
+    Then y evicts x, and x comes back with the same output (peft: the reference path, installs on the engine thread)."""
     from serve.engines.base import Finished, GenRequest, SamplingParams
     from serve.engines.torch_engine import TorchEngine
     from tests.reliability.test_registry_faults import make_run
 
-    engine = TorchEngine(str(tiny_model), "tiny-llama", max_batch=4, max_model_len=256, max_loaded_adapters=1)
+    engine = TorchEngine(str(tiny_model), "tiny-llama", max_batch=4, max_model_len=256, max_loaded_adapters=1,
+                         lora_impl=lora_impl)
     try:
         engine.load_adapter("x", str(make_run(tiny_model, tmp_path / "x", 1) / "adapter"))
+        engine.load_adapter("y", str(make_run(tiny_model, tmp_path / "y", 2) / "adapter"))
         assert not engine.adapters, "registering reads no weights"
         gate, read = threading.Event(), engine.cache._read
         engine.cache._read = lambda name, path: (gate.wait(WAIT_S), read(name, path))[1]
@@ -220,6 +224,13 @@ def test_the_batch_keeps_stepping_while_an_adapter_loads(tiny_model, tmp_path):
         gate.set()
         x_text, x_end = _outcome(on_x)
         assert x_end == Finished(0, "length", 8) and x_text != base_text and list(engine.adapters) == ["x"]
+        texts = {}
+        for name in ("y", "x"):  # cap 1: each evicts the other
+            req = GenRequest(engine.tokenize("The menu"), name, params)
+            engine.submit(req)
+            texts[name] = _outcome(req)[0]
+            assert list(engine.adapters) == [name]
+        assert texts["x"] == x_text and texts["y"] not in (x_text, base_text)
     finally:
         engine.shutdown()
 
