@@ -28,34 +28,38 @@ $(VLLM_STAMP): $(STAMP)
 # The MLflow server tests/train/test_tracking.py logs to, in its own venv (.venv holds only the client, the
 # tracking extra): the server's graphene pins python-dateutil<3, the k8s extra's kubernetes client needs >=3.
 MLFLOW_SERVER := .venv/mlflow-server/bin/mlflow
-$(MLFLOW_SERVER): | $(STAMP)
+$(MLFLOW_SERVER):
 	python3 -m venv .venv/mlflow-server
 	.venv/mlflow-server/bin/pip install -q mlflow==3.17.2
 
+# Debian packages, one apt-get at a time: the set-up runs its targets in parallel (make -j) and dpkg takes one lock.
+APT := flock /tmp/tunestack-apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@" >/dev/null' apt
+
 # promtool (Debian's prometheus package) checks the /metrics text in the tests.
 promtool:
-	@command -v promtool >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
+	@command -v promtool >/dev/null || $(APT) prometheus
 
 # Headless Chromium + ChromeDriver (Debian) for the playground test.
 browser:
-	@command -v chromedriver >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
+	@command -v chromedriver >/dev/null || $(APT) chromium chromium-driver
 
 # Debian's Docker engine, docker-compose and debootstrap for the compose test (dockerd is started by the test).
 docker:
 	@command -v dockerd >/dev/null && command -v docker-compose >/dev/null && command -v debootstrap >/dev/null || \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		docker.io docker-compose debootstrap >/dev/null)
+		$(APT) docker.io docker-compose debootstrap
 
 # Fine-tune the embedded SmolLM2 on the bundled menu data, score base vs tuned, publish to ./registry;
 # then merge, export ONNX (parity-checked) and int8 (quality-gated), and publish those too (tunestack/demo.py).
 demo: $(STAMP)
 	.venv/bin/tunestack demo
 
-test: $(STAMP) $(VLLM_STAMP) $(MLFLOW_SERVER) promtool browser docker
+# The set-up's independent parts in parallel (pip is single-threaded): the venv then vLLM, the MLflow server's
+# venv, and the Debian packages.
+test:
+	@$(MAKE) --no-print-directory -j4 $(STAMP) $(VLLM_STAMP) $(MLFLOW_SERVER) promtool browser docker
 	$(PYTEST)
 
 # Unit tests and the tiny-model integration tests: no real SmolLM2 run, no vLLM, no Docker.
-test-fast: $(STAMP) promtool browser docker
+test-fast:
+	@$(MAKE) --no-print-directory -j4 $(STAMP) promtool browser docker
 	$(PYTEST) -m "not slow and not docker" -q

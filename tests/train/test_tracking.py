@@ -51,7 +51,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, deadline_s: float
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on a free port: sqlite backend, a local artifact dir; killed at the end of the module."""
-    assert MLFLOW_SERVER.is_file(), f"{MLFLOW_SERVER} missing: `make venv` builds the MLflow server's venv"
+    assert MLFLOW_SERVER.is_file(), f"{MLFLOW_SERVER} missing: `make test` builds the MLflow server's venv (.venv/mlflow-server)"
     d = tmp_path_factory.mktemp("mlflow")
     port, log = _free_port(), d / "server.log"
     with open(log, "w") as out:
