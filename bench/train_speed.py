@@ -152,7 +152,9 @@ def project_arm(args, project_args: list[str], model_dir: Path, data: Path, meth
                  f"training.max_steps={steps}", f"training.batch_size={args.batch}", "training.logging_steps=1",
                  "training.lr_scheduler=constant", "training.warmup_ratio=0", f"training.lr={LR[method]}",
                  "training.eval_steps=100000", "training.save_steps=100000", "eval.enabled=false",
-                 f"output.dir={work}", "output.overwrite=true", *project_args]
+                 f"output.dir={work}", "output.overwrite=true",
+                 # both arms train the same rows; a shared prefix (a CPU's default) would hand the baseline other rows
+                 "training.shared_prefix=off", *project_args]
     overrides.append(f"method.dropout={args.dropout}")
     if args.tiny:
         overrides += ["training.fast_path=on"]

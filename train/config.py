@@ -100,9 +100,12 @@ class TrainingConfig:
                        "at demo size); on | off")
     cuda_graphs: str = opt("auto", "auto = replay the fused step's decoder stack from CUDA graphs wherever it runs on CUDA "
                            "(not with gradient checkpointing): most of its LoRA speed-up; off = eager launches (A/B, escape hatch)")
+    shared_prefix: str = opt("auto", "the fused step computes the tokens all rows of a batch open with (a fixed system prompt) "
+                             "once: auto = on a CPU (demo steps 1.43x), off on CUDA, where it would leave flash varlen "
+                             "attention and the CUDA graphs; on | off")
 
 
-ON_OFF = ("fast_path", "compile")  # auto | on | off settings
+ON_OFF = ("fast_path", "compile", "shared_prefix")  # auto | on | off settings
 AUTO_OFF = ("cuda_graphs",)  # auto | off settings: nothing to force where no CUDA device is
 
 

@@ -7,6 +7,9 @@ On CUDA, PyTorch's `torch.nn.attention.varlen.varlen_attn` runs Flash Attention'
 padding, no mask tensor, GQA without repeating K/V). It is a young API whose arguments have moved
 between releases, so the call adapts to its signature, and any failure switches, once and with one
 log line, to the fallback: SDPA per document, which is exact and runs on any device.
+
+With a shared prefix (collate.py), the first document is a prefix every other document attends to
+before its own tokens: SDPA per document, each over [prefix; itself] with the matching causal mask.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ except Exception:  # noqa: BLE001 - any import problem means: use the fallback
 _broken: list[str] = []  # the reason the varlen kernel was given up, once per process
 
 
-def per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; exact causal SDPA on each document in turn."""
+def per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                 prefix: int = 0) -> torch.Tensor:
+    """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D]; exact causal SDPA on each document in turn.
+
+    prefix > 0: the first document ([0, prefix)) is also seen, whole, by every later document."""
     bounds = cu_seqlens.tolist()
     gqa = q.shape[1] != k.shape[1]
     out = []
@@ -34,8 +40,19 @@ def per_document(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: 
         if e == s:  # an empty document slot (a CUDA graph's fixed number of slots)
             continue
         qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))
-        out.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa).transpose(0, 1))
+        if prefix and s >= prefix:
+            kd, vd = (torch.cat((t[:prefix].transpose(0, 1), td), dim=1) for t, td in ((k, kd), (v, vd)))
+            mask = _after_prefix(prefix, e - s, q.device)
+            out.append(F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa).transpose(0, 1))
+        else:
+            out.append(F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=gqa).transpose(0, 1))
     return torch.cat(out)
+
+
+def _after_prefix(prefix: int, n: int, device: torch.device) -> torch.Tensor:
+    """[n, prefix + n] bool: a document's token i sees the whole prefix and its own tokens 0..i."""
+    own = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return torch.cat((torch.ones(n, prefix, dtype=torch.bool, device=device), own), dim=1)
 
 
 def _flash(q, k, v, cu_seqlens, max_seqlen: int) -> torch.Tensor:
@@ -61,7 +78,9 @@ def kernel_name(device: torch.device) -> str:
 
 
 def causal_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                  max_seqlen: int) -> torch.Tensor:
+                  max_seqlen: int, prefix: int = 0) -> torch.Tensor:
+    if prefix:  # the varlen kernel has no shared-prefix layout
+        return per_document(q, k, v, cu_seqlens, prefix)
     if q.is_cuda and _varlen_attn is not None and not _broken:
         try:
             return _flash(q, k, v, cu_seqlens, max_seqlen)

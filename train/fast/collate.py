@@ -7,6 +7,13 @@ position's next-token target (IGNORE at the last token of a document, so no docu
 next one), and `target_positions` lists the positions that have a target, so only those reach
 the output layer. Rows already packed by `data.packing` are split at their position resets, so both kinds
 of rows give the same batch.
+
+Shared prefix (`share_prefix`): rows that open with the same tokens (a dataset's fixed system prompt,
+and the chat template around it) compute those tokens once per batch. The prefix becomes the
+sequence's first document, every other document attends to it and then to itself, and its
+positions run on from the prefix's length, so each row sees exactly the context it had alone. The
+prefix ends before any row's first target, so no target moves. On the demo's menu rows the prefix
+is 27 of 51 tokens: a batch of 8 computes 219 tokens instead of 408.
 """
 
 from __future__ import annotations
@@ -30,9 +37,30 @@ def _documents(row: dict[str, Any]) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [n]))
 
 
+MIN_SHARED = 8  # tokens: a shorter common prefix saves less than its extra attention call costs
+
+
+def shared_prefix(batch: list[dict[str, Any]]) -> int:
+    """Tokens every row of `batch` opens with and that no target needs; 0 when sharing does not pay.
+
+    Only single-document rows share (packed rows already fill their length). The prefix stops one token
+    before the earliest target of any row: position P-1 predicts token P, which must carry no loss."""
+    if len(batch) < 2 or any(len(_documents(r)) > 1 for r in batch):
+        return 0
+    first = batch[0]["input_ids"]
+    n = min(len(r["input_ids"]) for r in batch) - 1  # every row keeps at least one token of its own
+    for r in batch[1:]:
+        ids = r["input_ids"]
+        n = next((i for i in range(n) if ids[i] != first[i]), n)
+    for r in batch:
+        n = min(n, next((i for i, t in enumerate(r["labels"]) if t != IGNORE), len(r["labels"])) - 1)
+    return n if n >= MIN_SHARED else 0
+
+
 class PaddingFreeCollator:
-    def __init__(self, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_to_multiple_of: int | None = None, share_prefix: bool = False):
         self.multiple = pad_to_multiple_of
+        self.share = share_prefix
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
         ids: list[int] = []
@@ -40,13 +68,21 @@ class PaddingFreeCollator:
         targets: list[int] = []
         pos: list[int] = []
         cu = [0]
+        prefix = shared_prefix(batch) if self.share else 0
+        if prefix:  # the first document: the prefix once, with no targets (shared_prefix checked that)
+            ids += batch[0]["input_ids"][:prefix]
+            labels += [IGNORE] * prefix
+            targets += [IGNORE] * prefix
+            pos += range(prefix)
+            cu.append(prefix)
         for row in batch:
-            for s, e in _documents(row):
+            for start, e in _documents(row):
+                s = max(start, prefix)  # with a prefix, rows are single documents: their own tokens follow it
                 ids += row["input_ids"][s:e]
                 lab = row["labels"][s:e]
-                labels += [IGNORE] + lab[1:]  # a document's first token is never a target
+                labels += [IGNORE] + lab[1:]  # a document's first token is never a target (nor, after a prefix, one)
                 targets += lab[1:] + [IGNORE]
-                pos += range(e - s)
+                pos += range(s - start, e - start)
                 cu.append(len(ids))
         pad = (-len(ids)) % self.multiple if self.multiple else 0
         if pad:  # padding forms its own document with no targets
@@ -64,4 +100,5 @@ class PaddingFreeCollator:
             "target_positions": torch.tensor([i for i, t in enumerate(targets) if t != IGNORE], dtype=torch.long),
             "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
             "max_seqlen": max(lengths),
+            "shared_prefix": prefix,  # cu_seqlens' first document is seen by every other one
         }

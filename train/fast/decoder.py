@@ -144,22 +144,23 @@ class FusedStep:
         return ws, bs, As, Bs, lora[0].scale, lora[0].dropout
 
     # -- the step ---------------------------------------------------------------------------------
-    def _layer(self, i: int, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool):
+    def _layer(self, i: int, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool, prefix: int = 0):
         layer, (qkv, o, gate_up, down) = self.p.layers[i], self._groups[i]
         q, k, v = self._in(h, layer.ln_in, qkv, cos, sin, training)
-        a = causal_varlen(q, k, v, cu_seqlens, max_seqlen)
+        a = causal_varlen(q, k, v, cu_seqlens, max_seqlen, prefix)
         return self._out(h, a, o, layer.ln_post, gate_up, down, training)
 
     def __call__(self, input_ids: torch.Tensor, shift_labels: torch.Tensor, position_ids: torch.Tensor,
                  cu_seqlens: torch.Tensor, max_seqlen: int, target_positions: torch.Tensor,
-                 num_items_in_batch: Any = None, **_: Any) -> CausalLMOutput:
+                 num_items_in_batch: Any = None, shared_prefix: int = 0, **_: Any) -> CausalLMOutput:
         p, training = self.p, self.model.training
         h, cos, sin = self._inputs(input_ids, position_ids)
         out = None
-        if self.graphs is not None and training and torch.is_grad_enabled() and not p.lm.is_gradient_checkpointing:
+        if (self.graphs is not None and training and torch.is_grad_enabled() and not p.lm.is_gradient_checkpointing
+                and not shared_prefix):  # the graphs capture the varlen layout only
             out = self.graphs.run(h, cos, sin, cu_seqlens, max_seqlen)  # None: this step runs eagerly
         if out is None:
-            out = self._stack(h, cos, sin, cu_seqlens, max_seqlen, training)
+            out = self._stack(h, cos, sin, cu_seqlens, max_seqlen, training, shared_prefix)
         return self._loss(out, shift_labels, target_positions, num_items_in_batch)
 
     def _inputs(self, input_ids: torch.Tensor, position_ids: torch.Tensor):
@@ -169,14 +170,15 @@ class FusedStep:
         cos, sin = self.p.rotary(h, position_ids.view(1, -1))
         return h, cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)
 
-    def _stack(self, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool) -> torch.Tensor:
+    def _stack(self, h, cos, sin, cu_seqlens, max_seqlen: int, training: bool, prefix: int = 0) -> torch.Tensor:
         """Every decoder layer and the final norm: [T, d] embeddings -> [T, d] normed hidden states."""
         recompute = training and torch.is_grad_enabled() and self.p.lm.is_gradient_checkpointing
         for i in range(len(self.p.layers)):
             if recompute:
-                h = checkpoint(self._layer, i, h, cos, sin, cu_seqlens, max_seqlen, training, use_reentrant=False)
+                h = checkpoint(self._layer, i, h, cos, sin, cu_seqlens, max_seqlen, training, prefix,
+                               use_reentrant=False)
             else:
-                h = self._layer(i, h, cos, sin, cu_seqlens, max_seqlen, training)
+                h = self._layer(i, h, cos, sin, cu_seqlens, max_seqlen, training, prefix)
         return self._norm(h, self.p.norm)
 
     def _loss(self, h, shift_labels, target_positions, num_items_in_batch) -> CausalLMOutput:

@@ -34,6 +34,11 @@ def fast_path_wanted(setting: str) -> bool:
     return setting in ("on", "auto")
 
 
+def shared_prefix_wanted(setting: str, on_cuda: bool) -> bool:
+    """Shared-prefix batches: auto = on a CPU, where attention is SDPA per document anyway (collate.py)."""
+    return setting == "on" or (setting == "auto" and not on_cuda)
+
+
 def graphs_wanted(training: Any, on_cuda: bool) -> bool:
     """CUDA graphs of the stack: on CUDA unless training.cuda_graphs=off or gradient checkpointing recomputes layers."""
     return on_cuda and training.cuda_graphs == "auto" and not training.gradient_checkpointing
@@ -56,11 +61,12 @@ def install(model: torch.nn.Module, cfg: Any) -> FastPath | None:
     compile_on = _wanted(t.compile, on_cuda)
     graphs_on = graphs_wanted(t, on_cuda)
     step = FusedStep(model, parts, dtype, compile=compile_on, graphs=graphs_on)
+    share = shared_prefix_wanted(t.shared_prefix, on_cuda)
     model.forward = step  # the Trainer, accelerate's autocast wrapper and DDP all call model.forward
     device = torch.device("cuda" if on_cuda else "cpu")  # where the Trainer will put the model
     summary = (f"fast path: padding-free batches, {kernel_name(device)} attention, fused projections"
                f"{' + LoRA' if any(pr.lora for pr in parts.layers[0].groups[0]) else ''}, chunked output loss on "
-               f"target tokens, {'torch.compile' if compile_on else 'eager'}{', CUDA graphs' if step.graphs else ''}, "
+               f"target tokens, {'shared prefix, ' if share else ''}{'torch.compile' if compile_on else 'eager'}{', CUDA graphs' if step.graphs else ''}, "
                f"{str(dtype).replace('torch.', '')}")
     print(summary, flush=True)
-    return FastPath(step, PaddingFreeCollator(cfg.data.pad_to_multiple_of), summary)
+    return FastPath(step, PaddingFreeCollator(cfg.data.pad_to_multiple_of, share_prefix=share), summary)
