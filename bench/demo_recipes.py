@@ -392,7 +392,11 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=0, help="cap every recipe's steps (a smoke test); 0 = as defined")
     ap.add_argument("--commit", help="the commit measured, where the tree has no .git; default: git rev-parse")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", type=Path, help="print a results JSON as the markdown table of docs/performance.md")
     args = ap.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
     if args.list:
         for k, v in RECIPES.items():
             print(k, {f: x for f, x in asdict(v).items() if x != asdict(BASE)[f]})
@@ -428,6 +432,30 @@ def main() -> None:
                 break
         runs += [g.result() for g in futs if not g.cancelled() and g.result() not in runs]
     write(args.out, base, runs, names, args.commit)
+
+
+def table(body: dict) -> str:
+    """recipe | steps | tokens | held-out mean ± sd (min) | retention overall / worst category per condition | KL."""
+    def pct(x: float) -> str:
+        return f"{100 * x:.1f}"
+    lines = ["| recipe | steps | tokens (k) | held-out % mean ± sd (min) | retention % of base, system prompt: overall / "
+             "worst category | without: overall / worst category | KL | bars |", "|" + " --- |" * 8]
+    for s in body["summary"]:
+        h, c = s["heldout"], s["conditions"]
+        def ret(name: str) -> str:
+            v = c[name]
+            cats = v["by_category_ratio"]
+            worst = min(cats, key=cats.get)
+            return f"{pct(v['overall_ratio']['mean'])} / {pct(cats[worst])} ({worst})"
+        b = s["bars"]
+        full = all(b[k] for k in ("heldout_mean_ge_90", "every_seed_ge_85", "retention_every_seed_meets", "steps_le_246"))
+        verdict = "all" if full else ("CI >= 65 %" if b["ci_mean_ge_65"] else "-")
+        steps = f"{statistics.fmean(s['steps']):.0f}" + (" (early stop)" if s["early_stop"] else "")
+        kl = "-" if s["kl"]["mean"] is None else f"{s['kl']['mean']:.3f}"
+        lines.append(f"| {s['recipe']} | {steps} | {statistics.fmean(s['tokens']) / 1000:.0f} | {pct(h['mean'])} ± "
+                     f"{pct(h['sd'])} ({pct(min(h['values']))}) | {ret('train_system')} | {ret('no_system')} | {kl} | "
+                     f"{verdict} |")
+    return "\n".join(lines)
 
 
 def write(out: Path, base: dict, runs: list[dict], names: list[str], commit: str | None) -> None:
