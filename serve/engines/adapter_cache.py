@@ -11,7 +11,8 @@ The batch keeps stepping while an adapter is read: only the requests that name i
 corrupt file) fails the requests parked on it with the reason, and is reported once through
 `on_failure` (the registry sync then marks the adapter failed: later requests get 404).
 
-Engine-agnostic: the engine passes `read` (any thread), `install` and `evict` (engine thread only);
+Engine-agnostic: the engine passes `read` (any thread), `install(name, path, weights, victims)` (drops
+the victims and installs in one step) and `evict` (engine thread only);
 parked requests are opaque "waiters" handed back by `settle` and `forget`.
 """
 
@@ -48,7 +49,7 @@ class Settled:
 
 
 class AdapterCache:
-    def __init__(self, capacity: int, read: Callable[[str, str], Any], install: Callable[[str, str, Any], None],
+    def __init__(self, capacity: int, read: Callable[[str, str], Any], install: Callable[[str, str, Any, tuple], None],
                  evict: Callable[[str], None], metrics=None, slots: int = LOAD_SLOTS):
         if capacity < 1:
             raise ValueError("the adapter cache must hold at least one adapter")
@@ -111,9 +112,10 @@ class AdapterCache:
                 break
         keep = set(in_use)
         for r in list(self._room):
-            if self._make_room(r.name, keep):
+            victims = self._victims(r.name, keep)
+            if victims is not None:
                 self._room.remove(r)
-                self._put(r, out)
+                self._put(r, victims, out)
                 keep.add(r.name)  # installed now: not the next one's victim
         self._start_reads()
         return out
@@ -132,7 +134,7 @@ class AdapterCache:
     def replace(self, name: str, path: str, weights) -> None:
         """A re-publish of a held adapter: its new weights in one step (the engine waits for its rows)."""
         if name in self.held:
-            self._install(name, path, weights)
+            self._install(name, path, weights, ())
             self.held[name] = path
             if self.metrics:
                 self.metrics.adapter_loads.inc()
@@ -160,29 +162,32 @@ class AdapterCache:
             return
         self._room.append(r)
 
-    def _make_room(self, name: str, keep: set) -> bool:
+    def _victims(self, name: str, keep: set) -> tuple[str, ...] | None:
+        """The adapters to evict so that `name` fits: none, the least recently used one not in use, or
+        None when every held adapter is in use (wait for a row to finish)."""
         if name in self.held or len(self.held) < self.capacity:
-            return True
+            return ()
         victim = next((n for n in self.held if n not in keep), None)
-        if victim is None:
-            return False  # every held adapter is in use: wait for a row to finish
-        self._evict(victim)
-        del self.held[victim]
-        if self.metrics:
-            self.metrics.adapter_evictions.inc()
-        log.info("adapter %s evicted (least recently used)", victim)
-        return True
+        return None if victim is None else (victim,)
 
-    def _put(self, r: _Read, out: Settled) -> None:
+    def _put(self, r: _Read, victims: tuple[str, ...], out: Settled) -> None:
         t0 = time.perf_counter()
         try:
-            self._install(r.name, r.path, r.weights)
+            self._install(r.name, r.path, r.weights, victims)  # one step: the engine rebuilds its LoRA state once
         except Exception as e:  # noqa: BLE001 - this adapter's fault: its requests fail, the batch goes on
+            for victim in victims:  # dropped before the install failed: no longer held either way
+                del self.held[victim]
             log.exception("adapter %s install failed", r.name)
             reason = f"{type(e).__name__}: {e}".splitlines()[0]
             self._failure(r.name, r.path, reason)
             out.failed.append((self._pop_waiters(r.name), _refusal(r.name, reason)))
+            self._gauge()
             return
+        for victim in victims:
+            del self.held[victim]
+            log.info("adapter %s evicted (least recently used)", victim)
+        if self.metrics and victims:
+            self.metrics.adapter_evictions.inc(len(victims))
         self.held[r.name] = r.path
         seconds = r.seconds + time.perf_counter() - t0
         if self.metrics:

@@ -116,12 +116,15 @@ class TorchEngine(BatchingEngine):
         reqs, message = self.cache.forget(name)
         self._fail(reqs, message)
 
-    def _install(self, name: str, path: str, weights) -> None:
+    def _install(self, name: str, path: str, weights, victims: tuple[str, ...]) -> None:
+        """Install `name` in place of `victims` (the cache then records both)."""
         if self.lora is not None:
-            self.lora.install(name, weights)  # replaces a same-named adapter in one step
+            self.lora.install(name, weights, evict=victims)  # replaces a same-named adapter; one rebuild
             return
         from peft import PeftModel
 
+        for victim in victims:
+            self._evict(victim)
         if name in self.adapters:
             self._evict(name)
         if self.model is self.base:

@@ -34,8 +34,10 @@ class Fake:
             raise ValueError(self.fail[name])
         return f"weights of {path}"
 
-    def install(self, name: str, path: str, weights: str) -> None:
+    def install(self, name: str, path: str, weights: str, victims: tuple[str, ...]) -> None:
         assert weights == f"weights of {path}"
+        for v in victims:
+            self.evict(v)
         self.installed[name] = path
 
     def evict(self, name: str) -> None:
