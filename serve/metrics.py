@@ -42,9 +42,9 @@ class Metrics:
         self.adapter_loads = Counter(f"{PREFIX}_adapter_loads", "Adapter weights loaded into the engine.", registry=r)
         self.adapter_evictions = Counter(f"{PREFIX}_adapter_evictions", "Adapters evicted from the torch engine's "
                                          "cache (least recently used) to make room for another.", registry=r)
-        self.adapter_load_seconds = Histogram(f"{PREFIX}_adapter_load_duration_seconds", "Adapter load time (read, "
-                                              "check and install).", buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
-                                              registry=r)
+        self.adapter_load_seconds = Histogram(f"{PREFIX}_adapter_load_duration_seconds",
+                                              "Adapter load time (read, check and install).",
+                                              buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)
         self.adapter_load_failures = Counter(f"{PREFIX}_adapter_load_failures", "Adapters refused or failed to load.",
                                              ["adapter"], registry=r)
         self.proxy_overhead = Histogram(f"{PREFIX}_proxy_overhead_seconds", "Latency the metrics proxy adds.",

@@ -85,8 +85,10 @@ class MultiLoRA:
         dtype = lin.weight.dtype
         return a.to(dtype).contiguous(), (b * scale).to(dtype).contiguous()
 
-    def install(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], evict: tuple[str, ...] = ()) -> None:
-        """Serve `weights` as `name` (replacing a same-named adapter), without `evict`, in one rebuild. Engine thread only."""
+    def install(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                evict: tuple[str, ...] = ()) -> None:
+        """Serve `weights` as `name` (replacing a same-named adapter), dropping `evict`, in one rebuild.
+        Engine thread only."""
         for old in evict:
             self.adapters.pop(old, None)
             if old in self.order:

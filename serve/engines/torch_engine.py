@@ -44,7 +44,7 @@ class TorchEngine(BatchingEngine):
                  threads: int = 0, dtype: torch.dtype = torch.float32, lora_impl: str = "fused", lean: bool = True,
                  cpu_on_gpu_host: bool = False, max_loaded_adapters: int = 32, metrics=None):
         """cpu_on_gpu_host: serve on the CPU although a GPU is present (refused by default: vLLM uses it).
-        max_loaded_adapters: adapters whose weights are held (SERVE_MAX_LOADED_ADAPTERS); metrics: serve.metrics.Metrics."""
+        max_loaded_adapters: adapters whose weights are held (SERVE_MAX_LOADED_ADAPTERS); metrics: serve.metrics's."""
         refuse_gpu_host(cpu_on_gpu_host)
         if threads:
             torch.set_num_threads(threads)

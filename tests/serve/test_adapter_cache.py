@@ -218,7 +218,8 @@ def test_the_batch_keeps_stepping_while_an_adapter_loads(tiny_model, tmp_path, l
         gate, read = threading.Event(), engine.cache._read
         engine.cache._read = lambda name, path: (gate.wait(WAIT_S), read(name, path))[1]
         params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-        on_x, on_base = GenRequest(engine.tokenize("The menu"), "x", params), GenRequest(engine.tokenize("The menu"), None, params)
+        prompt = engine.tokenize("The menu")
+        on_x, on_base = GenRequest(prompt, "x", params), GenRequest(prompt, None, params)
         engine.submit(on_x)
         engine.submit(on_base)
         base_text, base_end = _outcome(on_base)
