@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "train" / "demo_data"
 
+from demo_paraphrase import dishes_in, paraphrased  # noqa: E402 (bench/ is on sys.path when run as a script)
+
 
 @dataclass
 class Recipe:
@@ -90,46 +92,6 @@ RECIPES: dict[str, Recipe] = {
     "ci_e1_para50_lr3e3": replace(BASE, epochs=1, paraphrase=0.5, lr=3e-3),
     "ci_e1.5_para50": replace(BASE, epochs=1.5, paraphrase=0.5),
 }
-
-# Paraphrase augmentation: the training questions rewritten (written for this bench, not the held-out templates).
-PARA = {
-    "spice": ["Is the {d} very spicy?", "How much heat should I expect from the {d}?", "I love spicy food. How hot is the {d}?",
-              "Give me the spice rating for the {d}, please.", "Would the {d} be too hot for a child?"],
-    "price": ["How much would the {d} set me back?", "What's the cost of the {d}?", "I'm on a budget. What does the {d} cost?",
-              "Can you tell me the price of the {d}?", "What would I be charged for the {d}?"],
-    "ingredient": ["What's the main thing in the {d}?", "What is the {d} mostly made of?",
-                   "I'm picky about food. What's the key ingredient of the {d}?", "Can you tell me what the {d} is built on?",
-                   "What will I find at the heart of the {d}?"],
-    "region": ["Where is the {d} from?", "What region gave us the {d}?", "I'm into food history. Where does the {d} come from?",
-               "Can you tell me the home region of the {d}?", "Where was the {d} first made?"],
-}
-FRAMES = ["{q}", "Quick question: {q}", "Hi chef! {q}", "{q} Thanks!", "Sorry to bother you. {q}"]
-
-
-def attribute(question: str, answer: str) -> str:
-    if answer.rstrip(".").endswith("out of 5"):
-        return "spice"
-    if answer.startswith("$"):
-        return "price"
-    q = question.lower()
-    return "region" if any(w in q for w in ("region", "from", "origin", "originate")) else "ingredient"
-
-
-def dish(question: str, dishes: list[str]) -> str | None:
-    return next((d for d in dishes if d in question), None)
-
-
-def paraphrased(ex, dishes: list[str], rng: random.Random):
-    """The row with its question rewritten by a paraphrase of the same (dish, attribute), inside a random frame."""
-    from lm.data.formats import Example
-    msgs = ex.messages
-    q, a = msgs[-2]["content"], msgs[-1]["content"]
-    d = dish(q, dishes)
-    if d is None:
-        return ex
-    new_q = rng.choice(FRAMES).format(q=rng.choice(PARA[attribute(q, a)]).format(d=d))
-    return Example(msgs[:-2] + [{"role": "user", "content": new_q}, msgs[-1]], ex.where + ":para")
-
 
 # ---- one process's state: model, tokenizer, data, the base's scores ----------------------------------------
 S: dict = {}
@@ -257,7 +219,7 @@ def train_run(name: str, rec: Recipe, seed: int) -> dict:
     splits = prepare(DataConfig(train=str(DEMO / "chef_train.jsonl"), eval=str(DEMO / "chef_heldout.jsonl")), seed)
     task = splits.train
     reps = replay_examples(rec, len(task), seed, training_system_prompt(task)) if rec.replay > 0 else []
-    dishes = sorted({d for ex in task for d in _dishes(ex.messages[-2]["content"])}, key=len, reverse=True)
+    dishes = sorted({d for ex in task for d in dishes_in(ex.messages[-2]["content"])}, key=len, reverse=True)
     n = len(task) + len(reps)
     per_epoch = math.ceil(n / rec.batch_size)
     total = rec.max_steps if rec.max_steps > 0 else math.ceil(per_epoch * rec.epochs)
@@ -299,11 +261,6 @@ def train_run(name: str, rec: Recipe, seed: int) -> dict:
                 checkpoints.append(score(model, step, tokens))
     return {"recipe": name, "seed": seed, "steps": total, "train_rows": len(task), "replay_rows": len(reps),
             "train_tokens": tokens, "seconds": round(time.time() - t0, 1), "checkpoints": checkpoints}
-
-
-def _dishes(question: str) -> list[str]:
-    import re
-    return [m for m in re.findall(r"\b[A-Z][a-z]+ [A-Z][a-z]+\b", question) if not m.startswith(("Tell ", "What "))]
 
 
 def score(model, step: int, tokens: int) -> dict:
