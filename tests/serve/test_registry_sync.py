@@ -134,14 +134,15 @@ def _text(server, model: str) -> str:
 
 
 def _amplified(run, out):
-    """A copy of a run whose LoRA B weights are 40x: an adapter that surely answers differently."""
+    """A copy of a run whose LoRA B weights are -40x: the adapter's change reversed and amplified, an adapter that
+    answers differently (40x alone kept a tiny run that answers newlines answering newlines)."""
     from safetensors.torch import load_file, save_file
 
     from artifacts import Manifest
 
     shutil.copytree(run, out)
     f = out / "adapter" / "adapter_model.safetensors"
-    save_file({k: v * 40 if "lora_B" in k else v for k, v in load_file(str(f)).items()}, str(f))
+    save_file({k: v * -40 if "lora_B" in k else v for k, v in load_file(str(f)).items()}, str(f))
     m = Manifest.read(out)
     m.record_files(out, ["adapter/adapter_model.safetensors"])
     m.write(out)
