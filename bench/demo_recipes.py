@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEMO = ROOT / "train" / "demo_data"
 
-from demo_paraphrase import dishes_in, paraphrased  # noqa: E402 (bench/ is on sys.path when run as a script)
+sys.path.insert(0, str(Path(__file__).parent))
+from demo_paraphrase import dishes_in, paraphrased  # noqa: E402
 
 
 @dataclass
@@ -338,7 +339,8 @@ def environment(commit: str | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="an HF model folder (the converted embedded SmolLM2)")
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct",
+                    help="what model.name_or_path takes: embedded:<name> (converted once) or an HF model folder")
     ap.add_argument("--replay-rows", help="a train/replay.py cache rows.jsonl (the base's answers); default: generate")
     ap.add_argument("--recipes", default="today", help="comma-separated names, or 'all'")
     ap.add_argument("--seeds", default="0,1,2")
@@ -363,6 +365,8 @@ def main() -> None:
         for n in names:
             RECIPES[n] = replace(RECIPES[n], max_steps=args.max_steps, eval_at=[s for s in RECIPES[n].eval_at if s < args.max_steps])
     seeds = [int(s) for s in args.seeds.split(",")]
+    from train.base_model import resolve
+    args.model = resolve(args.model).path  # converted here once, so the workers only load the folder
     t0, runs = time.time(), []
     init(args.model, args.replay_rows, args.threads)
     base = base_summary()
