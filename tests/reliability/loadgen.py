@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import threading
@@ -93,9 +94,13 @@ def rss_mb(pid: int) -> float:
 
 def _children(pid: int) -> list[int]:
     kids = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # the process ended
+        return []
+    for task in tasks:
         try:
-            kids += [int(c) for c in (task / "children").read_text().split()]
+            kids += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
         except OSError:  # the thread ended between the listing and the read: ENOENT, or ESRCH (ProcessLookupError)
             continue
     return kids + [g for k in kids for g in _children(k)]
@@ -158,7 +163,10 @@ def _client_loop(cfg: LoadConfig, seed: int, deadline: float, out: list[Outcome]
 
 def _sample_rss(pid: int, stop: threading.Event, t0: float, samples: list[tuple[float, float]]) -> None:
     while not stop.wait(0.5):
-        samples.append((time.monotonic() - t0, rss_mb(pid)))
+        try:
+            samples.append((time.monotonic() - t0, rss_mb(pid)))
+        except OSError:  # a thread or process ended mid-read (the listing itself, too): skip this sample, take the next
+            continue
 
 
 def run_load(cfg: LoadConfig) -> LoadReport:
