@@ -101,7 +101,7 @@ class TrainingConfig:
     cuda_graphs: str = opt("auto", "auto = replay the fused step's decoder stack from CUDA graphs wherever it runs on CUDA "
                            "(not with gradient checkpointing): most of its LoRA speed-up; off = eager launches (A/B, escape hatch)")
     shared_prefix: str = opt("auto", "the fused step computes the tokens all rows of a batch open with (a fixed system prompt) "
-                             "once: auto = on a CPU (demo steps 1.43x), off on CUDA, where it would leave flash varlen "
+                             "once: auto = on a CPU (demo steps 1.39x), off on CUDA, where it would leave flash varlen "
                              "attention and the CUDA graphs; on | off")
 
 
