@@ -18,6 +18,7 @@ is 27 of 51 tokens: a batch of 8 computes 219 tokens instead of 408.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -57,48 +58,55 @@ def shared_prefix(batch: list[dict[str, Any]]) -> int:
     return n if n >= MIN_SHARED else 0
 
 
+@dataclass
+class _Sequence:
+    """The batch's one sequence, built a document at a time."""
+
+    ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    cu: list[int] = field(default_factory=lambda: [0])
+
+    def add(self, ids: list[int], labels: list[int], targets: list[int], pos: range) -> None:
+        self.ids += ids
+        self.labels += labels
+        self.targets += targets
+        self.pos += pos
+        self.cu.append(len(self.ids))
+
+    def add_untargeted(self, ids: list[int]) -> None:
+        """A document no token of which is a target (the shared prefix, the padding)."""
+        self.add(ids, [IGNORE] * len(ids), [IGNORE] * len(ids), range(len(ids)))
+
+
 class PaddingFreeCollator:
     def __init__(self, pad_to_multiple_of: int | None = None, share_prefix: bool = False):
         self.multiple = pad_to_multiple_of
         self.share = share_prefix
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, Any]:
-        ids: list[int] = []
-        labels: list[int] = []
-        targets: list[int] = []
-        pos: list[int] = []
-        cu = [0]
+        seq = _Sequence()
         prefix = shared_prefix(batch) if self.share else 0
-        if prefix:  # the first document: the prefix once, with no targets (shared_prefix checked that)
-            ids += batch[0]["input_ids"][:prefix]
-            labels += [IGNORE] * prefix
-            targets += [IGNORE] * prefix
-            pos += range(prefix)
-            cu.append(prefix)
+        if prefix:  # the first document: the prefix once (shared_prefix checked that it holds no target)
+            seq.add_untargeted(batch[0]["input_ids"][:prefix])
         for row in batch:
             for start, e in _documents(row):
                 s = max(start, prefix)  # with a prefix, rows are single documents: their own tokens follow it
-                ids += row["input_ids"][s:e]
                 lab = row["labels"][s:e]
-                labels += [IGNORE] + lab[1:]  # a document's first token is never a target (nor, after a prefix, one)
-                targets += lab[1:] + [IGNORE]
-                pos += range(s - start, e - start)
-                cu.append(len(ids))
-        pad = (-len(ids)) % self.multiple if self.multiple else 0
+                # a document's first token is never a target (after a prefix, shared_prefix made sure of it)
+                seq.add(row["input_ids"][s:e], [IGNORE] + lab[1:], lab[1:] + [IGNORE], range(s - start, e - start))
+        pad = (-len(seq.ids)) % self.multiple if self.multiple else 0
         if pad:  # padding forms its own document with no targets
-            ids += [ids[-1]] * pad
-            labels += [IGNORE] * pad
-            targets += [IGNORE] * pad
-            pos += range(pad)
-            cu.append(len(ids))
-        lengths = [b - a for a, b in zip(cu, cu[1:])]
+            seq.add_untargeted([seq.ids[-1]] * pad)
+        cu = seq.cu
         return {
-            "input_ids": torch.tensor([ids], dtype=torch.long),
-            "labels": torch.tensor([labels], dtype=torch.long),
-            "shift_labels": torch.tensor([targets], dtype=torch.long),
-            "position_ids": torch.tensor([pos], dtype=torch.long),
-            "target_positions": torch.tensor([i for i, t in enumerate(targets) if t != IGNORE], dtype=torch.long),
+            "input_ids": torch.tensor([seq.ids], dtype=torch.long),
+            "labels": torch.tensor([seq.labels], dtype=torch.long),
+            "shift_labels": torch.tensor([seq.targets], dtype=torch.long),
+            "position_ids": torch.tensor([seq.pos], dtype=torch.long),
+            "target_positions": torch.tensor([i for i, t in enumerate(seq.targets) if t != IGNORE], dtype=torch.long),
             "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
-            "max_seqlen": max(lengths),
+            "max_seqlen": max(b - a for a, b in zip(cu, cu[1:])),
             "shared_prefix": prefix,  # cu_seqlens' first document is seen by every other one
         }
