@@ -31,7 +31,15 @@ def start(registry: Path, **env: str) -> Server:
 
 def gauge(url: str, name: str) -> float:
     """One unlabelled gauge's value from the server's /metrics."""
+    return gauges(url, name)[0]
+
+
+def gauges(url: str, *names: str) -> list[float]:
+    """Unlabelled gauges' values from one scrape of /metrics: a consistent snapshot, unlike separate scrapes."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    m = re.search(rf"^{name} (\S+)$", text, re.M)
-    assert m, f"{name} not in /metrics"
-    return float(m.group(1))
+    values = []
+    for name in names:
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        assert m, f"{name} not in /metrics"
+        values.append(float(m.group(1)))
+    return values
