@@ -8,8 +8,9 @@
 
 The batch keeps stepping while an adapter is read: only the requests that name it wait. At most
 `capacity` adapters are installed, plus LOAD_SLOTS read and waiting for room. A read that fails (a
-corrupt file) fails the requests parked on it with the reason, and is reported once through
-`on_failure` (the registry sync then marks the adapter failed: later requests get 404).
+corrupt file) fails the requests parked on it with the reason (503), and is reported once through
+`on_failure` (the registry sync then marks the adapter failed: later requests get 404). An adapter
+removed from the registry while requests wait for it fails them as not found (404, `Refusal.gone`).
 
 Engine-agnostic: the engine passes `read` (any thread), `install(name, path, weights, victims)` (drops
 the victims and installs in one step) and `evict` (engine thread only);
@@ -40,12 +41,21 @@ class _Read:
     seconds: float = 0.0
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why waiting requests fail: their adapter is `gone` from the registry (the model no longer exists:
+    404), or it could not be loaded (the request was valid, the server could not serve it: 503)."""
+
+    message: str
+    gone: bool = False
+
+
 @dataclass
 class Settled:
-    """What one `settle` decided: waiters to admit first, and waiters to fail with their message."""
+    """What one `settle` decided: waiters to admit first, and waiters to fail with their refusal."""
 
     resumed: list = field(default_factory=list)
-    failed: list[tuple[list, str]] = field(default_factory=list)
+    failed: list[tuple[list, Refusal]] = field(default_factory=list)
 
 
 class AdapterCache:
@@ -84,12 +94,12 @@ class AdapterCache:
             return dict(self._registered)
 
     # -- engine thread ------------------------------------------------------------------
-    def park(self, name: str, waiter) -> str | None:
+    def park(self, name: str, waiter) -> Refusal | None:
         """Queue `waiter` until `name` is held (None), or say why it cannot be served."""
         with self._lock:
             path, failed = self._registered.get(name), self._failed.get(name)
         if path is None:
-            return f"adapter {name!r} is not loaded"
+            return gone(name)
         if failed is not None:
             return _refusal(name, failed)
         if name not in self._waiters and name not in self._reading and all(r.name != name for r in self._room):
@@ -120,8 +130,8 @@ class AdapterCache:
         self._start_reads()
         return out
 
-    def forget(self, name: str) -> tuple[list, str]:
-        """`name` is no longer served: drop its weights; (its parked waiters, the message to fail them with)."""
+    def forget(self, name: str) -> tuple[list, Refusal]:
+        """`name` is no longer served: drop its weights; (its parked waiters, the refusal to fail them with)."""
         with self._lock:
             failed = self._failed.pop(name, None)
         if name in self.held:
@@ -129,7 +139,7 @@ class AdapterCache:
             del self.held[name]
             self._gauge()
         waiters = self._pop_waiters(name)
-        return waiters, _refusal(name, failed) if failed else f"adapter {name!r} is no longer served"
+        return waiters, _refusal(name, failed) if failed else gone(name)
 
     def replace(self, name: str, path: str, weights) -> None:
         """A re-publish of a held adapter: its new weights in one step (the engine waits for its rows)."""
@@ -155,7 +165,7 @@ class AdapterCache:
             if path is not None and self._waiters.get(r.name):
                 self._queue.append(r.name)  # read the new version
             elif path is None and r.name in self._waiters:
-                out.failed.append((self._pop_waiters(r.name), f"adapter {r.name!r} is no longer served"))
+                out.failed.append((self._pop_waiters(r.name), gone(r.name)))
             return
         if failed is not None:
             out.failed.append((self._pop_waiters(r.name), _refusal(r.name, failed)))
@@ -248,5 +258,10 @@ class AdapterCache:
             self.metrics.adapters_held.set(len(self.held))
 
 
-def _refusal(name: str, reason: str) -> str:
-    return f"adapter {name!r} could not be loaded: {reason}"
+def _refusal(name: str, reason: str) -> Refusal:
+    return Refusal(f"adapter {name!r} could not be loaded: {reason}")
+
+
+def gone(name: str) -> Refusal:
+    """`name` is not (or no longer) in the registry: the words of a request for an unknown model."""
+    return Refusal(f"The model '{name}' does not exist (adapter '{name}' is not in the registry)", gone=True)

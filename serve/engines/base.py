@@ -44,10 +44,12 @@ class Finished:
 
 @dataclass(frozen=True)
 class Failed:
-    """Choice `index` ended in an engine error; the message is safe to show the client."""
+    """Choice `index` ended in an engine error (503) or, `not_found`, because its adapter left the registry
+    while it waited (404 model_not_found, as a request naming an unknown model); the message is safe to show."""
 
     index: int
     message: str
+    not_found: bool = False
 
 
 EngineEvent = Union[TextDelta, Finished, Failed]

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from serve.engines.adapter_cache import Refusal, gone
 from serve.engines.base import Engine, EngineStats, Failed, Finished, GenRequest, TextDelta
 from serve.engines.detokenize import Detokenizer, cleans_up_spaces
 from serve.engines.tokenizer_pool import TokenizerPool
@@ -201,14 +202,14 @@ class BatchingEngine(Engine):
             elif req.adapter is not None and req.adapter not in self.adapters:
                 refusal = self._not_held(req)  # None: the engine loads the adapter and brings req back
                 if refusal:
-                    self._fail([req], refusal)
+                    self._fail([req], refusal.message, not_found=refusal.gone)
             else:
                 out.append(req)
         self._backlog.extendleft(reversed(held))  # first in line once the swap is done
 
-    def _not_held(self, req: GenRequest) -> str | None:
+    def _not_held(self, req: GenRequest) -> Refusal | None:
         """Adapter weights not held: None if the engine parks req to load them (it returns later), else why it fails."""
-        return f"adapter {req.adapter!r} is not loaded"
+        return gone(req.adapter)
 
     def _next_waiting(self) -> GenRequest | None:
         if self._backlog:
@@ -327,9 +328,9 @@ class BatchingEngine(Engine):
             _end(req, Finished(req.index, reason, len(row.generated)))
         return reason is not None
 
-    def _fail(self, reqs: list[GenRequest], message: str) -> None:
+    def _fail(self, reqs: list[GenRequest], message: str, not_found: bool = False) -> None:
         for req in reqs:
-            _end(req, Failed(req.index, message))
+            _end(req, Failed(req.index, message, not_found))
 
     def _drop(self, finished: set[int]) -> None:
         keep = [i for i, r in enumerate(self._rows) if id(r) not in finished]

@@ -19,7 +19,7 @@ from transformers import DynamicCache
 from lm.loading import load_model, load_tokenizer
 
 from serve.engines import attention, decoder
-from serve.engines.adapter_cache import AdapterCache
+from serve.engines.adapter_cache import AdapterCache, Refusal
 from serve.engines.base import EngineStats, GenRequest
 from serve.engines.batching import BASE, STOPPED, BatchingEngine, as_list
 from serve.engines.multi_lora import MultiLoRA
@@ -102,10 +102,10 @@ class TorchEngine(BatchingEngine):
         in_use = {r.req.adapter for r in self._rows} | {r.adapter for r in self._backlog}
         settled = self.cache.settle(in_use)
         self._backlog.extendleft(reversed(settled.resumed))  # first in line: they waited for the load
-        for reqs, message in settled.failed:
-            self._fail(reqs, message)
+        for reqs, refusal in settled.failed:
+            self._fail(reqs, refusal.message, not_found=refusal.gone)
 
-    def _not_held(self, req: GenRequest) -> str | None:
+    def _not_held(self, req: GenRequest) -> Refusal | None:
         return self.cache.park(req.adapter, req)
 
     def _close(self) -> None:
@@ -113,8 +113,8 @@ class TorchEngine(BatchingEngine):
         super()._close()
 
     def _forget_adapter(self, name: str) -> None:
-        reqs, message = self.cache.forget(name)
-        self._fail(reqs, message)
+        reqs, refusal = self.cache.forget(name)
+        self._fail(reqs, refusal.message, not_found=refusal.gone)
 
     def _install(self, name: str, path: str, weights, victims: tuple[str, ...]) -> None:
         """Install `name` in place of `victims` (the cache then records both)."""

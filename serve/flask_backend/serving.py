@@ -192,7 +192,7 @@ class OpenAIServing:
             self.metrics.in_flight.dec()
 
     def _stream_events(self, job: Job) -> Iterator[tuple[dict[str, Any], int]]:
-        """(chunk, completion tokens it finishes) for each engine event; an engine failure raises 503."""
+        """(chunk, completion tokens it finishes) for each engine event; an engine failure raises (failure())."""
         with closing(self.run(job.gens)) as events:
             for ev in events:
                 if isinstance(ev, TextDelta):
@@ -200,7 +200,7 @@ class OpenAIServing:
                 elif isinstance(ev, Finished):
                     yield job.out.finish_chunk(ev.index, ev.reason), ev.completion_tokens
                 else:
-                    raise APIError(503, ev.message, code="engine_error")
+                    raise failure(ev)
 
     def run(self, gens: list[GenRequest]) -> Generator[EngineEvent, None, None]:
         """Submit and yield engine events until every choice has ended. Closing the iterator cancels."""
@@ -229,7 +229,7 @@ class OpenAIServing:
 
 
 def _collect(events: Iterator[EngineEvent], n: int) -> tuple[list[str], list[str], int]:
-    """(texts, finish reasons, completion tokens) of n choices; 503 on an engine error."""
+    """(texts, finish reasons, completion tokens) of n choices; an engine failure raises (failure())."""
     texts, reasons, completion = [""] * n, ["stop"] * n, 0
     for ev in events:
         if isinstance(ev, TextDelta):
@@ -237,5 +237,13 @@ def _collect(events: Iterator[EngineEvent], n: int) -> tuple[list[str], list[str
         elif isinstance(ev, Finished):
             reasons[ev.index], completion = ev.reason, completion + ev.completion_tokens
         else:
-            raise APIError(503, ev.message, code="engine_error")
+            raise failure(ev)
     return texts, reasons, completion
+
+
+def failure(ev: Failed) -> APIError:
+    """An engine failure as the client sees it: its adapter gone from the registry while it waited is a 404,
+    as for a model never served; any other failure a 503 (the request was valid)."""
+    if ev.not_found:
+        return APIError(404, ev.message, "model", "model_not_found")
+    return APIError(503, ev.message, code="engine_error")

@@ -1,6 +1,7 @@
 """The adapter cache (serve/engines/adapter_cache.py): LRU eviction, loading on first request off the engine
 thread, adapters in use never evicted, failures reported; with fake read/install/evict for the logic.
-The tiny-model tests (test_adapter_cache_served.py) run the real engine and server."""
+The tiny-model tests at the end run the real engine and server; tests/reliability/test_adapter_faults.py the
+faults at scale (a corrupt adapter among many, a removal while requests wait, a burst over many adapters)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from serve.engines.adapter_cache import AdapterCache, Settled
+from serve.engines.adapter_cache import AdapterCache, Refusal, Settled, gone
 from serve.metrics import Metrics
 
 WAIT_S = 30  # a bound on waiting for the loader threads, never a timing assertion
@@ -122,7 +123,8 @@ def test_requests_for_one_adapter_share_one_read():
 
 def test_unknown_adapter_is_refused_without_a_read():
     c, f, _ = cache_of(2)
-    assert c.park("nope", "r") == "adapter 'nope' is not loaded"
+    assert c.park("nope", "r") == Refusal("The model 'nope' does not exist (adapter 'nope' is not in the registry)",
+                                          gone=True)
     assert f.reads == []
 
 
@@ -133,7 +135,7 @@ def test_a_failed_load_fails_its_requests_with_the_reason_and_reports_it_once():
     assert c.park("bad", "r1") is None and c.park("bad", "r2") is None and c.park("a", "ra") is None
     s = settle_until(c, lambda s: s.failed and s.resumed)
     assert s.resumed == ["ra"]  # the others serve
-    msg = "adapter 'bad' could not be loaded: ValueError: SafetensorError: header too large"
+    msg = Refusal("adapter 'bad' could not be loaded: ValueError: SafetensorError: header too large")
     assert s.failed == [(["r1", "r2"], msg)] and c.parked == 0
     deadline = time.monotonic() + WAIT_S
     while not reports and time.monotonic() < deadline:
@@ -155,13 +157,13 @@ def test_forget_drops_the_weights_and_fails_parked_requests():
     assert c.park("b", "rb") is None
     c.settle(set())
     c.unregister("b")
-    assert c.forget("b") == (["rb"], "adapter 'b' is no longer served")
-    assert c.forget("a") == ([], "adapter 'a' is no longer served") and f.evicted == ["a"] and not c.held
+    assert c.forget("b") == (["rb"], gone("b")) and gone("b").gone, "removed: not found (404), not a failure"
+    assert c.forget("a") == ([], gone("a")) and f.evicted == ["a"] and not c.held
     f.gates["b"].set()
     for _ in range(20):  # the read of b ends: nothing is installed for a name no longer served
         assert c.settle(set()) == Settled()
         time.sleep(0.002)
-    assert "b" not in f.installed and c.park("b", "x") == "adapter 'b' is not loaded"
+    assert "b" not in f.installed and c.park("b", "x") == gone("b")
 
 
 def test_a_republish_during_the_read_serves_the_new_version():
