@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable"}
+         404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error", 414: "invalid_request_error", 429: "rate_limit_error", 431: "invalid_request_error", 503: "service_unavailable"}
 
 
 @dataclass

@@ -25,6 +25,7 @@ class Settings:
     keys_file: str = opt("", "YAML/JSON list of {name, sha256 of the key, scopes} (serve/http/keys.py); empty = only the two keys above")
     max_body_bytes: int = opt(1 << 20, "larger bodies get 413; 1 MiB fits any chat")
     max_upload_bytes: int = opt(512 << 20, "POST /v1/files: larger training files get 413; 512 MiB is ~100k long chat rows")
+    max_header_bytes: int = opt(8190, "a request header field longer than this gets 431 (gunicorn's limit_request_field_size; 100 fields at most); 8 KiB as gunicorn and nginx, far above a key or a trace header")
     finetune_worker: str = opt("auto", "fine-tuning jobs: auto = run `python -m train worker` beside the server when the training stack is installed (one box); on = that, or exit 2; off = jobs wait for an external worker (compose's trainer service); k8s = each job becomes a batch/v1 Job")
     finetune_dir: str = opt("", "where uploaded files and jobs live; empty = <registry>/.finetune (set it where the registry is mounted read-only)")
     finetune_job_template: Path = opt(Path("/etc/tunestack/train-job.yaml"), "SERVE_FINETUNE_WORKER=k8s: the training Job template (k8s/base/train-job.yaml, mounted from a ConfigMap)")
@@ -49,6 +50,7 @@ class Settings:
     drain_seconds: float = opt(25.0, "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20")
     cpu_on_gpu_host: bool = opt(False, "let the torch engine serve on the CPU of a machine with a GPU; refused by default, as vLLM (SERVE_BACKEND=vllm) is the GPU engine")
     vllm_port: int = opt(0, "vLLM's own port behind the proxy; 0 = a free one (port + 1 can be taken by a neighbour replica)")
+    vllm_wedged_seconds: float = opt(60.0, "vLLM failing its /health makes /ready 503; failing it this long, it is killed and the server exits 1 to be restarted (a live vLLM answers in ms; 60 s outlasts a stall under load)")
     vllm_args: str = opt("", "extra vLLM server arguments, space-separated, last on its command line; empty: the settings above say everything")
 
     @classmethod
@@ -94,6 +96,8 @@ class Settings:
             raise ValueError("SERVE_MAX_UPLOAD_BYTES must be >= 1024 and SERVE_UPLOAD_TIMEOUT > 0")
         if self.max_loaded_adapters < 1:
             raise ValueError("SERVE_MAX_LOADED_ADAPTERS must be >= 1")
+        if self.vllm_wedged_seconds <= 0 or self.max_header_bytes < 1024:
+            raise ValueError("SERVE_VLLM_WEDGED_SECONDS must be > 0 and SERVE_MAX_HEADER_BYTES >= 1024")
         if self.max_batch < 1 or self.max_body_bytes < 1024:
             raise ValueError("SERVE_MAX_BATCH must be >= 1 and SERVE_MAX_BODY_BYTES >= 1024")
 

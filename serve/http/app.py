@@ -41,6 +41,7 @@ class AppState:
     backend: Backend | None = None
     sync: AdapterSync | None = None
     failed: str | None = None  # why the model could not be loaded: /health and /ready say it (503)
+    unhealthy: str | None = None  # why the engine behind the app does not answer now (a wedged vLLM): /ready 503
     drain: Drain = field(default_factory=lambda: Drain(0.0))
 
     def ready_backend(self) -> Backend:
@@ -86,6 +87,11 @@ def build_app(settings: Settings, serving: Backend | None, metrics: Metrics,
 def set_serving(app: Flask, serving: Backend, sync: AdapterSync | None) -> None:
     state: AppState = app.extensions["tunestack"]
     state.sync, state.backend = sync, serving  # sync first: a ready backend always has its adapters
+
+
+def set_unhealthy(app: Flask, reason: str | None) -> None:
+    """The engine does not answer its health check (reason) or answers again (None): /ready follows."""
+    app.extensions["tunestack"].unhealthy = reason
 
 
 def set_failed(app: Flask, reason: str) -> None:

@@ -64,6 +64,8 @@ def probe_routes(app: Flask, state: AppState, metrics: Metrics) -> None:
             return json_response({"status": "draining"}, 503)
         if state.backend is None:
             return json_response({"status": "loading"}, 503)
+        if state.unhealthy is not None:  # out of the Service's endpoints until the engine answers again
+            return json_response({"status": "unhealthy", "reason": state.unhealthy}, 503)
         return json_response({"status": "ready", "adapters": state.sync.loaded() if state.sync else []})
 
     @app.get("/metrics")

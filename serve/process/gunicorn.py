@@ -1,13 +1,18 @@
-"""The WSGI server's process: gunicorn's gthread worker with a drain on SIGTERM, one worker per server."""
+"""The WSGI server's process: gunicorn's gthread worker with a drain on SIGTERM, one worker per server; its
+header and request line limits answer 431 and 414 with OpenAI-style bodies (both backends)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 
+from gunicorn import util
+from gunicorn.http.errors import LimitRequestHeaders, LimitRequestLine
 from gunicorn.workers.gthread import ThreadWorker
 
+from serve.errors import APIError
 from serve.process.drain import drain_of
 from serve.settings import Settings
 
@@ -40,6 +45,27 @@ class DrainingWorker(ThreadWorker):
 
         threading.Thread(target=wait, name="drain", daemon=True).start()
 
+    def handle_error(self, req, client, addr, exc) -> None:
+        """gunicorn refuses oversized headers (431) and request lines (414) before the app sees them, with an
+        HTML page: answer with an OpenAI-style body instead. Every other error is gunicorn's as before."""
+        if not isinstance(exc, (LimitRequestHeaders, LimitRequestLine)):
+            return super().handle_error(req, client, addr, exc)
+        if isinstance(exc, LimitRequestHeaders):
+            status, reason = 431, "Request Header Fields Too Large"
+            message = (f"request headers too large ({exc}): at most {self.cfg.limit_request_fields} fields of "
+                       f"{self.cfg.limit_request_field_size} bytes each")
+        else:
+            status, reason = 414, "URI Too Long"
+            message = f"request line too long ({exc}): at most {self.cfg.limit_request_line} bytes"
+        self.log.warning("Invalid request from ip=%s: %s", (addr or ("",))[0], exc)
+        body = json.dumps(APIError(status, message, code="request_too_large").body()).encode()
+        head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+        try:
+            util.write_nonblock(client, head + body)
+        except Exception:  # noqa: BLE001 - the client may be gone already, as gunicorn's own error page
+            self.log.debug("Failed to send error message.")
+
 
 def run_gunicorn(app_factory, settings: Settings, on_exit=None) -> None:
     from gunicorn.app.base import BaseApplication
@@ -49,7 +75,8 @@ def run_gunicorn(app_factory, settings: Settings, on_exit=None) -> None:
             for k, v in {"bind": f"{settings.host}:{settings.port}", "workers": 1,
                          "worker_class": "serve.process.gunicorn.DrainingWorker", "threads": settings.http_threads,
                          "timeout": 300, "graceful_timeout": math.ceil(settings.drain_seconds) + STOP_MARGIN_S,
-                         "keepalive": 5, "accesslog": None, "loglevel": "warning"}.items():
+                         "keepalive": 5, "accesslog": None, "loglevel": "warning",
+                         "limit_request_field_size": settings.max_header_bytes}.items():
                 self.cfg.set(k, v)
             if on_exit is not None:
                 self.cfg.set("on_exit", lambda server: on_exit())

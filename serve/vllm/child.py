@@ -57,6 +57,11 @@ class VLLMChild:
         """vLLM exited without being asked to (owner only)."""
         return os.getpid() == self.owner and self.proc.poll() is not None and not self.stopped
 
+    def kill(self) -> None:
+        """SIGKILL it and its workers, from any process (the worker's monitor, for a wedged vLLM): the
+        owner then sees an exit it did not ask for, a crash."""
+        _signal_group(self.proc.pid, signal.SIGKILL)
+
     def stop(self, *_) -> None:
         if os.getpid() != self.owner:
             return

@@ -8,7 +8,9 @@ The plan (launch.py) reads the registry once; command.py turns it and the settin
 command line; child.py owns the process; this module wires them under gunicorn.
 
 vLLM dying is fatal to the server: /ready turns 503 and the process exits non-zero, so that
-Kubernetes or compose restart the pair (a proxy in front of nothing must not keep its pod).
+Kubernetes or compose restart the pair (a proxy in front of nothing must not keep its pod). A vLLM
+that lives but fails its /health (health.py) makes /ready 503 until it answers again; one that fails
+it for SERVE_VLLM_WEDGED_SECONDS is killed, and that is a death.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from typing import Callable
 
 from flask import Flask
 
-from serve.http.app import build_app, set_failed, set_serving
+from serve.http.app import build_app, set_failed, set_serving, set_unhealthy
 from serve.metrics import Metrics
 from serve.process.gunicorn import run_gunicorn
 from serve.settings import Settings
 from serve.vllm.child import VLLMChild
 from serve.vllm.command import vllm_command
+from serve.vllm.health import HealthWatch
 from serve.vllm.launch import LaunchPlan, plan_launch
 from serve.vllm.proxy import VLLMProxy
 
@@ -88,14 +91,28 @@ def _monitor(app: Flask, settings: Settings, plan: LaunchPlan, child: VLLMChild,
             log.error("vLLM exited before becoming healthy")
         else:
             _serve(app, settings, plan, metrics)
-            while child.alive():
-                time.sleep(MONITOR_SECONDS)
+            _watch(app, child, HealthWatch(plan.url, settings.vllm_wedged_seconds))
             log.error("vLLM (pid %d) exited; not ready, stopping", child.proc.pid)
     except Exception:
         log.exception("vLLM monitor failed; stopping")
     finally:
         _unserve(app)
         on_dead()
+
+
+def _watch(app: Flask, child: VLLMChild, health: HealthWatch) -> None:
+    """Until vLLM exits: /ready follows its /health; a vLLM wedged past the limit is killed (then it exits)."""
+    while child.alive():
+        time.sleep(MONITOR_SECONDS)
+        if not health.due():
+            continue
+        problem = health.check()
+        if problem != app.extensions["tunestack"].unhealthy:
+            log.warning("vLLM: %s", problem or "/health answers again; ready")
+        set_unhealthy(app, problem)
+        if health.wedged():
+            log.error("vLLM (pid %d) has failed /health for %g s: killing it", child.proc.pid, health.wedged_seconds)
+            child.kill()
 
 
 def _serve(app: Flask, settings: Settings, plan: LaunchPlan, metrics: Metrics) -> None:

@@ -120,6 +120,58 @@ def test_vllm_dying_turns_ready_503_and_calls_on_dead(registry, monkeypatch):
         child.stop()
 
 
+@pytest.fixture
+def quick_health(monkeypatch):
+    """The monitor's /health checks at test pace (the same logic; the defaults wait ~14 s for a wedge)."""
+    from serve.vllm import health
+
+    monkeypatch.setattr(health, "PERIOD_S", 0.2)
+    monkeypatch.setattr(health, "TIMEOUT_S", 0.5)
+
+
+def _wedge_app(registry, monkeypatch, wedged_seconds: str):
+    settings = Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_REGISTRY": str(registry), "SERVE_MAX_LORA_RANK": "16",
+                                  "SERVE_POLL_SECONDS": "60", "SERVE_VLLM_WEDGED_SECONDS": wedged_seconds})
+    metrics = Metrics()
+    plan = plan_launch(settings, metrics)
+    child = _stub_child(monkeypatch, settings, plan)
+    died = threading.Event()
+    return child, died, server.proxy_app(settings, plan, child, metrics, died.set)
+
+
+def test_a_wedged_vllm_makes_the_server_unready_until_it_answers_again(registry, monkeypatch, quick_health):
+    """The stub stopped (SIGSTOP): its process lives, its /health does not answer. /ready turns 503 and says
+    why, /health (liveness: the proxy lives) stays 200; SIGCONT: ready again, and nothing was killed."""
+    child, died, app = _wedge_app(registry, monkeypatch, "600")
+    c = app.test_client()
+    try:
+        _wait(lambda: c.get("/ready").status_code == 200, what="ready")
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        _wait(lambda: c.get("/ready").status_code == 503, what="unready while vLLM is wedged")
+        body = c.get("/ready").get_json()
+        assert body["status"] == "unhealthy" and "vLLM's /health did not answer" in body["reason"], body
+        assert c.get("/health").status_code == 200
+        os.kill(child.proc.pid, signal.SIGCONT)
+        _wait(lambda: c.get("/ready").status_code == 200, what="ready again once vLLM answers")
+        assert child.alive() and not died.is_set()
+    finally:
+        os.kill(child.proc.pid, signal.SIGCONT)
+        child.stop()
+
+
+def test_a_vllm_wedged_past_the_limit_is_killed_as_a_death(registry, monkeypatch, quick_health):
+    child, died, app = _wedge_app(registry, monkeypatch, "2")
+    c = app.test_client()
+    try:
+        _wait(lambda: c.get("/ready").status_code == 200, what="ready")
+        os.kill(child.proc.pid, signal.SIGSTOP)
+        _wait(died.is_set, what="on_dead once vLLM has been wedged for SERVE_VLLM_WEDGED_SECONDS")
+        assert not child.alive() and child.crashed, "killed by the monitor: an exit the owner did not ask for"
+        assert c.get("/ready").get_json() == {"status": "failed", "reason": "vLLM exited"}
+    finally:
+        child.stop()
+
+
 def test_bad_adapter_at_launch_is_refused_and_the_rest_serve(adapter_runs, tmp_path, monkeypatch):
     """A manifest that is not JSON (a ManifestError, once fatal to the whole start-up) refuses that adapter only."""
     reg = Registry(tmp_path / "registry")
@@ -172,6 +224,8 @@ def test_server_exits_nonzero_when_vllm_dies(registry, tmp_path):
         _wait(lambda: _ready(port) == 200 or proc.poll() is not None, 120, "server ready")
         stubs = [p for p in psutil.Process(proc.pid).children() if "HTTPServer" in " ".join(p.cmdline())]
         assert len(stubs) == 1, log.read_text()[-2000:]
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"X-Big": "x" * 9000}, timeout=10)
+        assert r.status_code == 431 and r.json()["error"]["type"] == "invalid_request_error", r.text  # the proxy too
         stubs[0].send_signal(signal.SIGKILL)
         assert proc.wait(timeout=60) == 1, log.read_text()[-2000:]
         assert f"vLLM (pid {stubs[0].pid}) exited without being stopped" in log.read_text()
