@@ -2,7 +2,8 @@
 
 One server for the module (each vLLM start costs a minute or more), with SERVE_MAX_BATCH=2 so that a
 small burst queues: the queue KEDA scales on reaches /metrics, a client leaving mid-stream frees its
-slot in vLLM, and, last, vLLM killed makes the server exit non-zero so that it is restarted.
+slot in vLLM, oversized headers get 431, a wedged vLLM (SIGSTOP) makes the server unready until it answers
+again, and, last, vLLM killed makes the server exit non-zero so that it is restarted.
 """
 
 from __future__ import annotations
@@ -140,6 +141,31 @@ def test_fuzz_the_vllm_proxy(vllm_server, tmp_path):
                **({} if FULL else {"phases": "fuzzing", "examples": 8}))
     assert vllm_server.proc.poll() is None, "the proxy died under fuzzing"
     assert_clean(run, vllm_server.url, MIN_CASES if FULL else 40)
+
+
+def test_oversized_headers_are_a_431_from_the_proxy(vllm_server):
+    r = httpx.get(f"{vllm_server.url}/v1/models", headers={**AUTH, "X-Big": "x" * 9000}, timeout=10)
+    assert r.status_code == 431 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    assert httpx.get(f"{vllm_server.url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+
+
+def test_a_wedged_vllm_makes_the_server_unready_until_it_answers_again(vllm_server):
+    """vLLM's API server stopped (SIGSTOP): it lives, its /health does not answer. The monitor's /health check
+    turns /ready 503 (liveness stays 200); SIGCONT: ready again. Well within SERVE_VLLM_WEDGED_SECONDS (60)."""
+    master = psutil.Process(vllm_server.proc.pid)
+    (vllm,) = [p for p in master.children() if "vllm.entrypoints" in " ".join(p.cmdline())]
+    vllm.send_signal(signal.SIGSTOP)
+    try:
+        _until(lambda: httpx.get(f"{vllm_server.url}/ready", timeout=10).status_code == 503, 45, "unready")
+        body = httpx.get(f"{vllm_server.url}/ready", timeout=10).json()
+        assert body["status"] == "unhealthy" and "/health" in body["reason"], body
+        assert httpx.get(f"{vllm_server.url}/health", timeout=10).status_code == 200
+    finally:
+        vllm.send_signal(signal.SIGCONT)
+    _until(lambda: httpx.get(f"{vllm_server.url}/ready", timeout=10).status_code == 200, 45, "ready again")
+    statuses: list[int] = []
+    _complete(vllm_server, statuses)
+    assert statuses == [200] and vllm.is_running()
 
 
 def test_killed_vllm_makes_the_server_exit_nonzero(vllm_server):
