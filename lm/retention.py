@@ -13,8 +13,6 @@ model's drift is also measured as KL(tuned || base) per token on the base's own 
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any
 
 import torch
 
-from artifacts import atomic_write_text
+from lm import result_cache
 from lm.chat import IGNORE, encode_chat
 from lm.data.formats import Example, read_rows
 from lm.divergence import kl_div
@@ -97,26 +95,13 @@ def ask_all(model, tokenizer, items: list[RetainItem], conds: dict[str, str | No
 def replies_key(model_sha: str, tokenizer, items: list[RetainItem], conds: dict[str, str | None],
                 max_new_tokens: int) -> str:
     """What a model's greedy replies to the set depend on: its weights, template, the prompts and conditions."""
-    parts = [model_sha, tokenizer.chat_template or "", max_new_tokens, sorted(conds.items(), key=str),
-             [it.prompt for it in items]]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return result_cache.input_key(model_sha, tokenizer.chat_template or "", max_new_tokens,
+                                  sorted(conds.items(), key=str), [it.prompt for it in items])
 
 
 def cached_replies(folder: Path, key: str, compute) -> dict[str, list[str]]:
-    """The base's replies are the same for every run on that base: computed once, kept with their checksum.
-
-    A file whose checksum does not match is recomputed and rewritten, never trusted."""
-    path = folder / f"{key[:32]}.json"
-    if path.is_file():
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        body = json.dumps(raw.get("replies"), sort_keys=True)
-        if raw.get("key") == key and raw.get("sha256") == hashlib.sha256(body.encode()).hexdigest():
-            return raw["replies"]
-    replies = compute()
-    body = json.dumps(replies, sort_keys=True)
-    atomic_write_text(path, json.dumps({"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest(),
-                                        "replies": replies}))
-    return replies
+    """The base's replies are the same for every run on that base: computed once (lm.result_cache)."""
+    return result_cache.cached(folder, key, compute)
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ from lm.errors import ConfigError, UserError
 from lm.features import TokenReport, pack, tokenize
 from lm.loading import device, load_model, load_run_weights, load_tokenizer, mixed_precision
 from lm.merge import merge_run_adapter
-from train import checkpoints, replay, reporting, tracking
+from train import base_scores, checkpoints, replay, reporting, tracking
 from train.base_model import ResolvedModel, cache_dir, resolve
 from train.config import Config
 from train.disk import check_writable, writing
@@ -274,13 +274,13 @@ class FineTuneRecipe:
                               "train_steps": out.train_steps, "train_loss": out.train_loss}
         if cfg.eval.enabled:
             examples = p.splits.eval[: cfg.eval.max_examples or None]
-            tuned = load_run_weights(self.rd, p.ref.path, self._eval_dtype())
+            tuned = load_run_weights(self.rd, p.ref.path, self._eval_dtype(), merge=True)  # scored as served merged
             ev["tuned"], preds = self._score(tuned, examples)
             preds_base: list[str] = []
             if cfg.eval.compare_base:
                 base = load_model(p.ref.path, self._eval_dtype(), cfg.model.trust_remote_code).to(device())
-                ev["base"], preds_base = self._score(base, examples)
-                ev["headline"] = h = _headline(ev["tuned"], ev["base"], len(examples))
+                ev["base"], preds_base = self._score_base(base, examples)
+                ev["headline"] = h = reporting.headline(ev["tuned"], ev["base"], len(examples))
                 print(f"{h['metric']} on {h['eval_rows']} held-out rows: base {100 * h['base']:.1f} -> tuned "
                       f"{100 * h['tuned']:.1f} ({h['gain_points']:+.1f} points) in {ev['train_seconds']:.0f} s", flush=True)
                 if cfg.eval.retention:
@@ -310,6 +310,16 @@ class FineTuneRecipe:
         atomic_write_text(self.rd.retention_predictions, "".join(
             json.dumps(r) + "\n" for r in retention.predictions(items, replies_base, replies_tuned)))
         return retention.report(items, replies_base, replies_tuned, kl, conds)
+
+    def _score_base(self, base, examples) -> tuple[dict[str, Any], list[str]]:
+        """The base's scores, reused from an earlier run on the same base, data and settings (train/base_scores.py)."""
+        p = self.p
+        if not p.base_sha:
+            return self._score(base, examples)
+        inputs = base_scores.ScoringInputs.of(p.base_sha, p.tok, p.val_feats, examples, p.splits.labels, self.cfg.eval,
+                                              p.method.name, self._eval_dtype(), device())
+        return base_scores.reused_or_scored(cache_dir() / "base-scores", inputs, p.method,
+                                            lambda: self._score(base, examples))
 
     def _eval_dtype(self) -> torch.dtype:
         return torch.bfloat16 if mixed_precision(self.cfg.model.dtype) == "bf16" else torch.float32
@@ -359,12 +369,6 @@ class FineTuneRecipe:
         print(f"published {name!r} as {path.name} ({note}) to {path.parent}; it serves as {name!r} and {path.name!r}",
               flush=True)
         return path
-
-
-def _headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[str, Any]:
-    head = evaluation.headline_metric(tuned)
-    return {"metric": head, "base": base[head], "tuned": tuned[head],
-            "gain_points": 100 * (tuned[head] - base[head]), "eval_rows": rows}
 
 
 def run(cfg: Config, resume: bool = False) -> RunDir:

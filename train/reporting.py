@@ -11,6 +11,7 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 
 from artifacts import RunDir
+from lm import evaluation
 
 
 class JsonlMetrics(TrainerCallback):
@@ -34,6 +35,13 @@ class TensorBoard(TensorBoardCallback):
     def __init__(self, log_dir: Path):
         super().__init__()
         self.logging_dir = str(log_dir)
+
+
+def headline(tuned: dict[str, Any], base: dict[str, Any], rows: int) -> dict[str, Any]:
+    """The run's headline: its task metric, base vs tuned, and the gain in points."""
+    head = evaluation.headline_metric(tuned)
+    return {"metric": head, "base": base[head], "tuned": tuned[head],
+            "gain_points": 100 * (tuned[head] - base[head]), "eval_rows": rows}
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

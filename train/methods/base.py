@@ -58,6 +58,9 @@ class TrainerParts:
 class Method(ABC):
     name = "base"
     fused_step = False  # True: the plain next-token loss may run on train/fast's fused step (when the model is covered)
+    # True: extra_scores is a function of the model and the data alone, so the base's scores may be reused
+    # (train/base_scores.py); False where it runs the user's code (reward functions), which may change
+    scores_reusable = True
 
     def __init__(self, cfg: "MethodConfig | None" = None):
         self.cfg = cfg

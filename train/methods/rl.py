@@ -25,6 +25,7 @@ def prompt_rows(examples) -> list[dict]:
 
 class GRPO(TrlLoRA):
     name = "grpo"
+    scores_reusable = False  # the rewards may be the user's functions: the base is rescored every run
 
     @classmethod
     def check(cls, cfg) -> None:
