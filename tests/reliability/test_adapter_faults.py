@@ -124,6 +124,7 @@ def test_the_server_starts_with_every_adapter_registered_and_none_read(served):
     assert not served.engine.adapters, "start-up reads no adapter weights"
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores: 50-100 adapter loads through a cache of 4
 def test_a_corrupt_adapter_among_many_is_refused_clearly_and_the_others_serve(served, reference):
     """Corrupt at publish: refused by its checksum at registration (the admin API names the file), a request
     for it is a 404 naming it. Truncated after registration: its first request is a 503 naming it and the
@@ -163,8 +164,10 @@ def test_an_adapter_removed_while_requests_wait_for_it_ends_them_with_404(served
         with cf.ThreadPoolExecutor(8) as ex:
             slow = ex.submit(complete, served.url, "slow")
             _wait(lambda: engine.stats().waiting == waiting + 1, "'slow' parked")
-            doomed = [ex.submit(complete, served.url, m) for m in ("doomed", "doomed", "doomed-queued",
-                                                                   "doomed-queued")]
+            doomed = [ex.submit(complete, served.url, "doomed") for _ in range(2)]
+            _wait(lambda: engine.stats().waiting == waiting + 3 and "doomed" in engine.cache._reading,
+                  "'doomed' parked, its read at the gate")
+            doomed += [ex.submit(complete, served.url, "doomed-queued") for _ in range(2)]  # no slot left
             _wait(lambda: engine.stats().waiting == waiting + 5, "all five parked")
             assert "doomed-queued" in engine.cache._queue, "precondition: one adapter waits for a load slot"
             served.registry.unpublish("adapters", "doomed")
@@ -186,6 +189,7 @@ def test_an_adapter_removed_while_requests_wait_for_it_ends_them_with_404(served
     assert {"doomed", "doomed-queued"}.isdisjoint(states(served))
 
 
+@pytest.mark.slow  # ~15-30 s on 2 cores: 50-100 adapter loads through a cache of 4
 def test_a_burst_for_50_adapters_not_loaded_all_complete(served, reference):
     """50 names none of which is held (the cache holds 4), asked for at once: every request completes with
     its own adapter's answer, and the cache evicted to make room."""
