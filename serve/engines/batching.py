@@ -29,6 +29,7 @@ import torch
 from serve.engines.adapter_cache import Refusal, gone
 from serve.engines.base import Engine, EngineStats, Failed, Finished, GenRequest, TextDelta
 from serve.engines.detokenize import Detokenizer, cleans_up_spaces
+from serve.engines.stops import emit_safe_len, find_stop
 from serve.engines.tokenizer_pool import TokenizerPool
 from lm.chat import encode_generation_prompt, encode_text
 from lm.padding import left_pad
@@ -317,10 +318,10 @@ class BatchingEngine(Engine):
             reason = "length"
         row.unsent += row.detok.step(row.generated, final=reason is not None)
         # Sent text never holds the start of a stop string (held back below), so a stop lies in `unsent`.
-        cut = _find_stop(row.unsent, req.params.stop)
+        cut = find_stop(row.unsent, req.params.stop)
         if cut is not None:
             row.unsent, reason = row.unsent[:cut], "stop"
-        safe = len(row.unsent) if reason else _safe_len(row.unsent, req.params.stop)
+        safe = len(row.unsent) if reason else emit_safe_len(row.unsent, req.params.stop)
         if safe > 0:
             req.events.put(TextDelta(req.index, row.unsent[:safe]))
             row.unsent = row.unsent[safe:]
@@ -376,24 +377,6 @@ def _lpad(x: torch.Tensor, t: int, dim: int = 2) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = missing
     return torch.cat([x.new_zeros(shape), x], dim=dim)
-
-
-def _find_stop(text: str, stops: list[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s and s in text]
-    return min(hits) if hits else None
-
-
-def _safe_len(text: str, stops: list[str]) -> int:
-    n = len(text)
-    if text.endswith("\ufffd"):
-        n -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text[:n].endswith(s[:k]):
-                hold = max(hold, k)
-                break
-    return n - hold
 
 
 def as_list(x) -> list:
