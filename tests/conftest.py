@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.background import BackgroundJob, Step
+from tests.timeline import Timeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_TRAIN = ROOT / "train" / "demo_data" / "chef_train.jsonl"
@@ -63,6 +64,8 @@ def pytest_configure(config):
     global FULL, DEMO
     FULL = config.getoption("full")
     DEMO = demo_size(FULL)
+    if not hasattr(config, "workerinput"):  # the controller, which hears every worker's reports
+        config.pluginmanager.register(Timeline(lambda: demo_job(config).dir), "tunestack-timeline")
     if config.pluginmanager.hasplugin("xdist") and config.getoption("numprocesses", None) \
             and not hasattr(config, "workerinput"):
         os.environ["OMP_NUM_THREADS"] = "1"  # before the workers start: they, and all they spawn, inherit it
