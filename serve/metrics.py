@@ -36,12 +36,12 @@ class Metrics:
         self.running = Gauge(f"{PREFIX}_requests_running", "Sequences in the running batch.", registry=r)
         self.queued = Gauge(f"{PREFIX}_requests_queued", "Sequences waiting for a batch slot.", registry=r)
         self.adapters_loaded = Gauge(f"{PREFIX}_adapters_loaded", "Adapters servable: checked and registered "
-                                     "(the torch engine loads their weights on first request).", registry=r)
+                                     "(the torch engine or vLLM loads their weights on first request).", registry=r)
         self.adapters_held = Gauge(f"{PREFIX}_adapters_held", "Adapters whose weights the torch engine holds "
-                                   "(at most SERVE_MAX_LOADED_ADAPTERS).", registry=r)
+                                   "(at most SERVE_MAX_LOADED_ADAPTERS), or that vLLM holds (SERVE_MAX_CPU_LORAS).", registry=r)
         self.adapter_loads = Counter(f"{PREFIX}_adapter_loads", "Adapter weights loaded into the engine.", registry=r)
         self.adapter_evictions = Counter(f"{PREFIX}_adapter_evictions", "Adapters evicted from the torch engine's "
-                                         "cache (least recently used) to make room for another.", registry=r)
+                                         "cache or unloaded from vLLM (least recently used) to make room.", registry=r)
         self.adapter_load_seconds = Histogram(f"{PREFIX}_adapter_load_duration_seconds",
                                               "Adapter load time (read, check and install).",
                                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=r)

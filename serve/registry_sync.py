@@ -1,8 +1,8 @@
 """Keeps a server's adapters equal to the registry's: check each one, load it, unload removed ones.
 
-With `on_demand` (the torch engine, adapter_cache.py), "load" registers the checked adapter as
-servable and the engine reads its weights on first request: a start or a poll reads no weights,
-and the engine reports a load that fails later (`load_failed`).
+With `on_demand` (the torch engine's adapter_cache.py, vLLM's serve/vllm/adapters.py), "load" registers
+the checked adapter as servable and the engine reads its weights on first request: a start or a poll
+reads no weights, and the engine reports a load that fails later (`load_failed`).
 
 Publishing into the registry is an atomic rename, so a poll sees complete entries only. Every
 adapter is checked before loading (checksums, base model identity, no pickled weights, LoRA rank
@@ -175,17 +175,6 @@ class AdapterSync:
             log.info("adapter %s %s in %.2fs", name, "registered" if self.on_demand else "loaded", st.load_seconds)
         self._set_state(name, st)
         return st
-
-    def checked_state(self, name: str) -> tuple[str, AdapterState]:
-        """(path, the state it will have once loaded) after one check; raises Refused. For adapters a
-        server loads at launch (vLLM --lora-modules): checked once before, recorded by mark_loaded after."""
-        version = self._version(self.registry, name)
-        path, pc, ev = self.check(name)
-        return path, AdapterState("loaded", "", version, "lora", lora_rank(pc), evidence=ev)
-
-    def mark_loaded(self, name: str, state: AdapterState) -> None:
-        """Record an adapter the server loaded at launch, as checked by checked_state (no second check)."""
-        self._set_state(name, state)
 
     def load_failed(self, name: str, path: str, reason: str) -> None:
         """The loader could not load `name` from `path` on demand (a corrupt file the checks could not see):

@@ -37,7 +37,7 @@ class Settings:
     max_lora_rank: int = opt(64, "larger adapters are refused (vLLM needs it at start); 64 covers the usual ranks 8-64")
     max_loaded_adapters: int = opt(32, "torch engine: adapters whose weights are held, least recently used evicted, others loaded on first request; 32 = a full batch of distinct adapters, ~1.2 GB of r=16 SmolLM2-135M adapters")
     max_loras: int = opt(8, "vLLM: adapters resident on the GPU at once; 8 batch together without crowding the KV cache")
-    max_cpu_loras: int = opt(32, "vLLM: adapters cached in host memory; LoRA weights are small (tens of MB), so it holds 4x the GPU set")
+    max_cpu_loras: int = opt(32, "vLLM: adapters it holds (host memory), others loaded on first request; LoRA weights are small (tens of MB), so 4x the GPU set")
     poll_seconds: float = opt(0.5, "registry poll period; publish -> servable in < 2 s")
     engine: str = opt("torch", "Flask backend engine: torch (base + LoRA adapters) or onnx (an exported model)")
     model: str = opt("", "engine=onnx: registry models/<name> to serve; empty = the only ONNX model there")

@@ -20,6 +20,7 @@ import time
 from typing import Any, Generator
 
 from serve.registry_sync import AdapterSync
+from serve.vllm.adapters import VLLMAdapters
 from serve.openai.backend import JSONReply, RelayedStream, Reply, ServedModels, json_body
 from serve.engines.base import EngineStats
 from serve.errors import TYPES, APIError, bad_request
@@ -150,8 +151,11 @@ class VLLMProxy:
     """The Backend in front of vLLM: forwards OpenAI requests, recording per-adapter metrics on the way."""
 
     def __init__(self, base_url: str, served_name: str, sync: AdapterSync | None, metrics: Metrics,
-                 max_model_len: int = 2048, timeout: float = UPSTREAM_TIMEOUT, max_batch: int = 32):
+                 max_model_len: int = 2048, timeout: float = UPSTREAM_TIMEOUT, max_batch: int = 32,
+                 adapters: VLLMAdapters | None = None):
+        """adapters: loads a request's adapter into vLLM first (None: every name the sync serves is in vLLM)."""
         self.base_url = base_url
+        self.adapters = adapters
         self.max_batch = max_batch  # vLLM's --max-num-seqs: what this proxy has in vLLM beyond it is waiting
         self.max_model_len = max_model_len
         self.model_name = served_name
@@ -180,15 +184,18 @@ class VLLMProxy:
             self._forwarded += step
 
     def models(self) -> JSONReply:
-        """vLLM's own list, each adapter entry with its registry evidence added (extra fields)."""
+        """vLLM's card for its base, then one per servable adapter, held by vLLM or not, with its registry
+        evidence (extra fields); vLLM lists only the adapters it holds."""
         status, raw = self._get_whole("GET", "/v1/models")
         sync = self.served.sync
         body = _json_or_none(raw)
-        if status != 200 or sync is None or not isinstance(body, dict):
+        if status != 200 or sync is None or not isinstance(body, dict) or not isinstance(body.get("data"), list):
             return JSONReply(raw if status == 200 else _openai_error(status, raw), status)
+        bases = [c for c in body["data"] if isinstance(c, dict) and not c.get("parent")]
+        like = bases[0] if bases else {"object": "model"}
         ev = sync.evidence()
-        for card in body.get("data", []):
-            card.update(ev.get(card.get("id"), {}))
+        body["data"] = bases + [{**like, "id": n, "root": n, "parent": self.model_name, "max_model_len": None,
+                                 **ev.get(n, {})} for n in sync.loaded()]
         return JSONReply(body, 200)
 
     def completions(self, raw_body: bytes) -> Reply:
@@ -212,8 +219,15 @@ class VLLMProxy:
             raise
         if (fitted := _fit_for_vllm(body, self.served.canonical(body.get("model")))) is not None:
             body, raw = fitted, json.dumps(fitted).encode()
-        labels = self.served.labels(body.get("model"))
         self._check_context(path, body)
+        try:
+            adapter = self.served.adapter(body.get("model"))  # 404 for a name not served, before vLLM
+            if adapter is not None and self.adapters is not None:
+                self.adapters.acquire(adapter)  # released by _finish, through the adapter label
+        except APIError as e:
+            self.metrics.record_request(self.served.labels(body.get("model")), e.status, t0)
+            raise
+        labels = (adapter, adapter) if adapter is not None else (self.model_name, "")
         stream = body.get("stream") is True
         wants_usage = not stream or _include_usage(body)
         if not wants_usage:
@@ -229,7 +243,9 @@ class VLLMProxy:
 
     def _finish(self, labels: Labels, status: int, t0: float, usage: dict | None = None,
                 first: float | None = None) -> None:
-        """The one place a forwarded request ends: recorded, and out of the in-flight gauge."""
+        """The one place a forwarded request ends: recorded, out of the in-flight gauge, its adapter unpinned."""
+        if labels[1] and self.adapters is not None:
+            self.adapters.release(labels[1])
         self.metrics.record_request(labels, status, t0, usage, first)
         self.metrics.in_flight.dec()
         self._forwarding(-1)
@@ -281,7 +297,7 @@ class VLLMProxy:
         bound = len(json.dumps(text, ensure_ascii=False).encode()) + 64  # + chat template tokens
         if max_tokens + bound <= self.max_model_len:
             return
-        count = self._token_count(body.get("model"), key, text)
+        count = self._token_count(self.model_name, key, text)  # the base's tokenizer: an adapter may not be in vLLM yet
         if count is not None and count + max_tokens > self.max_model_len:
             raise bad_request(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "

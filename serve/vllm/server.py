@@ -2,7 +2,9 @@
 
     client ──> proxy (this process, gunicorn; proxy.py) ──> vLLM api_server (child process, 127.0.0.1)
                  │ auth, 413, per-adapter Prometheus metrics, admin API
-                 └─ AdapterSync: registry ──/v1/load_lora_adapter, /v1/unload_lora_adapter──> vLLM
+                 ├─ AdapterSync: registry ──register──> VLLMAdapters (adapters.py)
+                 └─ a request for an adapter vLLM does not hold: VLLMAdapters ──/v1/load_lora_adapter,
+                    /v1/unload_lora_adapter (least recently used)──> vLLM, at most --max-cpu-loras held
 
 The plan (launch.py) reads the registry once; command.py turns it and the settings into vLLM's
 command line; child.py owns the process; this module wires them under gunicorn.
@@ -29,7 +31,8 @@ from serve.metrics import Metrics
 from serve.process.gunicorn import run_gunicorn
 from serve.settings import Settings
 from serve.vllm.child import VLLMChild
-from serve.vllm.command import vllm_command
+from serve.vllm.adapters import VLLMAdapters
+from serve.vllm.command import vllm_adapter_capacity, vllm_command
 from serve.vllm.health import HealthWatch
 from serve.vllm.launch import LaunchPlan, plan_launch
 from serve.vllm.proxy import VLLMProxy
@@ -68,7 +71,7 @@ def start_child(settings: Settings, plan: LaunchPlan) -> VLLMChild:
     import torch
 
     cpu = not torch.cuda.is_available()
-    return VLLMChild(vllm_command(settings, plan.path, plan.name, plan.max_lora_rank, plan.startup, plan.port, cpu), cpu)
+    return VLLMChild(vllm_command(settings, plan.path, plan.name, plan.max_lora_rank, plan.port, cpu), cpu)
 
 
 def proxy_app(settings: Settings, plan: LaunchPlan, child: VLLMChild, metrics: Metrics,
@@ -116,13 +119,14 @@ def _watch(app: Flask, child: VLLMChild, health: HealthWatch) -> None:
 
 
 def _serve(app: Flask, settings: Settings, plan: LaunchPlan, metrics: Metrics) -> None:
-    sync = plan.adapter_sync(plan.max_lora_rank, metrics, settings.poll_seconds)
-    for n, state in plan.launched.items():  # already loaded by --lora-modules at launch
-        sync.mark_loaded(n, state)
+    adapters = VLLMAdapters(plan.url, vllm_adapter_capacity(settings), metrics)
+    sync = plan.adapter_sync(adapters, plan.max_lora_rank, metrics, settings.poll_seconds)
+    adapters.on_failure = sync.load_failed  # a load on first request that vLLM refuses marks the adapter failed
     sync.start()
     set_serving(app, VLLMProxy(plan.url, plan.name, sync, metrics, settings.max_model_len,
-                                   max_batch=settings.max_batch), sync)
-    log.info("ready: vLLM %s with max-lora-rank %d, adapters %s", plan.name, plan.max_lora_rank, sync.loaded())
+                               max_batch=settings.max_batch, adapters=adapters), sync)
+    log.info("ready: vLLM %s with max-lora-rank %d, %d adapters servable (vLLM holds at most %d)",
+             plan.name, plan.max_lora_rank, len(sync.loaded()), adapters.capacity)
 
 
 def _unserve(app: Flask, reason: str = "vLLM exited") -> None:

@@ -2,16 +2,19 @@
 
 One server for the module (each vLLM start costs a minute or more), with SERVE_MAX_BATCH=2 so that a
 small burst queues: the queue KEDA scales on reaches /metrics, a client leaving mid-stream frees its
-slot in vLLM, oversized headers get 431, a wedged vLLM (SIGSTOP) makes the server unready until it answers
+slot in vLLM, oversized headers get 431, more adapters than vLLM may hold (SERVE_MAX_CPU_LORAS=2) each
+answer with their own weights, a wedged vLLM (SIGSTOP) makes the server unready until it answers
 again, and, last, vLLM killed makes the server exit non-zero so that it is restarted.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -25,6 +28,8 @@ from tests.serve.conftest import Server, free_port
 pytestmark = pytest.mark.slow
 MAX_BATCH = 2  # vLLM's --max-num-seqs: a burst of BURST requests must queue
 BURST = 6
+MAX_CPU_LORAS = 2  # adapters vLLM may hold (SERVE_MAX_CPU_LORAS; SERVE_MAX_LORAS=1): fewer than RANDOM_LORAS
+RANDOM_LORAS = 5
 LONG = 480  # tokens of the stream a client leaves: far more than it generates before vLLM aborts it
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -39,11 +44,12 @@ def vllm_server(tmp_path_factory):
     vllm_port = free_port()
     server = Server(reg_dir, {"SERVE_BACKEND": "vllm", "SERVE_API_KEY": API_KEY, "SERVE_ADMIN_KEY": ADMIN_KEY,
                               "SERVE_MAX_MODEL_LEN": "512",
-                              "SERVE_MAX_BATCH": str(MAX_BATCH), "SERVE_VLLM_PORT": str(vllm_port)}, free_port())
+                              "SERVE_MAX_BATCH": str(MAX_BATCH), "SERVE_VLLM_PORT": str(vllm_port),
+                              "SERVE_MAX_LORAS": "1", "SERVE_MAX_CPU_LORAS": str(MAX_CPU_LORAS)}, free_port())
     try:
         server.wait_ready(600)
         server.vllm_url = f"http://127.0.0.1:{vllm_port}"
-        server.model = base.name
+        server.model, server.base_path, server.registry = base.name, base.path, Registry(reg_dir)
         yield server
     finally:
         server.stop()
@@ -147,6 +153,59 @@ def test_oversized_headers_are_a_431_from_the_proxy(vllm_server):
     r = httpx.get(f"{vllm_server.url}/v1/models", headers={**AUTH, "X-Big": "x" * 9000}, timeout=10)
     assert r.status_code == 431 and r.json()["error"]["type"] == "invalid_request_error", r.text
     assert httpx.get(f"{vllm_server.url}/v1/models", headers=AUTH, timeout=10).status_code == 200
+
+
+def _publish_random_lora(reg: Registry, base_path, work, seed: int, name: str) -> None:
+    """A random r=8 q/v LoRA on SmolLM2 (B ~ N(0, 1): its greedy answers differ from the others')."""
+    from safetensors.torch import save_file
+
+    from artifacts import Manifest
+    from tests.reliability.test_registry_faults import lora_tensors
+
+    pc = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+          "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_path)}
+    (work / "adapter").mkdir(parents=True)
+    (work / "adapter" / "adapter_config.json").write_text(json.dumps(pc))
+    save_file(lora_tensors(Path(base_path), 8, seed), str(work / "adapter" / "adapter_model.safetensors"))
+    base = reg.manifest("base", reg.base()[0]).base_model
+    m = Manifest(kind="run", method="lora", peft_config=pc,
+                 base_model={"name": base["name"], "sha256": base["sha256"], "path": str(base_path)})
+    m.record_files(work, ["adapter/adapter_config.json", "adapter/adapter_model.safetensors"])
+    m.write(work)
+    reg.publish_run(work, name)
+
+
+def test_more_adapters_than_vllm_holds_each_answer_their_own(vllm_server, tmp_path):
+    """Five adapters published at runtime, vLLM allowed two: each is loaded on its first request, the least
+    recently used unloaded, and asked round-robin twice every answer is that adapter's own (the same greedy
+    text both times, different from the others'), while vLLM's own list never holds more than two."""
+    names = [f"rnd{i}" for i in range(RANDOM_LORAS)]
+    for i, name in enumerate(names):
+        _publish_random_lora(vllm_server.registry, vllm_server.base_path, tmp_path / name, i + 1, name)
+    def models() -> set[str]:
+        return {m["id"] for m in httpx.get(f"{vllm_server.url}/v1/models", headers=AUTH, timeout=10).json()["data"]}
+
+    _until(lambda: set(names) <= models(), 30, "the published adapters listed as servable")
+    before = _samples(vllm_server.url)
+    texts: dict[str, list[str]] = {n: [] for n in names}
+    held_by_vllm = []
+    for _ in range(2):
+        for name in names:
+            body = {"model": name, "prompt": "The menu", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            r = httpx.post(f"{vllm_server.url}/v1/completions", json=body, headers=AUTH, timeout=120)
+            assert r.status_code == 200, r.text
+            texts[name].append(r.json()["choices"][0]["text"])
+            cards = httpx.get(f"{vllm_server.vllm_url}/v1/models", timeout=10).json()["data"]
+            held_by_vllm.append(sorted(c["id"] for c in cards if c.get("parent")))
+    assert all(a == b for a, b in texts.values()), texts
+    assert len({a for a, _ in texts.values()}) == RANDOM_LORAS, f"two adapters answered alike: {texts}"
+    assert max(len(h) for h in held_by_vllm) == MAX_CPU_LORAS, held_by_vllm
+    after = _samples(vllm_server.url)
+    loads = after["tunestack_adapter_loads_total"] - before.get("tunestack_adapter_loads_total", 0)
+    evictions = after["tunestack_adapter_evictions_total"] - before.get("tunestack_adapter_evictions_total", 0)
+    # round-robin over 5 with room for 2: every request finds its adapter evicted
+    assert (loads, evictions) == (2 * RANDOM_LORAS, 2 * RANDOM_LORAS - MAX_CPU_LORAS), (loads, evictions)
+    assert after["tunestack_adapters_held"] == MAX_CPU_LORAS and {n for n in models() if n in texts} == set(names)
 
 
 def test_a_wedged_vllm_makes_the_server_unready_until_it_answers_again(vllm_server):

@@ -68,7 +68,7 @@ def test_protocol_defaults_and_limits():
 def test_vllm_dtype_follows_settings(dtype, cpu, flag):
     from serve.vllm.command import vllm_command
 
-    cmd = vllm_command(Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_DTYPE": dtype}), "/m", "m", 16, {}, 9, cpu)
+    cmd = vllm_command(Settings.from_env({"SERVE_BACKEND": "vllm", "SERVE_DTYPE": dtype}), "/m", "m", 16, 9, cpu)
     assert (cmd[cmd.index("--dtype") + 1] if "--dtype" in cmd else None) == flag
 
 

@@ -51,11 +51,11 @@ def _client(server):
 
 def test_launched_from_the_registry(servers):
     log = servers["vllm"].log.read_text()
-    assert "--enable-lora" in log and "--max-lora-rank 16" in log and "chef=" in log and "chef-2=" in log
+    assert "--enable-lora" in log and "--max-lora-rank 16" in log and "--lora-modules" not in log  # loaded on demand
     models = {m.id: m for m in _client(servers["vllm"]).models.list().data}
     assert models["chef"].parent == "SmolLM2-135M-Instruct" and "chef-2" in models
     # pinned versions are served too, and the proxy adds each adapter's evidence to vLLM's own list
-    assert {"chef@v1", "chef-2@v1"} <= set(models) and "chef@v1=" in log
+    assert {"chef@v1", "chef-2@v1"} <= set(models)
     ev = models["chef"].model_extra
     assert ev["version"] == "v1" and ev["task_metric"] == "keyword_accuracy" and ev["task_gain"] >= DEMO.min_gain_points
     assert ev["retention"]["drop_points"] <= 10 and models["SmolLM2-135M-Instruct"].model_extra.get("version") is None

@@ -48,14 +48,13 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
     plan = plan_launch(settings, metrics)
-    assert plan.name == "tiny-llama" and set(plan.startup) == {"chef-a", "chef-a@v1", "chef-b", "chef-b@v1"}  # big-rank refused
-    assert plan.max_lora_rank == vllm_max_lora_rank(4)
+    assert plan.name == "tiny-llama" and plan.max_lora_rank == vllm_max_lora_rank(4)  # big-rank refused: not 32
 
     launched = []
 
     def stub_command(*args) -> list[str]:
         launched.append(args)
-        return [sys.executable, "-c", STUB, str(args[5])]  # args: settings, path, name, rank, adapters, port, cpu
+        return [sys.executable, "-c", STUB, str(args[4])]  # args: settings, path, name, rank, port, cpu
 
     monkeypatch.setattr(server, "vllm_command", stub_command)
     child = server.start_child(settings, plan)
@@ -69,9 +68,10 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
             assert not died.is_set() and time.time() - t0 < 20, "the proxy never became ready"
             time.sleep(0.05)
         assert c.get("/ready").json["adapters"] == ["chef-a", "chef-a@v1", "chef-b", "chef-b@v1"]
-        assert c.get("/v1/models").json["data"] == [{"id": "stub"}]  # relayed from the "vLLM"
+        # the "vLLM"'s base card, then every servable adapter (vLLM starts with none: loaded on first request)
+        assert [m["id"] for m in c.get("/v1/models").json["data"]] == ["stub", "chef-a", "chef-a@v1", "chef-b", "chef-b@v1"]
         assert state.backend.is_served("chef-a") and not state.backend.is_served("big-rank")
-        assert launched[0][3:6] == (plan.max_lora_rank, plan.startup, plan.port)
+        assert launched[0][3:5] == (plan.max_lora_rank, plan.port)
     finally:
         child.stop()
         if state.sync is not None:
@@ -80,7 +80,7 @@ def test_launch_plan_and_proxy_wiring(registry, monkeypatch):
 
 
 def _stub_child(monkeypatch, settings: Settings, plan) -> VLLMChild:
-    monkeypatch.setattr(server, "vllm_command", lambda *a: [sys.executable, "-c", STUB, str(a[5])])
+    monkeypatch.setattr(server, "vllm_command", lambda *a: [sys.executable, "-c", STUB, str(a[4])])
     return server.start_child(settings, plan)
 
 
@@ -92,9 +92,9 @@ def _wait(predicate, timeout: float = 30, what: str = "") -> None:
 
 
 def test_max_batch_is_vllms_max_num_seqs():
-    cmd = command.vllm_command(Settings(max_batch=7), "/m", "m", 16, {}, 8001, cpu=True)
+    cmd = command.vllm_command(Settings(max_batch=7), "/m", "m", 16, 8001, cpu=True)
     assert cmd[cmd.index("--max-num-seqs") + 1] == "7"
-    cmd = command.vllm_command(Settings(max_batch=7, vllm_args="--max-num-seqs 3"), "/m", "m", 16, {}, 8001, cpu=True)
+    cmd = command.vllm_command(Settings(max_batch=7, vllm_args="--max-num-seqs 3"), "/m", "m", 16, 8001, cpu=True)
     assert cmd[-2:] == ["--max-num-seqs", "3"], "SERVE_VLLM_ARGS comes last: vLLM takes the last value"
 
 
@@ -183,7 +183,6 @@ def test_bad_adapter_at_launch_is_refused_and_the_rest_serve(adapter_runs, tmp_p
                                   "SERVE_MAX_LORA_RANK": "16", "SERVE_POLL_SECONDS": "60"})
     metrics = Metrics()
     plan = plan_launch(settings, metrics)
-    assert set(plan.startup) == {"chef-a", "chef-a@v1"}
     child = _stub_child(monkeypatch, settings, plan)
     app = server.proxy_app(settings, plan, child, metrics, on_dead=lambda: None)
     c = app.test_client()
@@ -208,7 +207,7 @@ import sys
 from serve.vllm import server
 from serve.__main__ import main
 STUB = {STUB!r}
-server.vllm_command = lambda *a: [sys.executable, "-c", STUB, str(a[5])]
+server.vllm_command = lambda *a: [sys.executable, "-c", STUB, str(a[4])]
 sys.exit(main(sys.argv[1:]))
 """
 

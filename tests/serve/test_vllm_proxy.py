@@ -152,7 +152,7 @@ def test_unknown_names_are_labelled_unknown(stub_url):
     c.post("/v1/completions", json={"model": "made-up-1", "prompt": "a"})
     r = c.post("/v1/completions", json={"model": ["not", "a", "string"], "prompt": "a"})
     assert r.status_code == 400 and r.json["error"]["param"] == "model"  # the protocol's rules, before vLLM
-    assert _count(m, "_unknown", "200") == 1 and _count(m, "_unknown", "400") == 1
+    assert _count(m, "_unknown", "404") == 1 and _count(m, "_unknown", "400") == 1  # 404: not served, not sent
 
 
 def test_the_proxy_applies_the_protocol_and_drops_nulls(stub_url):
