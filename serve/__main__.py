@@ -14,6 +14,7 @@ import logging
 import sys
 
 from serve.finetune.local_trainer import start_local_trainer
+from serve.process.malloc import cap_malloc_arenas
 from serve.settings import Settings
 
 EXTRA = "serve"  # the optional dependencies (pyproject) the server needs
@@ -48,6 +49,7 @@ def run_command(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.from_env(**flags)
+        cap_malloc_arenas(settings.malloc_arenas)  # before the server's threads start
         trainer = start_local_trainer(settings.finetune_worker, settings.registry, settings.finetune_worker_args.split(),
                                       settings.finetune_dir)
     except ValueError as e:
