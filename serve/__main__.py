@@ -31,9 +31,9 @@ def configure(ap: argparse.ArgumentParser) -> None:
     ap.description, ap.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     for f in dataclasses.fields(Settings):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        shown = f"{default!s}".replace("%", "%%") or "empty"
+        shown = f"{default!s}" or "empty"
         ap.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                        help=f"{f.metadata.get('help', '')} (default: {shown}; env SERVE_{f.name.upper()})")
+                        help=f"{f.metadata.get('help', '')} (default: {shown}; env SERVE_{f.name.upper()})".replace("%", "%%"))
 
 
 def main(argv: list[str] | None = None) -> int:

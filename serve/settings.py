@@ -45,7 +45,7 @@ class Settings:
     dtype: str = opt("auto", "weights: auto (fp32 on CPU, the model's own on GPU vLLM), float32, bfloat16 (CPUs with AVX512-BF16/AMX), float16 (GPU vLLM)")
     forward: str = opt("lean", "torch engine forward: lean (fused, prepacked; Llama-family, else falls back) or transformers")
     threads: int = opt(0, "torch CPU threads; 0 = all cores (one server per machine)")
-    malloc_arenas: int = opt(2, "glibc malloc arenas (M_ARENA_MAX) the server's threads share; 2 ends 100 MB lower with RSS growth after warm-up 6.5 -> 3.3-4.4 % under sustained load, same throughput (bench/soak.py); 0 = glibc's default (8 per core)")
+    malloc_arenas: int = opt(2, "glibc malloc arenas (M_ARENA_MAX) the server's threads share; 2 ends 100 MB lower with RSS growth after warm-up 6.5 -> 3.3-4.4 percent under sustained load, same throughput (bench/soak.py); 0 = glibc's default (8 per core)")
     http_threads: int = opt(64, "concurrent HTTP connections (gunicorn gthread); 64 covers streaming clients waiting on a batch of 32")
     body_timeout: float = opt(30.0, "seconds a request body may take to arrive; a client that trickles or stalls gets 408 and frees its thread (a 64 KiB chat arrives in ms)")
     drain_seconds: float = opt(25.0, "after SIGTERM, seconds in-flight requests get to finish while new ones get 503; fits k8s terminationGracePeriodSeconds 60 = preStop sleep 10 + drain 25 + worker stop 5 + vLLM child stop <= 20")
